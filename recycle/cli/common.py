@@ -1,0 +1,41 @@
+"""Pieces every command shares: the --db option, consoles, the registry opener, JSON out."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from recycle.registry import ENV_DB, Registry
+
+# Tables and results to stdout; logs, progress and errors to stderr.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+DbOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--db",
+        envvar=ENV_DB,
+        help="Registry database file (default ./registry.db).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def open_registry(db: Path | None) -> Registry:
+    return Registry(db)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    err_console.print(message, highlight=False)

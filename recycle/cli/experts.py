@@ -1,0 +1,199 @@
+"""``add-expert``, ``experts ...`` and ``db path``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from recycle.adapters import find_adapter_folders
+from recycle.cli import app
+from recycle.cli.common import DbOption, JsonOption, console, err_console, info, open_registry, print_json
+from recycle.errors import RecycleError
+from recycle.experts import BaseCache, add_expert, describe, parse_meta, remove_expert, verify_experts
+
+experts_app = typer.Typer(no_args_is_help=True, help="Inspect and manage registered experts.")
+db_app = typer.Typer(no_args_is_help=True, help="The registry database.")
+app.add_typer(experts_app, name="experts")
+app.add_typer(db_app, name="db")
+
+
+def progress() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+@app.command("add-expert")
+def add_expert_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="PEFT LoRA adapter folders.", show_default=False)],
+    name: Annotated[Optional[str], typer.Option(help="Expert name (default: the folder name).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="The task the expert was trained on.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="The data set it was trained on.")] = None,
+    base: Annotated[
+        Optional[str],
+        typer.Option(help="Base model: alias (smollm2-135m, tiny-llama), local folder or hub id."),
+    ] = None,
+    meta: Annotated[Optional[list[str]], typer.Option(help="Free-form KEY=VALUE, repeatable.")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an expert of the same name.")] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Add every adapter folder found under PATHS.")
+    ] = False,
+    db: DbOption = None,
+):
+    """Register PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors).
+
+    Each adapter is validated (files, config, safetensors header, ranks, shapes, base model)
+    and recorded with its sha256. Adding the same content again is a no-op.
+
+    Example: recycle add-expert ./adapters/rt --task rt_sentiment --base smollm2-135m
+    """
+    folders: list[Path] = []
+    for p in paths:
+        if recursive and p.is_dir() and not (p / "adapter_config.json").is_file():
+            found = find_adapter_folders(p)
+            if not found:
+                raise RecycleError(f"{p}: no adapter folders found under it")
+            folders.extend(found)
+        else:
+            folders.append(p)
+    if name and len(folders) > 1:
+        raise RecycleError("--name can only be given when adding a single adapter")
+    meta_d = parse_meta(meta)
+    registry = open_registry(db)
+    cache = BaseCache()
+    group = cache.ref(base) if base else None
+
+    if len(folders) == 1:
+        row = add_expert(registry, folders[0], name=name, task=task, dataset=dataset, base=base,
+                         meta=meta_d, replace=replace, cache=cache)
+        _say(row)
+        return
+
+    results, failures = [], []
+    with progress() as bar:
+        job = bar.add_task("adding experts", total=len(folders))
+        for folder in folders:
+            try:
+                row = add_expert(registry, folder, task=task, dataset=dataset, base=base, meta=meta_d,
+                                 replace=replace, group_base=group, cache=cache)
+                if group is None:  # the first adapter sets the base the others must share
+                    group = cache.ref(row["base_model"])
+                results.append(row)
+            except RecycleError as e:
+                failures.append((folder, str(e)))
+            bar.advance(job)
+    counts = {s: sum(r["status"] == s for r in results) for s in ("added", "unchanged", "replaced")}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    info(f"{summary or 'nothing added'}; {len(failures)} failed")
+    for folder, msg in failures:
+        info(f"  failed: {msg}")
+    if failures:
+        raise typer.Exit(2)
+
+
+def _say(row: dict) -> None:
+    if row["status"] == "unchanged":
+        info(f"{row['name']}: already registered with the same content (sha256 {row['sha256'][:12]}); nothing to do")
+    else:
+        info(f"{row['name']}: {row['status']} (base {row['base_model']}, rank {row['rank']}, "
+             f"{len(row['target_modules'])} modules, sha256 {row['sha256'][:12]})")
+
+
+@experts_app.command("list")
+def list_cmd(
+    base: Annotated[Optional[str], typer.Option(help="Only experts on this base model.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Only experts for this task.")] = None,
+    json_: JsonOption = False,
+    db: DbOption = None,
+):
+    """List registered experts. Example: recycle experts list --task rt_sentiment --json"""
+    rows = open_registry(db).experts(base=base, task=task)
+    if json_:
+        print_json([describe(r) for r in rows])
+        return
+    table = Table("name", "task", "base", "rank", "alpha", "modules", "params", "sha256")
+    for r in rows:
+        table.add_row(r["name"], r["task"] or "", r["base_model"], str(r["rank"]), f"{r['alpha']:g}",
+                      str(len(r["target_modules"] or [])), f"{r['n_params']:,}", r["sha256"][:12])
+    console.print(table)
+    if not rows:
+        info("no experts registered")
+
+
+@experts_app.command("show")
+def show_cmd(name: str, json_: JsonOption = False, db: DbOption = None):
+    """Show one expert's record. Example: recycle experts show rt_sentiment"""
+    row = describe(open_registry(db).expert(name))
+    if json_:
+        print_json(row)
+        return
+    table = Table("field", "value", show_header=False)
+    for k, v in row.items():
+        if isinstance(v, list):
+            v = ", ".join(v) if len(v) <= 8 else f"{', '.join(v[:8])} … ({len(v)} in all)"
+        table.add_row(k, "" if v is None else str(v))
+    console.print(table)
+
+
+@experts_app.command("remove")
+def remove_cmd(
+    name: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    db: DbOption = None,
+):
+    """Remove an expert from the registry (its adapter files stay on disk).
+
+    Example: recycle experts remove rt_sentiment --yes
+    """
+    registry = open_registry(db)
+    registry.expert(name)  # fail early on an unknown name
+    if not yes and not typer.confirm(f"Remove expert {name!r} from {registry.path}?"):
+        raise RecycleError("not removed", exit_code=1)
+    out = remove_expert(registry, name)
+    extra = "".join(f", {n} {t} rows" for t, n in out["dropped"].items())
+    info(f"removed {name}{extra}; files left at {out['expert']['path']}")
+
+
+@experts_app.command("verify")
+def verify_cmd(
+    search: Annotated[
+        Optional[list[Path]], typer.Option(help="Folders to look in for moved adapters.")
+    ] = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Record the new path of moved adapters.")] = False,
+    json_: JsonOption = False,
+    db: DbOption = None,
+):
+    """Re-hash every adapter: report moved, missing or modified ones (exit 1 if any).
+
+    Example: recycle experts verify --search ./adapters --fix
+    """
+    report = verify_experts(open_registry(db), search=search, fix=fix)
+    if json_:
+        print_json(report)
+    else:
+        table = Table("name", "status", "detail")
+        for r in report:
+            style = "green" if r["status"] == "ok" else "red"
+            table.add_row(r["name"], f"[{style}]{r['status']}[/]", r["detail"])
+        console.print(table)
+    bad = [r for r in report if r["status"] != "ok" and not (fix and r["status"] == "moved")]
+    if bad:
+        raise typer.Exit(1)
+
+
+@db_app.command("path")
+def db_path_cmd(db: DbOption = None):
+    """Print the registry's path. Example: RECYCLE_DB=/data/r.db recycle db path"""
+    from recycle.registry import default_db_path
+
+    print(Path(db).expanduser().absolute() if db else default_db_path())

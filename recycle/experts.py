@@ -1,0 +1,250 @@
+"""Registering, removing and verifying experts: the one path every adapter enters by."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recycle.adapters import AdapterError, AdapterInfo, find_adapter_folders, inspect_adapter, sha256_file
+from recycle.basemodels import BaseRef, module_shapes, resolve_base
+from recycle.errors import RecycleError
+from recycle.registry import Registry, encode_json, now
+
+
+@dataclass
+class BaseCache:
+    """Resolved bases and their module shapes, shared across one multi-adapter call."""
+
+    refs: dict[str, BaseRef] = field(default_factory=dict)
+    shapes: dict[str, dict | None] = field(default_factory=dict)
+
+    def ref(self, spec: str) -> BaseRef:
+        if spec not in self.refs:
+            self.refs[spec] = resolve_base(spec)
+        return self.refs[spec]
+
+    def module_shapes(self, ref: BaseRef) -> dict | None:
+        key = f"{ref.name}:{ref.config_hash}"
+        if key not in self.shapes:
+            try:
+                self.shapes[key] = module_shapes(ref)
+            except RecycleError:
+                raise
+            except Exception:  # a model class transformers can't build offline: skip checks
+                self.shapes[key] = None
+        return self.shapes[key]
+
+
+def parse_meta(pairs: list[str] | None) -> dict:
+    meta = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise RecycleError(f"--meta {pair!r} is not KEY=VALUE")
+        k, v = pair.split("=", 1)
+        if not k.strip():
+            raise RecycleError(f"--meta {pair!r} has an empty key")
+        meta[k.strip()] = v
+    return meta
+
+
+def add_expert(
+    registry: Registry,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    task: str | None = None,
+    dataset: str | None = None,
+    base: str | None = None,
+    meta: dict | None = None,
+    replace: bool = False,
+    group_base: BaseRef | None = None,
+    cache: BaseCache | None = None,
+) -> dict:
+    """Validate and register one adapter folder; returns its row plus ``status``:
+    ``added``, ``unchanged`` (same content already registered) or ``replaced``.
+
+    ``group_base`` is the base of the other adapters added in the same call: an
+    adapter on another base is refused.
+    """
+    cache = cache or BaseCache()
+    folder = Path(path).expanduser()
+    info = inspect_adapter(folder)  # structure, header, ranks, before touching the base
+    ref = _check_base(info, base, group_base, cache)
+    shapes = cache.module_shapes(ref)
+    if shapes is not None:
+        info = inspect_adapter(folder, base_shapes=shapes)
+    name = (name or info.path.name).strip()
+    if not name:
+        raise RecycleError(f"{info.path}: empty expert name")
+    sha = sha256_file(info.weights)
+    return _record(registry, info, ref, sha, name, task, dataset, meta or {}, replace)
+
+
+def _check_base(info: AdapterInfo, base: str | None, group_base: BaseRef | None, cache: BaseCache) -> BaseRef:
+    if base:
+        ref = cache.ref(base)
+        if info.base_model and not ref.matches(info.base_model):
+            raise AdapterError(
+                f"{info.path}: trained on base model {info.base_model!r}, not {ref.name!r} (--base)"
+            )
+    elif group_base is not None:
+        ref = group_base
+        if info.base_model and not ref.matches(info.base_model):
+            raise AdapterError(
+                f"{info.path}: trained on base model {info.base_model!r}, not {ref.name!r} "
+                "like the other adapters in this call"
+            )
+    elif info.base_model:
+        ref = cache.ref(info.base_model)
+    else:
+        raise AdapterError(
+            f"{info.path}: {info.path.name}/adapter_config.json names no base model; pass --base"
+        )
+    if group_base is not None and (ref.name, ref.config_hash) != (group_base.name, group_base.config_hash):
+        raise AdapterError(
+            f"{info.path}: base model {ref.name!r} differs from {group_base.name!r} "
+            "of the other adapters in this call"
+        )
+    return ref
+
+
+def _record(registry, info, ref, sha, name, task, dataset, meta, replace) -> dict:
+    row = {
+        "name": name,
+        "path": str(info.path),
+        "sha256": sha,
+        "peft_type": info.peft_type,
+        "rank": info.rank,
+        "ranks": encode_json(info.rank_overrides) if info.rank_overrides else None,
+        "alpha": info.alpha,
+        "use_rslora": int(info.use_rslora),
+        "target_modules": encode_json(info.target_modules),
+        "n_params": info.n_params,
+        "task": task,
+        "dataset": dataset,
+        "meta": encode_json(meta) if meta else None,
+    }
+    with registry.transaction() as db:
+        base_id = registry.ensure_base_model(ref.name, ref.kind, ref.config_hash)
+        row["base_model_id"] = base_id
+        existing = list(db.query("select * from experts where name = ?", [name]))
+        if existing:
+            old = existing[0]
+            if old["sha256"] == sha and old["base_model_id"] == base_id:
+                updates = {k: row[k] for k in ("task", "dataset") if row[k] and row[k] != old[k]}
+                if row["path"] != old["path"]:
+                    updates["path"] = row["path"]
+                if updates:
+                    db["experts"].update(old["id"], updates)
+                status = "unchanged"
+            elif not replace:
+                what = "other content" if old["sha256"] != sha else "another base model"
+                raise RecycleError(
+                    f"expert {name!r} already exists with {what} "
+                    f"(sha256 {old['sha256'][:12]}); use --replace to overwrite it"
+                )
+            else:
+                row["created"] = now()
+                db["experts"].update(old["id"], row)
+                _drop_dependents(db, old["id"])
+                status = "replaced"
+        else:
+            twins = list(
+                db.query(
+                    "select name from experts where sha256 = ? and base_model_id = ?",
+                    [sha, base_id],
+                )
+            )
+            if twins:
+                return {**registry.expert(twins[0]["name"]), "status": "unchanged"}
+            row["created"] = now()
+            db["experts"].insert(row)
+            status = "added"
+    return {**registry.expert(name), "status": status}
+
+
+def _dependent_tables(db) -> list[tuple[str, str]]:
+    out = []
+    for table in db.table_names():
+        if table.startswith("_"):
+            continue
+        for fk in db[table].foreign_keys:
+            if fk.other_table == "experts":
+                out.append((table, fk.column))
+    return out
+
+
+def _drop_dependents(db, expert_id: int) -> dict[str, int]:
+    """Delete rows that describe an expert's old content (gates, prototypes...)."""
+    counts = {}
+    for table, column in _dependent_tables(db):
+        n = db.execute(f"select count(*) from [{table}] where [{column}] = ?", [expert_id]).fetchone()[0]
+        if n:
+            db.execute(f"delete from [{table}] where [{column}] = ?", [expert_id])
+            counts[table] = n
+    return counts
+
+
+def remove_expert(registry: Registry, name: str) -> dict:
+    expert = registry.expert(name)
+    with registry.transaction() as db:
+        dropped = _drop_dependents(db, expert["id"])
+        db["experts"].delete(expert["id"])
+    return {"expert": expert, "dropped": dropped}
+
+
+def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bool = False) -> list[dict]:
+    """Re-hash every expert's weights: ``ok``, ``modified``, ``missing`` or ``moved``.
+
+    ``search`` folders are scanned for adapters whose weights hash matches a missing
+    expert's (``moved``, with the new path); ``fix`` records the new path.
+    """
+    found: dict[str, Path] | None = None
+    report = []
+    for e in registry.experts():
+        folder = Path(e["path"])
+        weights = folder / "adapter_model.safetensors"
+        entry = {"name": e["name"], "path": e["path"], "status": "ok", "detail": ""}
+        if weights.is_file():
+            if sha256_file(weights) != e["sha256"]:
+                entry.update(status="modified", detail="weights differ from the registered sha256")
+        else:
+            if found is None:
+                found = _index_by_hash(search or [])
+            if e["sha256"] in found:
+                new = found[e["sha256"]]
+                entry.update(status="moved", detail=f"now at {new}", new_path=str(new))
+                if fix:
+                    with registry.transaction() as db:
+                        db["experts"].update(e["id"], {"path": str(new)})
+                    entry["detail"] += " (path updated)"
+            else:
+                what = "folder" if not folder.exists() else "adapter_model.safetensors"
+                entry.update(status="missing", detail=f"{what} not found")
+        report.append(entry)
+    return report
+
+
+def _index_by_hash(roots: list[Path]) -> dict[str, Path]:
+    out = {}
+    for root in roots:
+        for folder in find_adapter_folders(Path(root)):
+            w = folder / "adapter_model.safetensors"
+            if w.is_file():
+                out.setdefault(sha256_file(w), folder.resolve())
+    return out
+
+
+def describe(expert: dict) -> dict:
+    """A JSON-friendly view of an expert row."""
+    keep = (
+        "name", "path", "sha256", "base_model", "base_config_hash", "peft_type", "rank", "ranks",
+        "alpha", "use_rslora", "target_modules", "n_params", "task", "dataset", "created", "meta",
+    )
+    return {k: expert.get(k) for k in keep}
+
+
+__all__ = [
+    "add_expert", "remove_expert", "verify_experts", "parse_meta", "describe", "BaseCache",
+    "AdapterError",
+]

@@ -1,0 +1,67 @@
+"""Shared test set-up: every test gets its own registry; the model cache is per session.
+
+Nothing here touches the network: base models are tiny ones built from a config, and
+adapters are written by plain PEFT ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["NO_COLOR"] = "1"
+os.environ["COLUMNS"] = "200"
+os.environ["TERM"] = "dumb"
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """One model/asset cache for the whole session (RECYCLE_CACHE), so tiny models are
+    built once. A developer may point RECYCLE_TEST_CACHE at a warm cache to go faster."""
+    warm = os.environ.get("RECYCLE_TEST_CACHE")
+    root = Path(warm) if warm else tmp_path_factory.mktemp("recycle-cache")
+    os.environ["RECYCLE_CACHE"] = str(root)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registry(tmp_path, monkeypatch, cache_root):
+    monkeypatch.setenv("RECYCLE_DB", str(tmp_path / "registry.db"))
+    monkeypatch.setenv("RECYCLE_CACHE", str(cache_root))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_base(cache_root) -> Path:
+    """The tiny random Llama (alias ``tiny-llama``), built once per session."""
+    from recycle.basemodels import resolve_base
+
+    return resolve_base("tiny-llama").path
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tiny_base):
+    """``make_adapter(folder, r=4, targets=("q_proj", "v_proj"), seed=0, base=tiny_base, **lora_kw)``
+    writes a real PEFT LoRA adapter with random non-zero weights and returns its folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def make(folder, r=4, targets=("q_proj", "v_proj"), seed=0, base=None, **lora_kw):
+        base = Path(base or tiny_base)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base)
+        cfg = LoraConfig(r=r, lora_alpha=lora_kw.pop("lora_alpha", 2 * r), target_modules=list(targets),
+                         init_lora_weights=False, **lora_kw)
+        peft_model = get_peft_model(model, cfg)
+        peft_model.save_pretrained(folder)
+        return Path(folder)
+
+    return make

@@ -1,0 +1,373 @@
+"""add-expert and the experts commands, through the real CLI and the real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from recycle.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def db_path() -> Path:
+    return Path(os.environ["RECYCLE_DB"])
+
+
+def rows(table="experts"):
+    if not db_path().exists():
+        return []
+    conn = sqlite3.connect(db_path())
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(f"select * from {table} order by id")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def dump():
+    """Every row of every table: to show a failed command changed nothing."""
+    if not db_path().exists():
+        return {}
+    conn = sqlite3.connect(db_path())
+    try:
+        names = [r[0] for r in conn.execute("select name from sqlite_master where type='table'")]
+        return {n: list(conn.execute(f"select * from [{n}]")) for n in names}
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, make_adapter):
+    """A few real PEFT adapters, written once for the module."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(root / "a", r=4, seed=1),
+        "b": make_adapter(root / "b", r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=2),
+        "c": make_adapter(root / "c", r=4, targets=("gate_proj", "up_proj", "down_proj"), seed=3,
+                          use_rslora=True),
+        "patterned": make_adapter(root / "patterned", r=4, seed=4, rank_pattern={"v_proj": 2}),
+    }
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    out = result.stderr.strip() if result.stderr_bytes is not None else result.output.strip()
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_add_records_everything(library, tiny_base):
+    r = cli("add-expert", library["a"], "--task", "sentiment", "--dataset", "rt", "--base", "tiny-llama",
+            "--meta", "author=ann", "--meta", "note=x=y")
+    assert r.exit_code == 0, r.output
+    (row,) = rows()
+    assert row["name"] == "a"
+    assert row["path"] == str(library["a"].resolve())
+    assert row["task"] == "sentiment" and row["dataset"] == "rt"
+    assert row["peft_type"] == "LORA" and row["rank"] == 4 and row["alpha"] == 8.0
+    assert row["use_rslora"] == 0
+    assert json.loads(row["meta"]) == {"author": "ann", "note": "x=y"}
+    assert len(json.loads(row["target_modules"])) == 8  # q and v in 4 layers
+    # A (4x64) + B (64x4) for q; A (4x64) + B (32x4) for v (2 kv heads of 16), 4 layers
+    assert row["n_params"] == 4 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
+    import hashlib
+
+    assert row["sha256"] == hashlib.sha256((library["a"] / "adapter_model.safetensors").read_bytes()).hexdigest()
+    (base,) = rows("base_models")
+    assert base["name"] == "tiny-llama" and base["kind"] == "alias" and len(base["config_hash"]) == 64
+
+
+def test_readd_is_a_noop_and_says_so(library):
+    assert cli("add-expert", library["a"], "--base", "tiny-llama").exit_code == 0
+    before = dump()
+    r = cli("add-expert", library["a"], "--base", "tiny-llama")
+    assert r.exit_code == 0
+    assert "already registered" in r.output
+    assert dump() == before
+
+
+def test_same_name_other_content_needs_replace(library, tmp_path):
+    assert cli("add-expert", library["a"], "--name", "x", "--base", "tiny-llama").exit_code == 0
+    before = dump()
+    err = one_line_error(cli("add-expert", library["b"], "--name", "x", "--base", "tiny-llama"))
+    assert "--replace" in err
+    assert dump() == before
+    r = cli("add-expert", library["b"], "--name", "x", "--base", "tiny-llama", "--replace")
+    assert r.exit_code == 0, r.output
+    (row,) = rows()
+    assert row["rank"] == 8 and row["path"] == str(library["b"].resolve())
+
+
+def test_rslora_and_rank_pattern_recorded(library):
+    assert cli("add-expert", library["c"], library["patterned"], "--base", "tiny-llama").exit_code == 0
+    by = {r["name"]: r for r in rows()}
+    assert by["c"]["use_rslora"] == 1
+    ranks = json.loads(by["patterned"]["ranks"])
+    assert ranks and set(ranks.values()) == {2} and all(k.endswith("v_proj") for k in ranks)
+
+
+def test_base_taken_from_adapter_config(library):
+    """Without --base the adapter's base_model_name_or_path (the tiny model's folder) is used,
+    and an alias's own folder is recognised as that alias."""
+    r = cli("add-expert", library["a"])
+    assert r.exit_code == 0, r.output
+    assert rows("base_models")[0]["name"] == "tiny-llama"
+
+
+def test_recursive_with_progress_and_failures(library, tmp_path):
+    root = tmp_path / "pile"
+    for k in ("a", "b", "c"):
+        copy(library[k], root / "team" / k)
+    bad = copy(library["a"], root / "bad")
+    (bad / "adapter_config.json").write_text("{not json")
+    r = cli("add-expert", root, "--recursive", "--base", "tiny-llama")
+    assert r.exit_code == 2
+    assert "3 added" in r.output and "1 failed" in r.output and "unparsable" in r.output
+    assert sorted(x["name"] for x in rows()) == ["a", "b", "c"]
+
+
+# ---- one test per validation error -------------------------------------------------
+
+
+def _mutate_config(folder: Path, **changes):
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _rewrite_tensors(folder: Path, fn):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(fn(tensors), folder / "adapter_model.safetensors")
+
+
+def _err(folder, *extra):
+    from recycle.registry import Registry
+
+    Registry().close()  # an existing registry, so "unchanged" compares real tables
+    before = dump()
+    line = one_line_error(cli("add-expert", folder, *extra))
+    assert dump() == before, "a refused adapter must leave the registry unchanged"
+    return line
+
+
+def test_missing_folder(tmp_path):
+    assert "missing" in _err(tmp_path / "nope")
+
+
+def test_missing_config(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    (f / "adapter_config.json").unlink()
+    assert "missing file adapter_config.json" in _err(f)
+
+
+def test_missing_weights(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    (f / "adapter_model.safetensors").unlink()
+    assert "missing file adapter_model.safetensors" in _err(f)
+
+
+def test_pickle_weights_refused(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    (f / "adapter_model.safetensors").rename(f / "adapter_model.bin")
+    assert "refusing adapter_model.bin (pickle)" in _err(f)
+
+
+def test_config_unparsable(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    (f / "adapter_config.json").write_text('{"peft_type": "LORA", ')
+    assert "unparsable" in _err(f)
+
+
+def test_non_lora_unsupported(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    _mutate_config(f, peft_type="IA3")
+    assert "unsupported peft_type 'IA3'" in _err(f)
+
+
+def test_header_unreadable(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    (f / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a json header")
+    assert "header unreadable" in _err(f)
+
+
+def test_truncated_weights(library, tmp_path):
+    assert cli("add-expert", library["b"], "--base", "tiny-llama").exit_code == 0
+    f = copy(library["a"], tmp_path / "f")
+    w = f / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    assert "truncated" in _err(f, "--base", "tiny-llama")
+
+
+def test_rank_disagrees_with_r(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    _mutate_config(f, r=16)
+    assert "has rank 4 but the config says r=16" in _err(f)
+
+
+def test_rank_disagrees_with_rank_pattern(library, tmp_path):
+    f = copy(library["patterned"], tmp_path / "f")
+    _mutate_config(f, rank_pattern={"v_proj": 3})
+    assert "config says r=3" in _err(f)
+
+
+def test_a_and_b_do_not_chain(library, tmp_path):
+    import torch
+
+    f = copy(library["a"], tmp_path / "f")
+
+    def widen_b(t):
+        k = next(k for k in t if "lora_B" in k)
+        t[k] = torch.zeros(t[k].shape[0], 5)
+        return t
+
+    _rewrite_tensors(f, widen_b)
+    assert "do not chain" in _err(f)
+
+
+def test_target_module_absent_from_base(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    _rewrite_tensors(f, lambda t: {k.replace("layers.0.", "layers.9."): v for k, v in t.items()})
+    assert "model.layers.9.self_attn.q_proj is absent from the base model" in _err(f, "--base", "tiny-llama")
+
+
+def test_target_module_shape_differs_from_base(library, tmp_path):
+    import torch
+
+    f = copy(library["a"], tmp_path / "f")
+
+    def wrong_in(t):
+        return {k: (torch.zeros(v.shape[0], 48) if "lora_A" in k else v) for k, v in t.items()}
+
+    _rewrite_tensors(f, wrong_in)
+    assert "48->" in _err(f, "--base", "tiny-llama")
+
+
+def test_base_differs_from_flag(library, tmp_path):
+    other = tmp_path / "other-base"
+    from recycle.basemodels import resolve_base
+
+    shutil.copytree(resolve_base("tiny-llama").path, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert "not" in _err(library["a"], "--base", other)
+
+
+def test_base_differs_from_group(library, tmp_path):
+    f = copy(library["b"], tmp_path / "f")
+    _mutate_config(f, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    r = cli("add-expert", library["a"], f)
+    assert r.exit_code == 2
+    assert "like the other adapters in this call" in r.output
+    assert [x["name"] for x in rows()] == ["a"]
+
+
+def test_no_base_anywhere(library, tmp_path):
+    f = copy(library["a"], tmp_path / "f")
+    _mutate_config(f, base_model_name_or_path=None)
+    assert "pass --base" in _err(f)
+
+
+# ---- listing, showing, removing, verifying ---------------------------------------------
+
+
+def test_list_show_filters_json(library):
+    assert cli("add-expert", library["a"], "--task", "t1", "--base", "tiny-llama").exit_code == 0
+    assert cli("add-expert", library["b"], "--task", "t2", "--base", "tiny-llama").exit_code == 0
+    r = cli("experts", "list", "--json")
+    assert [e["name"] for e in json.loads(r.stdout)] == ["a", "b"]
+    r = cli("experts", "list", "--task", "t2", "--json")
+    assert [e["name"] for e in json.loads(r.stdout)] == ["b"]
+    r = cli("experts", "list", "--base", "nothing", "--json")
+    assert json.loads(r.stdout) == []
+    r = cli("experts", "list")
+    assert "a" in r.stdout and "t2" in r.stdout
+    r = cli("experts", "show", "b", "--json")
+    assert json.loads(r.stdout)["rank"] == 8
+    assert "b" in cli("experts", "show", "b").stdout
+    one_line_error(cli("experts", "show", "zzz"))
+
+
+def test_remove(library):
+    assert cli("add-expert", library["a"], "--base", "tiny-llama").exit_code == 0
+    r = runner.invoke(app, ["experts", "remove", "a"], input="n\n")
+    assert r.exit_code != 0 and len(rows()) == 1
+    r = cli("experts", "remove", "a", "--yes")
+    assert r.exit_code == 0 and rows() == []
+    assert (library["a"] / "adapter_model.safetensors").exists(), "files are the user's: never deleted"
+    one_line_error(cli("experts", "remove", "a", "--yes"))
+
+
+def test_verify_reports_modified_missing_moved(library, tmp_path):
+    for k in ("a", "b", "c"):
+        copy(library[k], tmp_path / "reg" / k)
+        assert cli("add-expert", tmp_path / "reg" / k, "--base", "tiny-llama").exit_code == 0
+    assert cli("experts", "verify").exit_code == 0
+    w = tmp_path / "reg" / "a" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1] + b"\x01")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(tmp_path / "reg" / "b", tmp_path / "elsewhere" / "b")
+    shutil.rmtree(tmp_path / "reg" / "c")
+    r = cli("experts", "verify", "--search", tmp_path / "elsewhere", "--json")
+    assert r.exit_code == 1
+    status = {e["name"]: e["status"] for e in json.loads(r.stdout)}
+    assert status == {"a": "modified", "b": "moved", "c": "missing"}
+    cli("experts", "verify", "--search", tmp_path / "elsewhere", "--fix")
+    assert {x["name"]: x["path"] for x in rows()}["b"] == str((tmp_path / "elsewhere" / "b").resolve())
+
+
+def test_errors_are_one_line_unless_debug(tmp_path):
+    one_line_error(cli("add-expert", tmp_path / "missing"))
+    r = cli("--debug", "add-expert", tmp_path / "missing")
+    assert r.exit_code == 2 and "Traceback" in r.output
+
+
+def test_db_path_default_env_and_flag(tmp_path, monkeypatch):
+    assert cli("db", "path").stdout.strip() == os.environ["RECYCLE_DB"]
+    assert cli("db", "path", "--db", tmp_path / "x.db").stdout.strip() == str(tmp_path / "x.db")
+    monkeypatch.delenv("RECYCLE_DB")
+    monkeypatch.chdir(tmp_path)
+    assert cli("db", "path").stdout.strip() == str(tmp_path / "registry.db")
+
+
+def test_concurrent_adds_from_four_processes(library, tmp_path):
+    """Four processes add different experts to one fresh registry at the same time."""
+    folders = [copy(library[k], tmp_path / f"p{i}") for i, k in enumerate(["a", "b", "c", "patterned"])]
+    env = {**os.environ, "RECYCLE_DB": str(tmp_path / "shared.db")}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "recycle", "add-expert", str(f), "--base", "tiny-llama"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for f in folders
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    conn = sqlite3.connect(tmp_path / "shared.db")
+    names = sorted(r[0] for r in conn.execute("select name from experts"))
+    assert names == ["p0", "p1", "p2", "p3"]
+    assert conn.execute("select count(*) from base_models").fetchone()[0] == 1
+    assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
