@@ -1,0 +1,120 @@
+"""Rank classification: score each answer choice by its length-normalised log-likelihood.
+
+``score_choices`` returns, per example, the mean log-probability of each choice's tokens
+given the prompt, tokenised as :func:`recycle.data.encode_lm` does for training
+(``[BOS] prompt`` then the choice's own tokens). Each prompt runs once (left-padded, in
+batches, keeping its KV cache); every choice then continues from that cache, so the
+prompt is never recomputed per choice. ``predict`` is the argmax.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+
+from recycle.data import Example, _special_prefix, pad_id_of
+
+
+def _encode(tokenizer, ex: Example, max_length: int) -> tuple[list[int], list[list[int]]]:
+    choices = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in ex.choices]
+    if any(not c for c in choices):
+        raise ValueError(f"a choice of {ex.prompt[:40]!r}... encodes to no tokens")
+    prefix = _special_prefix(tokenizer)
+    prompt = list(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
+    room = max(1, max_length - max(len(c) for c in choices))
+    ids = prefix + prompt
+    if len(ids) > room:  # cut from the left, keeping BOS, as encode_lm does
+        keep = prefix if len(prefix) < room else []
+        ids = keep + prompt[max(0, len(prompt) - (room - len(keep))):]
+    return ids, choices
+
+
+@torch.no_grad()
+def score_choices(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    max_length: int = 256,
+    on_rows: Callable[[list[int]], None] | None = None,
+) -> list[list[float]]:
+    """Per example, the mean log-prob of each choice's tokens given the prompt.
+
+    ``on_rows`` (if given) is called before every forward pass with the example index of
+    each row in it: prompt batches first, then the choice rows continuing them.
+    """
+    from transformers import DynamicCache
+
+    pad = pad_id_of(tokenizer)
+    encoded = []
+    for i, ex in enumerate(examples):
+        if not ex.choices:
+            raise ValueError(f"example {i} has no answer choices")
+        encoded.append(_encode(tokenizer, ex, max_length))
+    scores: list[list[float]] = [[0.0] * len(ex.choices) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(encoded[i][0]))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            group = order[start:start + batch_size]
+            # 1. the prompts, left-padded, once each
+            width = max(len(encoded[i][0]) for i in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for r, i in enumerate(group):
+                p = encoded[i][0]
+                ids[r, width - len(p):] = torch.tensor(p)
+                mask[r, width - len(p):] = 1
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            if on_rows:
+                on_rows(list(group))
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                        past_key_values=DynamicCache(), use_cache=True)
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts choice token 1
+            cache = out.past_key_values
+            # 2. every choice continues its prompt's cache
+            rows = [(r, i, j) for r, i in enumerate(group) for j in range(len(examples[i].choices))]
+            for rs in range(0, len(rows), batch_size):
+                chunk = rows[rs:rs + batch_size]
+                cwidth = max(len(encoded[i][1][j]) for _, i, j in chunk)
+                cids = torch.full((len(chunk), cwidth), pad, dtype=torch.long)
+                cmask = torch.zeros((len(chunk), cwidth), dtype=torch.long)
+                for k, (_, i, j) in enumerate(chunk):
+                    c = encoded[i][1][j]
+                    cids[k, :len(c)] = torch.tensor(c)
+                    cmask[k, :len(c)] = 1
+                src = torch.tensor([r for r, _, _ in chunk])
+                sub = copy.deepcopy(cache)
+                sub.batch_select_indices(src)
+                full_mask = torch.cat([mask[src], cmask], dim=1)
+                cpos = mask[src].sum(1, keepdim=True) + torch.arange(cwidth).unsqueeze(0)
+                if on_rows:
+                    on_rows([i for _, i, _ in chunk])
+                logits = None
+                if cwidth > 1:
+                    logits = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos,
+                                   past_key_values=sub, use_cache=True).logits
+                for k, (r, i, j) in enumerate(chunk):
+                    c = encoded[i][1][j]
+                    total = float(first[r, c[0]])
+                    if len(c) > 1:
+                        lp = torch.log_softmax(logits[k, : len(c) - 1].float(), dim=-1)
+                        total += float(lp[torch.arange(len(c) - 1), torch.tensor(c[1:])].sum())
+                    scores[i][j] = total / len(c)
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def predict(scores: list[list[float]]) -> list[int]:
+    """Index of the best-scoring choice of each example."""
+    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+
+
+def accuracy(examples: Sequence[Example], scores: list[list[float]]) -> float:
+    if not examples:
+        return float("nan")
+    return sum(int(p == ex.label) for p, ex in zip(predict(scores), examples)) / len(examples)
