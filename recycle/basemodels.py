@@ -233,6 +233,15 @@ def resolve_base(spec: str, *, materialise: bool = True) -> BaseRef:
     return BaseRef(spec, "hub", None, None)
 
 
+def quiet_transformers() -> None:
+    """No weight-loading progress bars or advisory chatter from transformers: the CLI shows
+    its own progress, and errors must stay one line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_config(ref: BaseRef):
     from transformers import AutoConfig
 
@@ -268,6 +277,7 @@ def load_base(ref: BaseRef, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    quiet_transformers()
     target = ref.load_target
     try:
         cfg = AutoConfig.from_pretrained(target)

@@ -48,3 +48,110 @@ def m001_base_models_and_experts(db):
 
 
 # --- later migrations go below, in the order they were written ---
+
+
+@migrations()
+def m002_tasks(db):
+    db["tasks"].create(
+        {
+            "id": int,
+            "name": str,
+            "kind": str,  # classification | generation
+            "description": str,
+            "source": str,  # human-readable source identity
+            "dataset": str,  # what experts trained on it record as their data set
+            "spec": str,  # JSON of the checked spec (absolute paths)
+            "spec_sha256": str,
+            "n_choices": int,  # None for generation or per-example choices
+            "n_train": int,
+            "n_validation": int,
+            "n_test": int,
+            "created": str,
+        },
+        pk="id",
+        not_null={"name", "kind", "source", "spec", "spec_sha256", "created"},
+    )
+    db["tasks"].create_index(["name"], unique=True)
+
+
+@migrations()
+def m003_gates(db):
+    # PHATGOOSE gates trained for an expert: one row per (expert, settings, adapter content).
+    db["gates"].create(
+        {
+            "id": int,
+            "expert_id": int,
+            "path": str,  # safetensors file, one vector per routed module
+            "settings_hash": str,
+            "settings": str,  # JSON of the settings hashed
+            "adapter_sha256": str,  # the adapter weights the gates were trained with
+            "steps": int,
+            "loss_start": float,
+            "loss_end": float,
+            "seconds": float,
+            "created": str,
+        },
+        pk="id",
+        foreign_keys=[("expert_id", "experts", "id")],
+        not_null={"expert_id", "path", "settings_hash", "settings", "adapter_sha256", "created"},
+    )
+    db["gates"].create_index(["expert_id", "settings_hash", "adapter_sha256"], unique=True)
+
+
+@migrations()
+def m004_compositions(db):
+    # A named method over a set of experts (members pinned by adapter sha256).
+    db["compositions"].create(
+        {
+            "id": int,
+            "name": str,
+            "method": str,
+            "settings": str,  # JSON: top_k, weighting, temperature / expert
+            "members": str,  # JSON list of {name, sha256}
+            "base_model": str,
+            "created": str,
+        },
+        pk="id",
+        not_null={"name", "method", "settings", "members", "created"},
+    )
+    db["compositions"].create_index(["name"], unique=True)
+
+
+@migrations()
+def m005_evaluations(db):
+    db["eval_runs"].create(
+        {"id": int, "created": str, "settings": str, "status": str, "seconds": float},
+        pk="id",
+        not_null={"created", "settings", "status"},
+    )
+    # One row per (run, method or composition, task). ``key`` identifies the result
+    # (settings hash with member hashes, base, task spec, n, seed): equal keys, equal results.
+    db["eval_results"].create(
+        {
+            "id": int,
+            "run_id": int,
+            "key": str,
+            "label": str,  # method or composition name
+            "method": str,
+            "settings_hash": str,
+            "member_hashes": str,  # JSON {expert: sha256}
+            "task": str,
+            "held": str,  # in | out
+            "n": int,
+            "seed": int,
+            "correct": int,
+            "accuracy": float,
+            "ci_low": float,
+            "ci_high": float,
+            "routing": str,  # JSON {module: {expert: share of tokens}}
+            "predictions": str,  # JSON list of predicted choice indices
+            "seconds": float,
+            "reused_from": int,
+            "created": str,
+        },
+        pk="id",
+        foreign_keys=[("run_id", "eval_runs", "id")],
+        not_null={"run_id", "key", "label", "method", "task", "held", "n", "created"},
+    )
+    db["eval_results"].create_index(["key"])
+    db["eval_results"].create_index(["run_id"])

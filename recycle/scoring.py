@@ -17,6 +17,18 @@ import torch
 from recycle.data import Example, _special_prefix, pad_id_of
 
 
+def _cache_kw(model) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever it takes."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(type(inner).forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _encode(tokenizer, ex: Example, max_length: int) -> tuple[list[int], list[list[int]]]:
     choices = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in ex.choices]
     if any(not c for c in choices):
@@ -48,6 +60,7 @@ def score_choices(
     from transformers import DynamicCache
 
     pad = pad_id_of(tokenizer)
+    cache_kw = _cache_kw(model)
     encoded = []
     for i, ex in enumerate(examples):
         if not ex.choices:
@@ -72,9 +85,9 @@ def score_choices(
             if on_rows:
                 on_rows(list(group))
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                        past_key_values=DynamicCache(), use_cache=True)
+                        use_cache=True, **{cache_kw: DynamicCache()})
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts choice token 1
-            cache = out.past_key_values
+            cache = out.cache if "cache" in out else out.past_key_values
             # 2. every choice continues its prompt's cache
             rows = [(r, i, j) for r, i in enumerate(group) for j in range(len(examples[i].choices))]
             for rs in range(0, len(rows), batch_size):
@@ -96,7 +109,7 @@ def score_choices(
                 logits = None
                 if cwidth > 1:
                     logits = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos,
-                                   past_key_values=sub, use_cache=True).logits
+                                   use_cache=True, **{cache_kw: sub}).logits
                 for k, (r, i, j) in enumerate(chunk):
                     c = encoded[i][1][j]
                     total = float(first[r, c[0]])
@@ -118,3 +131,24 @@ def accuracy(examples: Sequence[Example], scores: list[list[float]]) -> float:
     if not examples:
         return float("nan")
     return sum(int(p == ex.label) for p, ex in zip(predict(scores), examples)) / len(examples)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+    """Greedy generation for tasks without answer choices (``[BOS] prompt`` as in training)."""
+    device = next(model.parameters()).device
+    pad = pad_id_of(tokenizer)
+    prefix = _special_prefix(tokenizer)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [prefix + list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[start : start + batch_size]]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):  # left padding, so every row continues at the end
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]
+    return out

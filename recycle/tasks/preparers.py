@@ -1,0 +1,171 @@
+"""Named converters from raw files to a clean JSONL that ``datasets`` loads.
+
+A spec's source can say ``preparer = "vader"`` with ``file = ...`` (and ``options``);
+the preparer runs once and its JSONL is cached under ``<cache>/tasks/prepared``, keyed
+on the file's identity and the preparer's version. Everything after that goes down the
+ordinary path: ``load_dataset("json", data_files=...)``.
+
+Each preparer yields plain dicts of strings; whitespace inside texts is collapsed.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from recycle.basemodels import cache_dir
+from recycle.errors import RecycleError
+
+VERSION = 1  # bump when a preparer's output changes
+
+
+def _clean(s: str) -> str:
+    return " ".join(str(s).split())
+
+
+def _open_text(path: Path):
+    if path.suffix == ".bz2":
+        return io.TextIOWrapper(bz2.open(path), encoding="utf-8", newline="")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _need_file(path: Path) -> None:
+    if not path.is_file():
+        raise RecycleError(f"data file {path} does not exist")
+
+
+def vader(path: Path, options: dict) -> Iterator[dict]:
+    """VADER ground truth (Hutto & Gilbert 2014): ``id<TAB>score<TAB>text`` with a header.
+    The sign of the mean rating is the label; neutral (0) lines are dropped."""
+    _need_file(path)
+    with _open_text(path) as f:
+        for i, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
+            if i == 0 and row and row[0].strip().lower() == "id":
+                continue
+            if len(row) < 3:
+                continue
+            try:
+                score = float(row[1])
+            except ValueError:
+                raise RecycleError(f"{path.name} line {i + 1}: score {row[1]!r} is not a number") from None
+            if score == 0:
+                continue
+            yield {
+                "id": row[0].strip(),
+                "text": _clean("\t".join(row[2:])),
+                "score": score,
+                "label": "positive" if score > 0 else "negative",
+            }
+
+
+def trec(path: Path, options: dict) -> Iterator[dict]:
+    """TREC question classification: ``COARSE:fine question`` a line."""
+    _need_file(path)
+    with _open_text(path) as f:
+        for i, line in enumerate(f):
+            line = line.strip()
+            if not line:
+                continue
+            label, _, question = line.partition(" ")
+            coarse, _, fine = label.partition(":")
+            if not question or not fine:
+                raise RecycleError(f"{path.name} line {i + 1}: expected 'COARSE:fine question'")
+            yield {"text": _clean(question), "coarse": coarse, "fine": f"{coarse}:{fine}"}
+
+
+def csv_file(path: Path, options: dict) -> Iterator[dict]:
+    """A CSV file (``.bz2``/``.gz`` read directly) through Python's csv module, which
+    keeps quoted newlines; every value a whitespace-collapsed string.
+    Options: ``columns`` = {old name = new name} keeps and renames only those columns."""
+    _need_file(path)
+    columns = options.get("columns")
+    if columns is not None and not isinstance(columns, dict):
+        raise RecycleError("preparer csv: options.columns must be a table {old = new}")
+    with _open_text(path) as f:
+        reader = csv.DictReader(f, delimiter=options.get("delimiter", ","))
+        if columns:
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise RecycleError(f"{path.name} has no column(s) {', '.join(missing)}")
+        for row in reader:
+            if columns:
+                yield {new: _clean(row[old] or "") for old, new in columns.items()}
+            else:
+                yield {(k or "index"): _clean(v or "") for k, v in row.items() if k is not None}
+
+
+def folders(path: Path, options: dict) -> Iterator[dict]:
+    """One sub-folder per label, one ``.txt`` document per file (BBC News layout).
+    The first line is the title: ``text`` is ``title. body`` collapsed."""
+    if not path.is_dir():
+        raise RecycleError(f"data folder {path} does not exist")
+    labels = sorted(p for p in path.iterdir() if p.is_dir())
+    if not labels:
+        raise RecycleError(f"data folder {path} has no label sub-folders")
+    for label_dir in labels:
+        for doc in sorted(label_dir.glob("*.txt")):
+            raw = doc.read_bytes().decode("utf-8", errors="replace")
+            lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+            if not lines:
+                continue
+            title, body = lines[0], " ".join(lines[1:])
+            sep = "" if title.endswith((".", "?", "!")) else "."
+            yield {
+                "id": f"{label_dir.name}/{doc.stem}",
+                "title": _clean(title),
+                "text": _clean(f"{title}{sep} {body}"),
+                "label": label_dir.name,
+            }
+
+
+PREPARERS: dict[str, Callable[[Path, dict], Iterator[dict]]] = {
+    "vader": vader,
+    "trec": trec,
+    "csv": csv_file,
+    "folders": folders,
+}
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def prepare(name: str, path: Path, options: dict | None = None) -> Path:
+    """Run a preparer once; return the cached JSONL path."""
+    if name not in PREPARERS:
+        raise RecycleError(f"unknown preparer {name!r} (known: {', '.join(sorted(PREPARERS))})")
+    options = options or {}
+    if not path.exists():
+        raise RecycleError(f"data file {path} does not exist")
+    key = hashlib.sha256(
+        json.dumps([name, VERSION, _identity(path), options], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / "tasks" / "prepared" / f"{name}-{path.name.split('.')[0]}-{key}.jsonl"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".prep-", suffix=".jsonl", dir=out.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in PREPARERS[name](path, options):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        if n == 0:
+            raise RecycleError(f"preparer {name} found no examples in {path}")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,136 @@
+"""train-expert on the tiny random Llama: a loadable PEFT adapter, registered with its task."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from recycle.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def experts_rows() -> list[dict]:
+    conn = sqlite3.connect(os.environ["RECYCLE_DB"])
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("select * from experts order by name")]
+    finally:
+        conn.close()
+
+
+def add_toy_task(folder: Path, name: str, word: str) -> None:
+    rows = [{"text": f"{word} {i} is {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(40)]
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.toml").write_text(f"""
+name = "{name}"
+template = "Text: {{text}}\\nGood or bad? Answer:"
+choices = [" bad", " good"]
+label_field = "label"
+[source]
+builder = "json"
+data_files = "{name}.jsonl"
+""")
+    result = cli("add-task", folder / f"{name}.toml")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def toy(tmp_path, tiny_base):
+    add_toy_task(tmp_path, "toy", "item")
+    return tmp_path
+
+
+def test_train_expert_writes_a_loadable_registered_adapter(toy, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = cli("train-expert", "--task", "toy", "--base", "tiny-llama", "--steps", "3", "--batch-size", "4",
+                 "--layers", "top2", "--rank", "4", "--name", "toy-expert")
+    assert result.exit_code == 0, result.output
+    (row,) = experts_rows()
+    assert (row["name"], row["task"], row["rank"]) == ("toy-expert", "toy", 4)
+    assert row["dataset"].startswith("json:") and row["dataset"].endswith("toy.jsonl")
+    folder = Path(row["path"])
+    assert folder.parent.name == "experts" and folder.parent.parent.name == "registry.artifacts"
+    assert {"adapter_config.json", "adapter_model.safetensors", "training.json"} <= {p.name for p in folder.iterdir()}
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+    training = json.loads((folder / "training.json").read_text())
+    assert len(training["losses"]) == 3 and training["settings"]["layers_to_transform"] == [2, 3]
+    assert training["tasks"] == ["toy"] and training["base"]["name"] == "tiny-llama"
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny-llama" and cfg["layers_to_transform"] == [2, 3]
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(".layers.2." in m or ".layers.3." in m for m in json.loads(row["target_modules"]))
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), folder)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+    again = cli("train-expert", "--task", "toy", "--base", "tiny-llama", "--steps", "1", "--name", "toy-expert")
+    assert again.exit_code == 2 and "--replace" in again.stderr
+
+
+def test_multitask_trains_on_the_union(toy):
+    add_toy_task(toy, "toy2", "thing")
+    result = cli("train-expert", "--multitask", "toy,toy2", "--base", "tiny-llama", "--steps", "2",
+                 "--batch-size", "4", "--targets", "q_proj,v_proj", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["name"] == "multitask" and out["task"] == "toy,toy2" and out["status"] == "added"
+    training = json.loads((Path(out["path"]) / "training.json").read_text())
+    assert training["multitask"] and training["n_train_examples"] == 64  # 32 + 32 train examples
+    assert training["settings"]["targets"] == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "nope"], "no task named 'nope'"),
+        (["--task", "toy", "--layers", "7"], "layer 7 does not exist"),
+        (["--task", "toy", "--layers", "x-y"], "use topK, A-B"),
+        (["--task", "toy", "--targets", "bogus"], "no module named 'bogus'"),
+        (["--task", "toy", "--multitask", "toy"], "exactly one of --task or --multitask"),
+        (["--task", "toy", "--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_bad_training_options_are_one_line_errors(toy, args, message):
+    result = cli("train-expert", "--base", "tiny-llama", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert experts_rows() == []
+
+
+def test_answer_loss_is_the_lm_loss_on_answer_tokens(tiny_base):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recycle.data import collate, encode_lm
+    from recycle.training import answer_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    batch = collate([encode_lm(tok, "Q: a?\nA:", " yes", 64), encode_lm(tok, "Q: longer one?\nA:", " no no", 64)], 0)
+    with torch.no_grad():
+        ours = answer_loss(model, batch)
+        reference = model(**batch).loss
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_schedule_and_layer_parsing():
+    from recycle.training import lr_at, parse_layers
+
+    assert lr_at(0, 10, 2, 1.0) == 0.5 and lr_at(1, 10, 2, 1.0) == 1.0
+    assert lr_at(2, 10, 2, 1.0) == 1.0 and lr_at(9, 10, 2, 1.0) == pytest.approx(0.125)
+    assert parse_layers("top3", 30) == [27, 28, 29]
+    assert parse_layers("0-2,5", 30) == [0, 1, 2, 5]
+    assert parse_layers(None, 30) is None
