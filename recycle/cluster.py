@@ -1,0 +1,230 @@
+"""Ray plumbing shared by every command that spreads work over a cluster.
+
+- :func:`connect` joins a cluster (``--address``, or ``RAY_ADDRESS`` as under
+  ``ray job submit``) or starts a quiet local one for the command's lifetime.
+- :func:`default_gpus` picks GPUs per task: 1 where the cluster has GPUs, else 0, so a
+  CPU cluster never waits forever on a GPU request.
+- :func:`run_tasks` submits one task per job and hands results to the driver as they
+  arrive (``ray.wait``); worker crashes are retried, errors raised by the task are not.
+
+Workers get plain data and paths; only the driver writes the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from recycle.errors import RecycleError
+
+# Passed to every worker (if set in the driver), so workers see the same cache and
+# offline settings as the command that submitted them.
+WORKER_ENV_VARS = (
+    "RECYCLE_CACHE",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TRANSFORMERS_VERBOSITY",
+    "XDG_CACHE_HOME",
+)
+DEFAULT_MAX_RETRIES = 3
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # no "usage stats" banner, no metrics exporter chatter
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables the workers get: caches, offline flags, and the path to this
+    package (so a local or loopback cluster can import it without an install)."""
+    env = {k: os.environ[k] for k in WORKER_ENV_VARS if os.environ.get(k)}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    pkg_root = str(Path(__file__).resolve().parent.parent)
+    paths = [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+@contextmanager
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[str]:
+    """Be connected to Ray inside the block; yields ``"local"`` or the address joined.
+
+    ``address`` None: join ``RAY_ADDRESS`` if it is set, else start a local Ray with
+    ``num_cpus`` (default: all cores) and no dashboard, shut down at the end. ``"auto"``
+    or ``host:port`` / ``ray://…`` joins an existing cluster (left running). When Ray is
+    already initialised in this process (a test, a notebook), it is used as it is.
+    """
+    _quiet_env()
+    import ray
+
+    if ray.is_initialized():
+        yield "existing"
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common = dict(
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        configure_logging=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if address in (None, "local"):
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    **common,
+                )
+                where = "local"
+            else:
+                ray.init(address=address, **common)
+                where = address
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise RecycleError(f"cannot connect to Ray at {address or 'a local cluster'}: {_one_line(e)}") from None
+        except Exception as e:  # e.g. ray.exceptions.AuthenticationError
+            if type(e).__module__.startswith("ray"):
+                raise RecycleError(
+                    f"cannot connect to Ray at {address}: {_one_line(e)} "
+                    "(a cluster with token auth needs RAY_AUTH_MODE=token and its token)"
+                ) from None
+            raise
+    try:
+        yield where
+    finally:
+        ray.shutdown()
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def default_gpus(requested: float | None) -> float:
+    """GPUs per task: ``requested`` if given (fractions allowed), else 1 when the
+    cluster has any GPU and 0 when it has none."""
+    if requested is not None:
+        if requested < 0:
+            raise RecycleError(f"GPUs per task must be >= 0, not {requested}")
+        return requested
+    return 1.0 if cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def check_fits(num_cpus: float, num_gpus: float) -> None:
+    """Refuse a per-task request no node of the cluster could ever satisfy."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    for n in nodes:
+        res = n.get("Resources", {})
+        if res.get("CPU", 0) >= num_cpus and res.get("GPU", 0) >= num_gpus:
+            return
+    raise RecycleError(
+        f"no node of the cluster has {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s) for one task; "
+        "lower --cpus-per-expert / --gpus-per-expert"
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a failed task: the task's own exception (not Ray's traceback), or
+    what happened to the worker."""
+    import ray.exceptions as rex
+
+    if isinstance(e, rex.RayTaskError):
+        cause = getattr(e, "cause", None)
+        if cause is not None and not isinstance(cause, rex.RayTaskError):
+            if isinstance(cause, RecycleError):
+                return str(cause)
+            return f"{type(cause).__name__}: {_one_line(cause)}"
+        return f"task failed: {_one_line(e)[:300]}"
+    if isinstance(e, rex.WorkerCrashedError):
+        return "the worker process died (retries exhausted)"
+    if isinstance(e, rex.NodeDiedError):
+        return "the node running the task died (retries exhausted)"
+    if isinstance(e, rex.OutOfMemoryError):
+        return "out of memory: the task was killed (retries exhausted)"
+    if isinstance(e, rex.TaskCancelledError):
+        return "cancelled"
+    return f"{type(e).__name__}: {_one_line(e)}"[:500]
+
+
+@dataclass
+class Resources:
+    num_cpus: float = 1
+    num_gpus: float = 0
+    max_retries: int = DEFAULT_MAX_RETRIES
+
+
+def run_tasks(
+    fn: Callable[[Any], Any],
+    jobs: Sequence[Any],
+    resources: Resources,
+    on_result: Callable[[Any, Any], None],
+    on_error: Callable[[Any, str], None],
+    progress: Callable[[Any], None] | None = None,
+    on_interrupt: Callable[[list], None] | None = None,
+) -> None:
+    """Run ``fn(job)`` as one Ray task per job; call ``on_result(job, result)`` or
+    ``on_error(job, one_line_reason)`` in the driver as each one finishes, then
+    ``progress(job)``.
+
+    System failures (a worker or node dying) are retried up to ``max_retries``; an
+    exception raised by ``fn`` is final (``retry_exceptions=False``). On Ctrl-C the
+    pending tasks are cancelled (their workers killed), ``on_interrupt(unfinished_jobs)``
+    is called (the pending ones and the one being handled), and KeyboardInterrupt
+    propagates.
+    """
+    import ray
+
+    if not jobs:
+        return
+    remote = ray.remote(fn).options(
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        max_retries=resources.max_retries,
+        retry_exceptions=False,
+        runtime_env={"env_vars": worker_env()},
+    )
+    pending: dict = {}
+    current = None  # the job whose result is being handled
+    try:
+        for job in jobs:
+            pending[remote.remote(job)] = job
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            current = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - reported, the others go on
+                on_error(current, describe_error(e))
+            else:
+                on_result(current, result)
+            if progress is not None:
+                progress(current)
+            current = None
+    except KeyboardInterrupt:
+        for ref in pending:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - already finished or gone
+                pass
+        if on_interrupt is not None:
+            on_interrupt(([current] if current is not None else []) + list(pending.values()))
+        raise

@@ -1,0 +1,135 @@
+"""A real Ray cluster on loopback for tests: a head and a worker node, token auth on.
+
+Each cluster has its own temp dir, ports and token, and :func:`loopback` stops exactly the
+processes it started (never ``ray stop``, which would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _node_args(temp_dir: Path) -> tuple[list[str], int]:
+    """Ports for one node (none left to Ray's fixed defaults, so parallel clusters on this
+    machine do not collide); returns the args and the node manager port."""
+    nm, om, agent, agent_grpc, metrics, rt_env = _free_ports(6)
+    lo = random.Random(str(temp_dir)).randrange(30000, 39000, 100)
+    return [
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={rt_env}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 99}",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+    ], nm
+
+
+def _ours(root: Path) -> list:
+    """Every process whose command line names our temp root (both nodes' processes)."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(str(root) in part for part in (p.info["cmdline"] or [])):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def _raylet(node_manager_port: int):
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("raylet") and f"--node_manager_port={node_manager_port}" in cmd:
+            return p
+    return None
+
+
+def _kill_tree(proc) -> None:
+    try:
+        procs = proc.children(recursive=True) + [proc]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+
+@contextmanager
+def loopback(dashboard: bool = False):
+    """Start a head node (with the dashboard and job server when ``dashboard``) and one
+    worker node; yields address, env (with the token), root, worker_nm, dashboard_url."""
+    root = Path(tempfile.mkdtemp(prefix="rgt", dir="/tmp"))  # short: Ray's socket paths
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=uuid.uuid4().hex,  # this cluster's own token, not ~/.ray/auth_token
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        # notice a dead node within seconds, not the default ~30 s
+        RAY_health_check_period_ms="1000",
+        RAY_health_check_timeout_ms="1000",
+        RAY_health_check_failure_threshold="3",
+    )
+    gcs_port, client_port, dash_port = _free_ports(3)
+    head_args, _ = _node_args(root / "head")
+    worker_args, worker_nm = _node_args(root / "worker")
+    address = f"127.0.0.1:{gcs_port}"
+    dash = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
+            if dashboard else ["--include-dashboard=false"])
+    try:
+        subprocess.run(
+            [RAY, "start", "--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
+             *dash, *head_args],
+            env=env, check=True, capture_output=True, timeout=180,
+        )
+        subprocess.run(
+            [RAY, "start", f"--address={address}", *worker_args],
+            env=env, check=True, capture_output=True, timeout=180,
+        )
+        yield {"address": address, "env": env, "root": root, "worker_nm": worker_nm,
+               "dashboard_url": f"http://127.0.0.1:{dash_port}" if dashboard else None}
+    finally:
+        procs = _ours(root)
+        raylet = _raylet(worker_nm)
+        if raylet is not None:
+            procs.append(raylet)
+        for p in procs:
+            _kill_tree(p)
+        shutil.rmtree(root, ignore_errors=True)
