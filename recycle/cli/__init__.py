@@ -96,6 +96,11 @@ def _quiet_libraries() -> None:
 def _register() -> None:
     # Each room adds its commands to ``app`` when imported.
     from recycle.cli import experts  # noqa: F401
+    from recycle.cli import tasks  # noqa: F401
+    from recycle.cli import gates  # noqa: F401
+    from recycle.cli import compose  # noqa: F401
+    from recycle.cli import evaluate  # noqa: F401
+    from recycle.cli import run  # noqa: F401
 
 
 _register()

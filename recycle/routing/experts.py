@@ -1,0 +1,133 @@
+"""Reading LoRA experts from PEFT adapter folders, without PEFT in the loop.
+
+An adapter folder is what ``PeftModel.save_pretrained`` writes: ``adapter_config.json``
+and ``adapter_model.safetensors``. Weights are read with ``safetensors`` only (never
+pickle). For every adapted module we keep ``A`` (r x d_in), ``B`` (d_out x r) and the
+scaling ``s`` PEFT would use there: ``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA,
+``r`` and ``alpha`` resolved through ``rank_pattern`` / ``alpha_pattern`` exactly as
+PEFT resolves them.
+
+Module paths are relative to the base model PEFT wrapped (for a causal LM:
+``model.layers.0.self_attn.q_proj``), i.e. the key minus ``base_model.model.`` and
+minus ``.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from recycle.errors import RecycleError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+# <module path>.lora_A.weight, or <module path>.lora_A.<adapter name>.weight
+_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class ExpertModule:
+    """One expert's LoRA factors at one module: ``Δ(x) = scaling · B A x``."""
+
+    A: torch.Tensor  # (r, d_in)
+    B: torch.Tensor  # (d_out, r)
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ``s · B A`` (d_out x d_in), in float32."""
+        return self.scaling * (self.B.float() @ self.A.float())
+
+
+@dataclass
+class LoraExpert:
+    """A LoRA adapter read from disk: its name, folder, config and factors per module."""
+
+    name: str
+    path: Path
+    config: dict
+    modules: dict[str, ExpertModule] = field(default_factory=dict)
+
+
+def _pattern_key(pattern_keys, key: str) -> str:
+    # Same rule as peft.utils.other.get_pattern_key (first pattern that matches a suffix).
+    for pattern in pattern_keys:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return key
+
+
+def lora_scaling(config: dict, module_path: str) -> float:
+    """PEFT's scaling for ``module_path`` under an adapter ``config`` (a loaded adapter_config)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(_pattern_key(rank_pattern.keys(), module_path), config["r"])
+    alpha = alpha_pattern.get(_pattern_key(alpha_pattern.keys(), module_path), config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def load_expert(path: str | Path, name: str | None = None) -> LoraExpert:
+    """Read one PEFT LoRA adapter folder into a :class:`LoraExpert`.
+
+    Raises :class:`RecycleError` for a missing folder/file, a non-LoRA adapter, DoRA,
+    or LoRA on embeddings (only linear targets are routed).
+    """
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise RecycleError(f"{path} is not a PEFT adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise RecycleError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise RecycleError(f"{path}: DoRA adapters cannot be routed")
+    if config.get("fan_in_fan_out"):
+        raise RecycleError(f"{path}: fan_in_fan_out (Conv1D) targets are not supported")
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(weights_file)).items():
+        if key.startswith(_PEFT_PREFIX):
+            key = key[len(_PEFT_PREFIX) :]
+        match = _KEY.match(key)
+        if match is None:
+            raise RecycleError(f"{path}: unsupported tensor {key!r} (only lora_A/lora_B on linear layers)")
+        factors.setdefault(match["path"], {})[match["which"]] = tensor
+    modules = {}
+    for module_path, ab in sorted(factors.items()):
+        if set(ab) != {"A", "B"}:
+            raise RecycleError(f"{path}: {module_path} has lora_{next(iter(ab))} only")
+        modules[module_path] = ExpertModule(ab["A"], ab["B"], lora_scaling(config, module_path))
+    if not modules:
+        raise RecycleError(f"{path}: adapter has no LoRA weights")
+    return LoraExpert(name=name or path.name, path=path, config=config, modules=modules)
+
+
+def load_experts(expert_dirs: dict[str, str | Path]) -> list[LoraExpert]:
+    """Load several adapters, keeping the order of ``expert_dirs`` (name -> folder)."""
+    return [load_expert(folder, name) for name, folder in expert_dirs.items()]
+
+
+def load_vectors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a gates / prototypes file: safetensors dict ``module path -> vector [d_in]``.
+
+    Keys may carry PEFT's ``base_model.model.`` prefix; it is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecycleError(f"no gate/prototype file at {path}")
+    out = {}
+    for key, tensor in load_file(str(path)).items():
+        if key.startswith(_PEFT_PREFIX):
+            key = key[len(_PEFT_PREFIX) :]
+        out[key] = tensor.reshape(-1)
+    return out

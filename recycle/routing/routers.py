@@ -1,0 +1,197 @@
+"""Routers: who handles each token at one routed module.
+
+Every router has the same two-method interface, used by :class:`RoutedLoraLinear`:
+
+- ``prepare(layer)``: called once when the layer is installed; precomputes what the router
+  needs at that module (e.g. standardised gate vectors) and stores it on the layer.
+- ``route(layer, x) -> (idx, weight)``: ``x`` is the module input as the model passed it
+  (``[..., d_in]``); returns ``idx`` ``[tokens, k]`` (long, indices into ``layer.expert_names``,
+  ``-1`` = no expert, only from routers with ``may_skip = True``) and ``weight``
+  ``[tokens, k]``, tokens being ``x`` flattened.
+
+Token routers score every expert present at the module, keep the top-k and weight them
+(``weighting="softmax"``: softmax over the kept scores / temperature; ``"sigmoid"``:
+``sigmoid(score / temperature)`` per kept expert, non-competitive, not renormalised, SPEC §4).
+Example routers (retrieval, oracle, single) give every token of an example the one expert
+chosen for that example, with weight 1.
+
+The merged methods (``uniform``, ``base``) need no router: see :mod:`recycle.routing.engine`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from recycle.errors import RecycleError
+
+WEIGHTINGS = ("softmax", "sigmoid")
+
+
+def select_top_k(
+    scores: torch.Tensor, top_k: int, weighting: str = "softmax", temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``scores`` [tokens, n] and their mixture weights (see module docstring)."""
+    k = min(top_k, scores.shape[-1])
+    top, idx = torch.topk(scores, k, dim=-1)
+    if temperature != 1.0:
+        top = top / temperature
+    if weighting == "softmax":
+        weight = torch.softmax(top, dim=-1)
+    elif weighting == "sigmoid":
+        weight = torch.sigmoid(top)
+    else:
+        raise RecycleError(f"unknown weighting {weighting!r} (choose from {', '.join(WEIGHTINGS)})")
+    return idx, weight
+
+
+def _check_settings(top_k: int, weighting: str, temperature: float) -> None:
+    if top_k < 1:
+        raise RecycleError(f"top_k must be at least 1, got {top_k}")
+    if weighting not in WEIGHTINGS:
+        raise RecycleError(f"unknown weighting {weighting!r} (choose from {', '.join(WEIGHTINGS)})")
+    if not temperature > 0:
+        raise RecycleError(f"temperature must be positive, got {temperature}")
+
+
+class GateRouter:
+    """PHATGOOSE routing (SPEC §1): ``score_i = LN(x) · LN(v_i) / sqrt(d)``, top-k, weighting.
+
+    ``vectors`` maps expert name -> {module path -> v_i [d_in]}; LN is LayerNorm without
+    affine parameters. Every expert present at a routed module needs a vector there.
+    """
+
+    name = "phatgoose"
+
+    def __init__(
+        self,
+        vectors: dict[str, dict[str, torch.Tensor]],
+        top_k: int = 2,
+        weighting: str = "softmax",
+        temperature: float = 1.0,
+    ):
+        _check_settings(top_k, weighting, temperature)
+        self.vectors, self.top_k, self.weighting, self.temperature = vectors, top_k, weighting, temperature
+
+    def prepare(self, layer) -> None:
+        missing = [n for n in layer.expert_names if layer.path not in self.vectors.get(n, {})]
+        if missing:
+            raise RecycleError(f"{self.name}: no router vector at {layer.path} for {', '.join(missing)}")
+        v = torch.stack([self.vectors[n][layer.path].float().reshape(-1) for n in layer.expert_names])
+        if v.shape[1] != layer.in_features:
+            raise RecycleError(f"{self.name}: vectors at {layer.path} have size {v.shape[1]}, need {layer.in_features}")
+        keys = F.layer_norm(v, (v.shape[1],)) / math.sqrt(v.shape[1])
+        layer.register_buffer("router_keys", keys.to(layer.weight.device, layer.weight.dtype), persistent=False)
+
+    def route(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.reshape(-1, x.shape[-1]).to(layer.router_keys.dtype)
+        scores = F.layer_norm(x, (x.shape[-1],)) @ layer.router_keys.T
+        return select_top_k(scores, self.top_k, self.weighting, self.temperature)
+
+
+class AvgActivationRouter(GateRouter):
+    """Average-activation routing: router vector = mean module input over the expert's own
+    data (:func:`recycle.routing.compute_prototypes`), then routed exactly as PHATGOOSE."""
+
+    name = "avg-activation"
+
+
+class ArrowRouter:
+    """Arrow (Ostapenko et al., 2024), mirroring PEFT's ``ArrowLoraLinearLayer`` (peft 0.21).
+
+    Router vector of expert i = top right-singular vector of ``B_i A_i``, found as PEFT does:
+    ``iters`` steps of power iteration on ``Aᵀ(BᵀB)A`` in float32, from ``randn(d_in)`` drawn
+    from a ``torch.Generator`` seeded with ``seed`` (the same start for every expert; PEFT's
+    ``rng_seed``; ``seed=None`` uses the global RNG as PEFT does). Score ``|x · v_i|`` (sign
+    invariant), on the raw input: no LayerNorm, no rank or norm normalisation, scaling ignored
+    by the router. Top-k on the raw scores, then ``softmax(top / T)``. Differences from SPEC
+    text: none in the formula; the singular vector is PEFT's approximate power iteration,
+    not an exact SVD, so choices match PEFT's given the same seed. Unlike PEFT (which needs
+    equal ranks and target modules for all experts, and computes all N experts per token),
+    experts here may differ in rank and coverage, and only the top-k are computed. PEFT's
+    GenKnowSub (``use_gks``) is not implemented.
+    """
+
+    name = "arrow"
+
+    def __init__(
+        self,
+        top_k: int = 3,
+        weighting: str = "softmax",
+        temperature: float = 1.0,
+        seed: int | None = 0,
+        iters: int = 15,
+    ):
+        _check_settings(top_k, weighting, temperature)
+        self.top_k, self.weighting, self.temperature = top_k, weighting, temperature
+        self.seed, self.iters = seed, iters
+
+    def _top_right_singular(self, A: torch.Tensor, B: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        A32, B32 = A.float(), B.float()
+        C = B32.T @ B32
+        gen = None
+        if self.seed is not None:
+            gen = torch.Generator(device=A32.device.type)
+            gen.manual_seed(int(self.seed))
+        v = torch.randn(A32.size(1), dtype=A32.dtype, device=A32.device, generator=gen)
+        v = v / (v.norm() + eps)
+        for _ in range(self.iters):
+            w = A32.T @ (C @ (A32 @ v))
+            v = w / (w.norm() + eps)
+        return v
+
+    def prepare(self, layer) -> None:
+        protos = [self._top_right_singular(A, B) for A, B in layer.factors(unscaled=True)]
+        keys = torch.stack(protos).to(layer.weight.device, layer.weight.dtype)
+        layer.register_buffer("router_keys", keys, persistent=False)
+
+    def route(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.reshape(-1, x.shape[-1]).to(layer.router_keys.dtype)
+        scores = torch.abs(x @ layer.router_keys.T)
+        return select_top_k(scores, self.top_k, self.weighting, self.temperature)
+
+
+class ExampleRouter:
+    """One expert per example, weight 1, for every token of that example (k = 1).
+
+    Used by ``retrieval`` (expert chosen from the example's text), ``oracle`` (the expert of
+    the example's task) and ``single`` (``fixed`` set: the same expert for everything).
+    Call :meth:`assign` with one global expert index per example before the forward pass;
+    the batch is the first dimension of the module input (a batch that is a multiple of the
+    assignment, as in beam search, repeats each example's expert). An example whose expert
+    does not adapt a module gets no delta there.
+    """
+
+    top_k = 1
+    may_skip = True  # may return -1 (expert absent at a module)
+
+    def __init__(self, name: str, fixed: int | None = None):
+        self.name, self.fixed = name, fixed
+        self.assignment: torch.Tensor | None = None
+
+    def assign(self, expert_ids: Sequence[int] | torch.Tensor | None) -> None:
+        self.assignment = None if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).reshape(-1)
+
+    def prepare(self, layer) -> None:
+        pass
+
+    def route(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lead = x.shape[:-1]
+        tokens = math.prod(lead)
+        local = layer.local_index.to(x.device)
+        if self.fixed is not None:
+            idx = local[self.fixed].expand(tokens, 1)
+        else:
+            if self.assignment is None:
+                raise RecycleError(f"{self.name} routing needs an expert per example: call set_examples() first")
+            ids = self.assignment.to(x.device)
+            batch = lead[0] if len(lead) > 1 else tokens
+            if batch % ids.numel():
+                raise RecycleError(f"{self.name}: batch of {batch} does not match {ids.numel()} assigned examples")
+            ids = ids.repeat_interleave(batch // ids.numel())
+            idx = local[ids].repeat_interleave(tokens // batch).unsqueeze(1)
+        weight = (idx >= 0).to(x.dtype)
+        return idx, weight

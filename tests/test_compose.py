@@ -1,0 +1,205 @@
+"""compose and predict through the CLI, on a tiny Llama, real PEFT adapters and real gates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from recycle.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def ok(*args):
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def one_line_error(r, code=2):
+    assert r.exit_code == code, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    return lines[0]
+
+
+TASKS = {
+    "t_alpha": ("Alpha: {text}\nAnswer:", [" a", " b"]),
+    "t_beta": ("Beta: {text}\nPick one:", [" c", " d e"]),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, make_adapter):
+    """Two user tasks over local JSONL, one adapter per task (plain PEFT)."""
+    root = tmp_path_factory.mktemp("world")
+    specs = {}
+    for i, (name, (template, choices)) in enumerate(TASKS.items()):
+        data = root / f"{name}.jsonl"
+        with data.open("w") as f:
+            for j in range(60):
+                f.write(json.dumps({"text": f"{name} item {j} {'x' * (j % 7)}", "label": j % 2}) + "\n")
+        spec = root / f"{name}.toml"
+        spec.write_text(
+            f'name = "{name}"\ntemplate = {json.dumps(template)}\nchoices = {json.dumps(choices)}\n'
+            f'label_field = "label"\n\n[source]\nbuilder = "json"\ndata_files = "{data.name}"\n'
+        )
+        specs[name] = spec
+    adapters = {
+        "ea": make_adapter(root / "ea", r=4, seed=11, targets=("q_proj", "v_proj", "up_proj")),
+        "eb": make_adapter(root / "eb", r=8, seed=12, targets=("q_proj", "v_proj", "down_proj")),
+    }
+    return {"root": root, "specs": specs, "adapters": adapters}
+
+
+@pytest.fixture
+def registered(world):
+    for spec in world["specs"].values():
+        ok("add-task", spec)
+    ok("add-expert", world["adapters"]["ea"], "--task", "t_alpha", "--base", "tiny-llama")
+    ok("add-expert", world["adapters"]["eb"], "--task", "t_beta", "--base", "tiny-llama")
+    return world
+
+
+def train_real_gates(names, steps=3):
+    """Real gate training (recycle.gates) on each expert's own train split, recorded as the
+    train-gates driver records it."""
+    from recycle.data import load_examples
+    from recycle.gates import GateJob, GateSettings, gates_path, record_gates_row, run_gate_job
+    from recycle.registry import Registry
+
+    reg = Registry()
+    settings = GateSettings(steps=steps, batch_size=4, max_length=64)
+    for n in names:
+        e = reg.expert(n)
+        out = gates_path(reg.artifacts_dir, n, settings.hash, e["sha256"])
+        job = GateJob(n, e["base_model"], e["path"], e["sha256"], load_examples(reg, e["task"], "train"),
+                      settings.__dict__.copy(), str(out))
+        record_gates_row(reg, e, settings, run_gate_job(job))
+
+
+def test_phatgoose_without_gates_is_refused_naming_the_experts(registered):
+    err = one_line_error(cli("compose", "pg", "--method", "phatgoose", "--all"))
+    assert "ea" in err and "eb" in err and "train-gates" in err
+    train_real_gates(["ea"])
+    err = one_line_error(cli("compose", "pg", "--method", "phatgoose", "--all"))
+    assert err.endswith(": eb")
+    train_real_gates(["eb"])
+    ok("compose", "pg", "--method", "phatgoose", "--all", "--top-k", "1")
+    row = json.loads(ok("compose", "show", "pg", "--json").stdout)
+    assert row["method"] == "phatgoose" and row["settings"]["top_k"] == 1
+    assert sorted(m["name"] for m in row["members"]) == ["ea", "eb"]
+
+
+def test_compose_list_show_remove_replace(registered):
+    ok("compose", "u", "--method", "uniform", "--experts", "ea,eb")
+    one_line_error(cli("compose", "u", "--method", "uniform", "--all"))
+    ok("compose", "u", "--method", "arrow", "--all", "--replace", "--top-k", "1")
+    rows = json.loads(ok("compose", "list", "--json").stdout)
+    assert [(r["name"], r["method"]) for r in rows] == [("u", "arrow")]
+    assert "arrow" in ok("compose", "list").stdout
+    ok("compose", "remove", "u")
+    assert json.loads(ok("compose", "list", "--json").stdout) == []
+    one_line_error(cli("compose", "show", "u"))
+
+
+def test_bad_compose_settings(registered):
+    assert "unknown method" in one_line_error(cli("compose", "x", "--method", "magic", "--all"))
+    assert "--top-k" in one_line_error(cli("compose", "x", "--method", "arrow", "--all", "--top-k", "0"))
+    assert "weighting" in one_line_error(cli("compose", "x", "--method", "arrow", "--all", "--weighting", "max"))
+    assert "no expert named" in one_line_error(cli("compose", "x", "--method", "uniform", "--experts", "ea,zz"))
+
+
+def test_task_methods_need_registered_tasks(registered, world, make_adapter):
+    orphan = make_adapter(world["root"] / "orphan", seed=13)
+    ok("add-expert", orphan, "--base", "tiny-llama")
+    err = one_line_error(cli("compose", "aa", "--method", "avg-activation", "--all"))
+    assert err.endswith(": orphan")
+
+
+def test_predict_single_equals_peft_model(registered, tiny_base):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recycle.data import Example
+    from recycle.scoring import score_choices
+
+    ok("compose", "only_a", "--method", "single ea")
+    r = ok("predict", "only_a", "--prompt", "Alpha: thing\nAnswer:", "--choices", " a, b")
+    (out,) = [json.loads(line) for line in r.stdout.splitlines()]
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), registered["adapters"]["ea"]).eval()
+    (want,) = score_choices(peft_model, tok, [Example("Alpha: thing\nAnswer:", [" a", " b"], " a", 0, "")])
+    assert list(out["scores"].values()) == pytest.approx(want, abs=1e-5)
+    assert out["answer"] == [" a", " b"][int(torch.tensor(want).argmax())]
+
+
+def test_predict_phatgoose_jsonl_with_explain(registered, tmp_path):
+    train_real_gates(["ea", "eb"])
+    ok("compose", "pg", "--method", "phatgoose", "--all", "--top-k", "1")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        json.dumps({"id": 1, "prompt": "Alpha: one\nAnswer:", "choices": [" a", " b"]}) + "\n"
+        + json.dumps({"id": 2, "prompt": "Beta: two\nPick one:", "choices": [" c", " d e"]}) + "\n"
+    )
+    out_file = tmp_path / "out.jsonl"
+    ok("predict", "pg", "--input", inp, "--explain", "--output", out_file)
+    lines = [json.loads(x) for x in out_file.read_text().splitlines()]
+    assert [x["id"] for x in lines] == [1, 2]
+    for line in lines:
+        assert line["answer"] in line["scores"]
+        assert line["experts"], "explain lists the experts used per routed module"
+        for used in line["experts"].values():
+            assert set(used) <= {"ea", "eb"} and len(used) >= 1
+
+
+def test_predict_oracle_uses_the_task_expert(registered, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        json.dumps({"prompt": "Beta: q\nPick one:", "choices": [" c", " d e"], "task": "t_beta"}) + "\n"
+        + json.dumps({"prompt": "Alpha: q\nAnswer:", "choices": [" a", " b"], "task": "t_alpha"}) + "\n"
+    )
+    r = ok("predict", "oracle", "--input", inp)
+    assert [json.loads(x)["expert"] for x in r.stdout.splitlines()] == ["eb", "ea"]
+    inp.write_text(json.dumps({"prompt": "x", "choices": [" a", " b"], "task": "nope"}) + "\n")
+    assert "no expert for task" in one_line_error(cli("predict", "oracle", "--input", inp))
+
+
+def test_predict_retrieval_picks_the_nearest_task(registered):
+    r = ok("predict", "retrieval", "--prompt", "t_beta item 3 xxx", "--choices", " c, d e")
+    assert json.loads(r.stdout)["expert"] == "eb"
+
+
+def test_predict_generation(registered):
+    ok("compose", "u", "--method", "uniform", "--all")
+    r = ok("predict", "u", "--prompt", "Hello", "--max-new-tokens", "3")
+    assert isinstance(json.loads(r.stdout)["answer"], str)
+
+
+def test_predict_bad_input(registered, tmp_path):
+    ok("compose", "u", "--method", "uniform", "--all")
+    assert "exactly one" in one_line_error(cli("predict", "u"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\nnot json\n')
+    assert "bad.jsonl:2: not JSON" in one_line_error(cli("predict", "u", "--input", bad))
+    assert "no composition named" in one_line_error(cli("predict", "zz", "--prompt", "x"))
+
+
+def test_changed_member_is_refused(registered, world, tmp_path):
+    ok("compose", "u", "--method", "uniform", "--all")
+    from recycle.registry import Registry
+
+    reg = Registry()
+    with reg.transaction() as db:
+        db.execute("update experts set sha256 = 'f' || substr(sha256, 2) where name = 'ea'")
+    assert "changed since it was composed" in one_line_error(cli("predict", "u", "--prompt", "x", "--choices", "a,b"))

@@ -1,0 +1,345 @@
+"""Routed inference against its peers: PEFT's PeftModel, PEFT's Arrow, explicit formulas.
+
+Tiny in-file models (Llama, T5) from config, adapters written by plain PEFT."""
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+from recycle.errors import RecycleError
+from recycle.routing import (
+    ExpertModule,
+    GateRouter,
+    RetrievalIndex,
+    RoutedLoraLinear,
+    SentenceEmbedder,
+    build_routed_model,
+    compute_prototypes,
+    load_expert,
+    save_vectors,
+)
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_t5():
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config).eval()
+
+
+def write_adapter(base, folder, seed, **lora):
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora))
+    peft_model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def adapters(llama, tmp_path_factory):
+    """a, b, c: same rank and targets (Arrow needs that); d: rsLoRA, rank/alpha patterns and
+    only some modules; e: another rank on a subset."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {name: write_adapter(llama, root / name, i, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+           for i, name in enumerate("abc")}  # fmt: skip
+    out["d"] = write_adapter(
+        llama, root / "d", 10, r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+    )  # fmt: skip
+    out["e"] = write_adapter(
+        llama, root / "e", 11, r=6, lora_alpha=3, target_modules=["q_proj", "v_proj", "up_proj"],
+        alpha_pattern={"v_proj": 12}, rank_pattern={"up_proj": 3},
+    )  # fmt: skip
+    return out
+
+
+def random_gates(model, adapters, names, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gates = {}
+    for n in names:
+        e = load_expert(adapters[n], n)
+        gates[n] = {p: torch.randn(model.get_submodule(p).in_features, generator=g) for p in e.modules}
+    return gates
+
+
+def inputs(batch=2, seq=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def logits(model, batch):
+    return model(**batch).logits
+
+
+@torch.no_grad()
+def peft_logits(base, folder, batch):
+    return PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()(**batch).logits
+
+
+def test_scaling_matches_peft(llama, adapters):
+    for name in "de":
+        ours = load_expert(adapters[name])
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(llama), adapters[name])
+        for path, m in ours.modules.items():
+            layer = peft_model.base_model.model.get_submodule(path)
+            assert m.scaling == pytest.approx(layer.scaling["default"])
+            assert torch.equal(m.A, layer.lora_A["default"].weight)
+            assert m.rank == layer.r["default"]
+    d = load_expert(adapters["d"])
+    assert d.modules["model.layers.1.self_attn.q_proj"].rank == 2
+    assert d.modules["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(16 / math.sqrt(8))
+    assert "model.layers.0.self_attn.k_proj" not in d.modules
+
+
+@pytest.mark.parametrize("name", ["a", "d"])
+def test_one_expert_equals_peft(llama, adapters, name):
+    batch = inputs()
+    expected = peft_logits(llama, adapters[name], batch)
+    assert not torch.allclose(expected, logits(llama, batch), atol=1e-3)
+    with build_routed_model(llama, adapters, f"single {name}"):
+        torch.testing.assert_close(logits(llama, batch), expected, atol=1e-5, rtol=1e-5)
+    gates = random_gates(llama, adapters, [name])
+    with build_routed_model(llama, {name: adapters[name]}, "phatgoose", top_k=1, gates=gates):
+        torch.testing.assert_close(logits(llama, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_arrow_matches_peft(llama, adapters):
+    names = ["a", "b", "c"]
+    batch = inputs(batch=3, seq=9)
+    peft_arrow = create_arrow_model(
+        copy.deepcopy(llama), [adapters[n] for n in names], ArrowConfig(top_k=2, router_temperature=0.7, rng_seed=3)
+    ).eval()
+    probe = "model.layers.1.mlp.down_proj"
+    peft_layer = peft_arrow.base_model.model.get_submodule(probe)
+    seen = {}
+    peft_layer.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    with torch.no_grad():
+        expected = peft_arrow(**batch).logits
+    protos = peft_layer.lora_arrow["arrow_router"].prototypes
+    peft_choice = torch.topk(torch.abs(seen["x"].reshape(-1, protos.shape[1]) @ protos.T), 2, dim=1).indices
+
+    handle = build_routed_model(llama, {n: adapters[n] for n in names}, "arrow", top_k=2, temperature=0.7, arrow_seed=3)
+    with handle.record() as rec:
+        got = logits(llama, batch)
+    torch.testing.assert_close(handle.layers[probe].router_keys, protos)
+    assert torch.equal(rec.calls[probe][0].idx.sort(1).values, peft_choice.sort(1).values)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    handle.remove()
+
+
+def test_uniform_is_mean_of_products(llama, adapters):
+    names = ["a", "b", "d"]
+    experts = [load_expert(adapters[n]) for n in names]
+    explicit, cross = copy.deepcopy(llama), copy.deepcopy(llama)
+    with torch.no_grad():
+        for path in {p for e in experts for p in e.modules}:
+            mods = [e.modules[path] for e in experts if path in e.modules]
+            explicit.get_submodule(path).weight += sum(m.delta_weight() for m in mods) / len(experts)
+        for path in experts[0].modules:  # a and b only: same rank and scaling everywhere
+            a, b = experts[0].modules[path], experts[1].modules[path]
+            cross.get_submodule(path).weight += a.scaling * ((a.B + b.B) / 2) @ ((a.A + b.A) / 2)
+    batch = inputs()
+    with build_routed_model(llama, {n: adapters[n] for n in names}, "uniform"):
+        got = logits(llama, batch)
+    torch.testing.assert_close(got, logits(explicit, batch), atol=1e-5, rtol=1e-5)
+    with build_routed_model(llama, {n: adapters[n] for n in "ab"}, "uniform"):
+        got_ab = logits(llama, batch)
+    assert not torch.allclose(got_ab, logits(cross, batch), atol=1e-4)
+
+
+def make_layer(n, present, seed):
+    """A routed layer with ``n`` experts of varied ranks/scalings, of which ``present`` adapt it."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.Linear(24, 40)
+    experts = []
+    for i in present:
+        r = 1 + (i * 3) % 7
+        m = ExpertModule(torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g), 2.0 / math.sqrt(r))
+        experts.append((i, f"e{i}", m))
+    gates = {f"e{i}": {"lin": torch.randn(24, generator=g)} for i in range(n)}
+    return base, experts, gates
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
+def test_sparse_dispatch_equals_dense(n, k, weighting):
+    present = [i for i in range(n) if n == 1 or i % 3 != 1]  # some experts absent here
+    base, experts, gates = make_layer(n, present, seed=n * 10 + k)
+    layer = RoutedLoraLinear(base, "lin", experts, n, GateRouter(gates, k, weighting))
+    x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(k))
+    idx, w = layer.router.route(layer, x)
+    assert idx.shape == (33, min(k, len(present)))
+    x2d = x.reshape(-1, 24)
+    explicit = torch.zeros(33, 40)
+    for t in range(33):
+        for j, p in zip(idx[t].tolist(), w[t].tolist()):
+            m = experts[j][2]
+            explicit[t] += p * m.scaling * (m.B @ (m.A @ x2d[t]))
+    torch.testing.assert_close(layer.dense_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
+    for cost in (0.0, 2e5, math.inf):  # grouped loop, automatic, padded bmm
+        layer.loop_step_macs = cost
+        torch.testing.assert_close(layer.sparse_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base(x) + explicit.view(3, 11, 40), atol=1e-4, rtol=1e-4)
+    # -1 entries (expert absent) are skipped
+    idx2 = idx.clone()
+    idx2[::2, 0] = -1
+    layer.router.may_skip = True
+    torch.testing.assert_close(layer.sparse_delta(x2d, idx2, w), layer.dense_delta(x2d, idx2, w), atol=1e-4, rtol=1e-4)
+
+
+def test_install_remove_restores_llama(llama, adapters):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    originals = {n: m for n, m in llama.named_modules()}
+    batch = inputs()
+    ref = logits(llama, batch)
+    names = ["a", "b", "c", "d", "e"]
+    handle = build_routed_model(llama, {n: adapters[n] for n in names}, "phatgoose", top_k=2,
+                                gates=random_gates(llama, adapters, names))  # fmt: skip
+    assert not torch.allclose(logits(llama, batch), ref, atol=1e-3)
+    q = handle.layers["model.layers.1.self_attn.q_proj"]
+    assert q.expert_names == names and handle.layers["model.layers.0.self_attn.k_proj"].expert_names == ["a", "b", "c"]
+    handle.remove()
+    after = llama.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m is originals[n] for n, m in llama.named_modules())
+    assert all(p.requires_grad for p in llama.parameters())
+    assert torch.equal(logits(llama, batch), ref)
+
+
+def test_t5(tmp_path):
+    t5 = tiny_t5()
+    folders = {n: write_adapter(t5, tmp_path / n, i, r=4, lora_alpha=8, target_modules=T5_TARGETS)
+               for i, n in enumerate("ab")}  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 128, (2, 6), generator=g),
+        "attention_mask": torch.ones(2, 6, dtype=torch.long),
+        "decoder_input_ids": torch.randint(0, 128, (2, 4), generator=g),
+    }
+    before = {k: v.clone() for k, v in t5.state_dict().items()}
+    ref = logits(t5, batch)
+    expected = peft_logits(t5, folders["a"], batch)
+    with build_routed_model(t5, folders, "single a"):
+        torch.testing.assert_close(logits(t5, batch), expected, atol=1e-5, rtol=1e-5)
+    gates = random_gates(t5, folders, ["a", "b"])
+    with build_routed_model(t5, folders, "phatgoose", top_k=1, gates=gates) as handle:
+        with handle.record() as rec:
+            routed = logits(t5, batch)
+    assert not torch.allclose(routed, ref, atol=1e-4)
+    assert {p.split(".")[0] for p in rec.calls} == {"encoder", "decoder"}
+    assert all(torch.equal(before[k], v) for k, v in t5.state_dict().items())
+    assert torch.equal(logits(t5, batch), ref)
+
+
+def test_gates_from_files_and_stats(llama, adapters, tmp_path):
+    names = ["a", "b", "c", "d"]
+    gate_files = {}
+    for n, vectors in random_gates(llama, adapters, names, seed=5).items():
+        save_vectors(tmp_path / f"{n}.safetensors", vectors)
+        gate_files[n] = tmp_path / f"{n}.safetensors"
+    batch = inputs(batch=2, seq=6)
+    batch["attention_mask"][1, 4:] = 0
+    handle = build_routed_model(llama, {n: adapters[n] for n in names}, "phatgoose", top_k=2, gates=gate_files)
+    with handle.record() as rec:
+        logits(llama, batch)
+    handle.remove()
+    stats = rec.stats(batch["attention_mask"])
+    for path, s in stats.items():
+        assert s["tokens"] == 10
+        assert sum(s["load"].values()) == pytest.approx(2.0)  # every token uses k = 2 experts
+        assert 0 <= s["entropy"] <= s["max_entropy"] + 1e-6 and 0 <= s["token_entropy"] <= math.log(2) + 1e-6
+    assert all(s["tokens"] == 12 for s in rec.stats().values())
+    explained = rec.explain(example=1, attention_mask=batch["attention_mask"])
+    assert set(explained) == set(stats)
+    for path, used in explained.items():
+        assert set(used) <= set(rec.expert_names[path]) and sum(used.values()) == pytest.approx(2.0)
+    with build_routed_model(llama, {n: adapters[n] for n in names}, "phatgoose", top_k=2, gates=gate_files) as h:
+        one = {k: v[1:] for k, v in batch.items()}
+        single = h.explain(one)
+        assert set(single) == set(explained) and all(sum(v.values()) == pytest.approx(2.0) for v in single.values())
+    with pytest.raises(RecycleError, match="gates for experts: e"):
+        build_routed_model(llama, {n: adapters[n] for n in "ae"}, "phatgoose", gates={"a": gate_files["a"]})
+
+
+def test_oracle_and_retrieval(llama, adapters):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from recycle.routing import default_embedder_path
+
+    batch = inputs(batch=2)
+    one = {k: v[:1] for k, v in batch.items()}
+    two = {k: v[1:] for k, v in batch.items()}
+    with build_routed_model(llama, {n: adapters[n] for n in "ad"}, "single a"):
+        exp_a = logits(llama, one)
+    with build_routed_model(llama, {n: adapters[n] for n in "ad"}, "single d"):
+        exp_d = logits(llama, two)
+    with build_routed_model(llama, {n: adapters[n] for n in "ad"}, "oracle") as handle:
+        handle.set_examples(experts=["a", "d"])
+        got = logits(llama, batch)
+        handle.set_examples(experts=[None, "d"])  # an example without an expert: base model
+        with handle.record() as rec:
+            mixed = logits(llama, batch)
+    torch.testing.assert_close(got, torch.cat([exp_a, exp_d]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed, torch.cat([logits(llama, one), exp_d]), atol=1e-5, rtol=1e-5)
+    for path, s in rec.stats().items():
+        assert s["load"] == ({"a": 0.0, "d": 0.5} if "d" in s["load"] else {"a": 0.0})
+
+    torch.manual_seed(0)
+    tokenizer = BertTokenizerFast.from_pretrained(default_embedder_path())
+    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    embedder = SentenceEmbedder(bert, tokenizer)
+    e = embedder.encode(["a movie review", "what is the capital of france ?"])
+    assert e.shape == (2, 32) and torch.allclose(e.norm(dim=-1), torch.ones(2))
+    texts = {"a": ["great film, loved it", "terrible acting"], "d": ["who wrote hamlet ?", "how far is the moon ?"]}
+    index = RetrievalIndex.build(embedder, texts)
+    with build_routed_model(llama, {n: adapters[n] for n in "ad"}, "retrieval", embedder=embedder,
+                            retrieval_index=index) as handle:  # fmt: skip
+        assert handle.set_examples(texts=["terrible acting", "how far is the moon ?"]) == ["a", "d"]
+        torch.testing.assert_close(logits(llama, batch), got, atol=1e-5, rtol=1e-5)
+
+
+def test_avg_activation_prototypes(llama, adapters):
+    batches = {"a": [inputs(batch=2, seed=3)], "b": [inputs(batch=1, seed=4)]}
+    batches["a"][0]["attention_mask"][0, 5:] = 0
+    path = "model.layers.0.mlp.down_proj"
+    protos = compute_prototypes(llama, batches, [path, "model.layers.1.self_attn.q_proj"])
+    seen = []
+    h = llama.get_submodule(path).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        llama(**batches["a"][0])
+    h.remove()
+    mask = batches["a"][0]["attention_mask"].bool()
+    torch.testing.assert_close(protos["a"][path], seen[0][mask].mean(0))
+    # route with the prototypes at all of a's and b's modules
+    full = compute_prototypes(llama, batches, sorted(load_expert(adapters["a"]).modules))
+    with build_routed_model(llama, {n: adapters[n] for n in "ab"}, "avg-activation", top_k=1, prototypes=full) as h2:
+        with h2.record() as rec:
+            logits(llama, inputs())
+    assert rec.calls
