@@ -1,0 +1,55 @@
+"""``run`` (a pipeline file) and ``demo`` (the built-in demo pipeline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from recycle.cli import app
+from recycle.cli.common import DbOption, info
+
+AddressOption = Annotated[
+    Optional[str],
+    typer.Option(help="Ray cluster: 'auto' or host:port (default: RAY_ADDRESS, else a local Ray).", show_default=False),
+]
+
+
+@app.command("run")
+def run_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline TOML file (see pipelines/).")],
+    address: AddressOption = None,
+    db: DbOption = None,
+):
+    """Run a pipeline's steps in order (tasks, experts, gates, compositions, evaluations),
+    skipping steps already done, so a crashed or interrupted run resumes.
+
+    Examples:
+
+      recycle run pipelines/demo.toml
+
+      ray job submit --working-dir . -- recycle run pipelines/benchmark.toml
+    """
+    from recycle import pipeline as P
+
+    p = P.load(pipeline)
+    P.Runner(p, db, address, info).run()
+
+
+@app.command("demo")
+def demo_cmd(address: AddressOption = None, db: DbOption = None):
+    """The whole pipeline on real data in one command: SmolLM2-135M, real catalogue tasks,
+    a handful of held-in experts (cached), their gates, and a zero-shot evaluation on
+    held-out tasks (pipelines/demo.toml).
+
+    Example: recycle demo
+    """
+    from recycle import pipeline as P
+
+    p = P.load(P.builtin("demo"))
+    outs = P.Runner(p, db, address, info).run()
+    for o in outs:
+        info(f"results: {o.get('markdown')} and {o.get('json')}")
+        if o.get("plot"):
+            info(f"routing plot: {o['plot']}")

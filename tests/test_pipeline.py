@@ -1,0 +1,150 @@
+"""recycle run: a tiny pipeline end to end, resumability, bad files, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from recycle.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_tiny_pipeline(root: Path, n_test: int = 6) -> Path:
+    """Two held-in tasks with experts, one held-out, over local JSONL; tiny-llama base."""
+    for name, word in (("t_one", "One"), ("t_two", "Two"), ("t_out", "Out")):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for j in range(40):
+                f.write(json.dumps({"text": f"{word} {j} {'z' * (j % 5)}", "label": j % 2}) + "\n")
+        (root / f"{name}.toml").write_text(
+            f'name = "{name}"\ntemplate = "{word}: {{text}}\\nAnswer:"\nchoices = [" yes", " no"]\n'
+            f'label_field = "label"\n[source]\nbuilder = "json"\ndata_files = "{name}.jsonl"\n'
+        )
+    p = root / "tiny.toml"
+    p.write_text(f'''
+name = "tiny"
+base = "tiny-llama"
+
+[tasks]
+specs = ["t_one.toml", "t_two.toml", "t_out.toml"]
+
+[train]
+rank = 4
+steps = 2
+batch_size = 4
+max_length = 48
+
+[[experts]]
+task = "t_one"
+
+[[experts]]
+task = "t_two"
+
+[[experts]]
+multitask = ["t_one", "t_two"]
+name = "mt"
+
+[gates]
+steps = 2
+batch_size = 4
+max_length = 48
+
+[[compositions]]
+name = "pg"
+method = "phatgoose"
+top_k = 1
+
+[[evaluations]]
+methods = ["base", "uniform", "phatgoose", "multitask"]
+compositions = ["pg"]
+tasks = "all"
+n = {n_test}
+output = "{root / 'out' / 'tiny'}"
+''')
+    return p
+
+
+def test_tiny_pipeline_runs_and_resumes(tmp_path):
+    pipe = write_tiny_pipeline(tmp_path)
+    r = runner.invoke(app, ["run", str(pipe)])
+    assert r.exit_code == 0, r.output
+    conn = sqlite3.connect(os.environ["RECYCLE_DB"])
+    assert sorted(x[0] for x in conn.execute("select name from experts")) == ["mt", "t_one", "t_two"]
+    assert conn.execute("select count(*) from gates").fetchone()[0] == 2  # not for the multitask expert
+    labels = {x[0] for x in conn.execute("select label from eval_results")}
+    assert labels == {"base", "uniform", "phatgoose", "multitask", "pg"}
+    out = json.loads((tmp_path / "out" / "tiny.json").read_text())
+    assert out["summary"]["held"] == {"t_one": "in", "t_two": "in", "t_out": "out"}
+    assert "H" in out["summary"]["methods"]["phatgoose"]
+    assert "| method |" in (tmp_path / "out" / "tiny.md").read_text()
+    assert (tmp_path / "out" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    # again: every step is found done (no new experts, gates or computed results)
+    r = runner.invoke(app, ["run", str(pipe)])
+    assert r.exit_code == 0, r.output
+    assert "already registered, skipped" in r.stderr
+    assert "reusing 15 stored result" in r.stderr
+    assert conn.execute("select count(*) from gates").fetchone()[0] == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name = ", "not valid TOML"),
+        ('base = "tiny-llama"', "needs name"),
+        ('name = "x"\nbase = "tiny-llama"\nbogus = 1', "unknown key(s) in [top level]: bogus"),
+        ('name = "x"\nbase = "tiny-llama"\n[[experts]]\nname = "a"', "exactly one of task, multitask or adapter"),
+        ('name = "x"\nbase = "tiny-llama"\n[[evaluations]]\ntasks = "all"', "needs methods or compositions"),
+        ('name = "x"\nbase = "tiny-llama"\n[gates]\nstep = 3', "unknown key(s) in [gates]: step"),
+    ],
+)
+def test_bad_pipeline_file(tmp_path, text, message):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    r = runner.invoke(app, ["run", str(f)])
+    assert r.exit_code == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_pipeline_file(tmp_path):
+    r = runner.invoke(app, ["run", str(tmp_path / "nope.toml")])
+    assert r.exit_code == 2 and "not found" in r.stderr
+
+
+def test_builtin_pipelines_parse():
+    from recycle import pipeline as P
+
+    for name in ("demo", "benchmark"):
+        p = P.load(P.builtin(name))
+        assert p.base == "smollm2-135m" and p.experts and p.evaluations
+
+
+def test_pipeline_through_ray_job_submit(tmp_path, tiny_base, cache_root):
+    """A real 2-node cluster with the job server; the pipeline runs as a Ray job and the
+    registry it names is filled."""
+    from tests.raycluster import loopback
+
+    pipe = write_tiny_pipeline(tmp_path, n_test=4)
+    db = tmp_path / "job-registry.db"
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    with loopback(dashboard=True) as cluster:
+        env = dict(cluster["env"])
+        runtime_env = {"env_vars": {"RECYCLE_CACHE": str(cache_root), "RECYCLE_DB": str(db),
+                                    "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}}
+        cmd = [ray_bin, "job", "submit", "--address", cluster["dashboard_url"], "--working-dir", str(tmp_path),
+               "--runtime-env-json", json.dumps(runtime_env), "--",
+               sys.executable, "-m", "recycle", "run", "tiny.toml"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "pipeline tiny: done" in proc.stdout + proc.stderr
+    conn = sqlite3.connect(db)
+    assert conn.execute("select count(*) from experts").fetchone()[0] == 3
+    assert conn.execute("select count(*) from gates").fetchone()[0] == 2
+    assert conn.execute("select count(distinct label) from eval_results").fetchone()[0] == 5
