@@ -279,8 +279,8 @@ def _exists(registry: Registry, run_id: int) -> bool:
 def summarise(rows: list[dict]) -> dict:
     """Methods x tasks accuracy table plus held-out average and S/U/H."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
     held = {r["task"]: r["held"] for r in rows}
+    tasks = sorted(held, key=lambda t: (held[t] != "in", t))  # held-in first, then held-out
     table = {}
     for label in labels:
         acc = {r["task"]: r["accuracy"] for r in rows if r["label"] == label}
@@ -303,7 +303,7 @@ def routing_matrices(rows: list[dict], label: str | None = None):
     if not routed:
         return None
     label = label or next((r["label"] for r in routed if r["method"] == "phatgoose"), routed[0]["label"])
-    routed = [r for r in routed if r["label"] == label]
+    routed = sorted((r for r in routed if r["label"] == label), key=lambda r: (r["held"] != "in", r["task"]))
     if not routed:
         raise RecycleError(f"no routing recorded for {label!r} in this run")
     experts = sorted({e for r in routed for loads in r["routing"].values() for e in loads})

@@ -128,11 +128,69 @@ def folders(path: Path, options: dict) -> Iterator[dict]:
             }
 
 
+def ratings(path: Path, options: dict) -> Iterator[dict]:
+    """A CSV of items with a numeric rating (e.g. Warriner et al. 2013 word norms), split
+    into two labels by thresholds; items between them are dropped.
+    Options: ``text_column``, ``score_column``, ``high`` / ``low`` (score >= high is
+    ``high_label``, score <= low is ``low_label``)."""
+    _need_file(path)
+    try:
+        text_col, score_col = options["text_column"], options["score_column"]
+        high, low = float(options["high"]), float(options["low"])
+        high_label, low_label = options["high_label"], options["low_label"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecycleError(f"preparer ratings: options need text_column, score_column, high, low, "
+                           f"high_label, low_label ({e})") from None
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (text_col, score_col) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise RecycleError(f"{path.name} has no column(s) {', '.join(missing)}")
+        for row in reader:
+            try:
+                score = float(row[score_col])
+            except (TypeError, ValueError):
+                continue
+            label = high_label if score >= high else low_label if score <= low else None
+            if label is not None and (row[text_col] or "").strip():
+                yield {"text": _clean(row[text_col]), "score": score, "label": label}
+
+
+def inquirer(path: Path, options: dict) -> Iterator[dict]:
+    """The General Inquirer word lists (``inqtabs.txt``: one word sense a line, a column
+    per category holding the category's name when the sense belongs to it). A word gets
+    the label of the one category of ``options.categories`` = {column = label} its senses
+    carry; words in several (or none) are dropped; senses (``WORD#2``) are merged."""
+    _need_file(path)
+    cats = options.get("categories")
+    if not isinstance(cats, dict) or len(cats) < 2:
+        raise RecycleError("preparer inquirer: options.categories must map two or more columns to labels")
+    words: dict[str, set] = {}
+    with _open_text(path) as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in cats if c not in (reader.fieldnames or [])]
+        if missing:
+            raise RecycleError(f"{path.name} has no column(s) {', '.join(missing)}")
+        for row in reader:
+            word = (row.get("Entry") or "").split("#")[0].strip().lower()
+            if not word:
+                continue
+            labels = words.setdefault(word, set())
+            for col, label in cats.items():
+                if (row.get(col) or "").strip():
+                    labels.add(label)
+    for word, labels in words.items():
+        if len(labels) == 1:
+            yield {"text": word, "label": next(iter(labels))}
+
+
 PREPARERS: dict[str, Callable[[Path, dict], Iterator[dict]]] = {
     "vader": vader,
     "trec": trec,
     "csv": csv_file,
     "folders": folders,
+    "ratings": ratings,
+    "inquirer": inquirer,
 }
 
 

@@ -242,10 +242,7 @@ def parse_spec(raw: dict, base_dir: Path | None = None, origin: str = "task spec
                 norm.append([str(x) for x in vs])
             label_values = norm
 
-    text_field = need_str("text_field")
-    if text_field and text_field not in fields:
-        # allowed (the raw text may be a field the prompt does not show), but must exist in data
-        pass
+    text_field = need_str("text_field")  # may be a field the prompt does not show
     max_chars = raw.get("max_chars")
     if max_chars is not None and (not isinstance(max_chars, int) or isinstance(max_chars, bool) or max_chars < 8):
         raise RecycleError(f"{origin}: max_chars must be an integer >= 8")
