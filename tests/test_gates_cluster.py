@@ -8,8 +8,6 @@ on the machine.
 
 from __future__ import annotations
 
-import json
-import random
 import subprocess
 import sys
 import time
@@ -20,26 +18,13 @@ import pytest
 psutil = pytest.importorskip("psutil")
 
 from tests.raycluster import _kill_tree, _raylet, loopback  # noqa: E402
+from tests.test_gates import _write_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def loopback_cluster():
     with loopback() as cluster:
         yield cluster
-
-
-def _write_task(registry, root, task, alphabet, n=40):
-    from recycle.tasks import add_task, parse_spec
-
-    rng = random.Random(task)
-    f = root / f"{task}.jsonl"
-    f.write_text("".join(
-        json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(6)),
-                    "target": "".join(rng.choice(alphabet) for _ in range(8))}) + "\n"
-        for _ in range(n)
-    ))
-    add_task(registry, parse_spec({"name": task, "template": task + ": {text} =", "target_field": "target",
-                                   "source": {"builder": "json", "data_files": str(f)}}))
 
 
 def test_train_gates_survives_a_killed_worker_node(loopback_cluster, tmp_path, make_adapter):

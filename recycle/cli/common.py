@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from recycle.registry import ENV_DB, Registry
 
@@ -26,6 +27,27 @@ DbOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+AddressOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Ray cluster to use: 'auto' or host:port (default: RAY_ADDRESS, else a local Ray "
+        "started for this command).",
+        show_default=False,
+    ),
+]
+
+
+def progress() -> Progress:
+    """The progress bar of long work (spinner, bar, M/N done, elapsed), on stderr."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
 
 
 def open_registry(db: Path | None) -> Registry:

@@ -11,12 +11,21 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from recycle import evaluation as E
 from recycle.cli import app
-from recycle.cli.common import DbOption, JsonOption, console, err_console, info, open_registry, print_json
+from recycle.cli.common import (
+    AddressOption,
+    DbOption,
+    JsonOption,
+    console,
+    err_console,
+    info,
+    open_registry,
+    print_json,
+    progress,
+)
 from recycle.errors import RecycleError
 
 eval_app = typer.Typer(
@@ -40,10 +49,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the example sample.")] = 0,
     top_k: Annotated[int, typer.Option(help="Experts per token for token-routed methods.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
-    address: Annotated[
-        Optional[str],
-        typer.Option(help="Ray cluster: 'auto' or host:port (default: RAY_ADDRESS, else a local Ray).", show_default=False),
-    ] = None,
+    address: AddressOption = None,
     gpus_per_task: Annotated[
         Optional[float],
         typer.Option(help="GPUs per task, fractions allowed (default: 1 if the cluster has GPUs, else 0).", show_default=False),
@@ -127,8 +133,7 @@ def _run(registry, run_id, jobs, failures, address, gpus_per_task, cpus_per_task
         cluster.check_fits(cpus_per_task, gpus)
         resources = cluster.Resources(num_cpus=cpus_per_task, num_gpus=gpus)
         info(f"evaluating {len(jobs)} (method, task) job(s) on Ray ({where}): {cpus_per_task:g} CPU, {gpus:g} GPU each")
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err_console) as bar:
+        with progress() as bar:
             tid = bar.add_task("eval", total=len(jobs))
 
             def on_result(job, result):

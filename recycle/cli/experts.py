@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from recycle.adapters import find_adapter_folders
 from recycle.cli import app
-from recycle.cli.common import DbOption, JsonOption, console, err_console, info, open_registry, print_json
+from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json, progress
 from recycle.errors import RecycleError
 from recycle.experts import BaseCache, add_expert, describe, parse_meta, remove_expert, verify_experts
 
@@ -19,18 +18,6 @@ experts_app = typer.Typer(no_args_is_help=True, help="Inspect and manage registe
 db_app = typer.Typer(no_args_is_help=True, help="The registry database.")
 app.add_typer(experts_app, name="experts")
 app.add_typer(db_app, name="db")
-
-
-def progress() -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    )
 
 
 @app.command("add-expert")

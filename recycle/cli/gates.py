@@ -7,27 +7,24 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from recycle.cli import app
-from recycle.cli.common import DbOption, JsonOption, console, err_console, info, open_registry, print_json
+from recycle.cli.common import (
+    AddressOption,
+    DbOption,
+    JsonOption,
+    console,
+    err_console,
+    info,
+    open_registry,
+    print_json,
+    progress,
+)
 from recycle.errors import RecycleError
 
 gates_app = typer.Typer(no_args_is_help=True, help="Trained PHATGOOSE gates.")
 app.add_typer(gates_app, name="gates")
-
-
-def _progress() -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    )
 
 
 def _select(registry, names: list[str], all_: bool, task: str | None) -> list[dict]:
@@ -70,14 +67,7 @@ def train_gates_cmd(
     warmup: Annotated[float, typer.Option(help="Fraction of steps of linear warm-up.")] = 0.06,
     seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Retrain even if gates exist for these settings.")] = False,
-    address: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Ray cluster to use: 'auto' or host:port (default: RAY_ADDRESS, else a local Ray "
-            "started for this command).",
-            show_default=False,
-        ),
-    ] = None,
+    address: AddressOption = None,
     gpus_per_expert: Annotated[
         Optional[float],
         typer.Option(help="GPUs per task, fractions allowed (default: 1 if the cluster has GPUs, else 0).", show_default=False),
@@ -190,7 +180,7 @@ def _run(registry, jobs, by_name, settings, outcomes, address, gpus_per_expert, 
             f"training gates for {len(jobs)} expert(s) on Ray ({where}): "
             f"{cpus_per_expert:g} CPU, {gpus:g} GPU each, settings {settings.hash[:12]}"
         )
-        with _progress() as bar:
+        with progress() as bar:
             tid = bar.add_task("gates", total=len(jobs))
 
             def on_result(job, result):

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from recycle.cli import app
-from recycle.cli.common import DbOption, info
-
-AddressOption = Annotated[
-    Optional[str],
-    typer.Option(help="Ray cluster: 'auto' or host:port (default: RAY_ADDRESS, else a local Ray).", show_default=False),
-]
+from recycle.cli.common import AddressOption, DbOption, info
 
 
 @app.command("run")
