@@ -4,7 +4,9 @@
 weights per token. Only the chosen experts' products are computed (sparse dispatch): the
 (token, expert) assignments are sorted by expert and the inputs gathered into a zero-padded
 ``[N, G, d_in]`` block (G = the largest group), then two batched matmuls against the stacked,
-rank-padded factors, and one ``index_add_`` into the base output. When the padded work would
+rank-padded factors; the results are gathered back in (token, choice) order, summed over
+the k choices and added to the base output (``index_add_`` is avoided: it runs row by row
+on CPU). When the padded work would
 cost more than a python loop over the non-empty experts (very uneven groups, e.g. per-example
 routing; see ``loop_step_macs``) each non-empty expert group runs its own two matmuls
 instead. Cost per token is ``k`` LoRA products, not ``N`` (measured on CPU: the batched path
@@ -39,8 +41,8 @@ class RoutedLoraLinear(nn.Module):
     """
 
     #: cost model for choosing the dispatch: a python-loop step per non-empty expert costs
-    #: about as much as this many multiply-adds of padded work (measured on CPU, ~20 µs)
-    loop_step_macs: float = 2e5
+    #: about as much as this many multiply-adds of padded work (measured on CPU, 2 threads)
+    loop_step_macs: float = 5e5
 
     def __init__(
         self,
@@ -101,7 +103,7 @@ class RoutedLoraLinear(nn.Module):
     def n_experts(self) -> int:
         return len(self.expert_names)
 
-    def factors(self, unscaled: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def factors(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(A_j, B_j)`` per local expert; B is unscaled (the scaling is in ``self.scalings``)."""
         for j, r in enumerate(self.ranks):
             yield self.lora_AT[j, :, :r].T, self.lora_BT[j, :r, :].T
@@ -121,49 +123,54 @@ class RoutedLoraLinear(nn.Module):
 
     def add_sparse_delta(self, out, x, idx, weight):
         """Add the routed delta to ``out`` [tokens, d_out] in place (returns ``out``)."""
-        k = idx.shape[1]
+        t, k = idx.shape
         experts = idx.reshape(-1)
         if self._same_scaling is not None:
             weight = weight.reshape(-1).to(x.dtype) * self._same_scaling
         else:
             weight = (weight.to(x.dtype) * self.lora_scaling[idx.clamp_min(0)]).reshape(-1)
-        if getattr(self.router, "may_skip", False):  # per-example routers: -1 where absent
-            keep = (experts >= 0).nonzero().squeeze(1)
-            experts, weight = experts[keep], weight[keep]
-            order = torch.argsort(experts, stable=True)
-            tokens = keep[order] // k
-        else:
-            order = torch.argsort(experts, stable=True)
-            tokens = order // k if k > 1 else order
-        if experts.numel() == 0:
+        if getattr(self.router, "may_skip", False):  # -1 (no expert): expert 0 with weight 0
+            weight = weight * (experts >= 0)
+            experts = experts.clamp_min(0)
+        n_assigned = experts.numel()
+        if n_assigned == 0:
             return out
-        experts, weight = experts[order], weight[order]
+        order = torch.argsort(experts, stable=True)
+        experts_sorted = experts[order]
         counts = torch.bincount(experts, minlength=self.n_experts)
         group = int(counts.max())
         r_max = self.lora_AT.shape[-1]
         padded_macs = self.n_experts * group * (r_max + 1) * (self.in_features + self.out_features)
-        n_assigned = experts.numel()  # at least n_assigned / group experts are non-empty
+        # at least n_assigned / group experts are non-empty
         if padded_macs * group <= self.loop_step_macs * n_assigned or padded_macs <= self.loop_step_macs * int(
             torch.count_nonzero(counts)
         ):
-            ys, tokens = self._padded_bmm(x, tokens, experts, weight, counts, group)
+            ys = self._padded_bmm(x, k, order, experts_sorted, weight, counts, group)
         else:
-            ys = self._grouped_loop(x.index_select(0, tokens), weight, counts.tolist())
-        return out.index_add_(0, tokens, ys.to(out.dtype))
+            ys_sorted = self._grouped_loop(x.index_select(0, order // k), weight[order], counts.tolist())
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n_assigned, device=x.device))
+            ys = ys_sorted.index_select(0, inverse)
+        # ys is in (token, choice) order: sum the k choices (index_add_ is slow on CPU)
+        ys = ys.view(t, k, -1).sum(1) if k > 1 else ys
+        return out.add_(ys.to(out.dtype))
 
-    def _padded_bmm(self, x, tokens, experts, weight, counts, group):
-        # Slot e*G + i holds the i-th token routed to expert e; unused slots read token 0
+    def _padded_bmm(self, x, k, order, experts_sorted, weight, counts, group):
+        # Slot e*G + i holds the i-th assignment routed to expert e; unused slots read token 0
         # with weight 0, so they contribute exact zeros.
-        n = self.n_experts
+        n, n_assigned = self.n_experts, order.numel()
         offsets = torch.cumsum(counts, 0) - counts
-        slot = experts * group + torch.arange(experts.numel(), device=x.device) - offsets[experts]
-        slot_tokens = tokens.new_zeros(n * group).index_copy_(0, slot, tokens)
-        slot_weight = weight.new_zeros(n * group).index_copy_(0, slot, weight)
+        arange = torch.arange(n_assigned, device=x.device)
+        slot_sorted = experts_sorted * group + arange - offsets[experts_sorted]
+        slot_tokens = order.new_zeros(n * group).index_copy_(0, slot_sorted, order // k)
+        slot_weight = weight.new_zeros(n * group).index_copy_(0, slot_sorted, weight[order])
         buf = x.index_select(0, slot_tokens).view(n, group, self.in_features)
         z = torch.bmm(buf, self.lora_AT).mul_(slot_weight.view(n, group, 1))
-        return torch.bmm(z, self.lora_BT).view(n * group, self.out_features), slot_tokens
+        y = torch.bmm(z, self.lora_BT).view(n * group, self.out_features)
+        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # per assignment
+        return y.index_select(0, slot)
 
     def _grouped_loop(self, xs, weight, counts):
+        """Two matmuls per non-empty expert on its block of the expert-sorted inputs."""
         ys = xs.new_empty(xs.shape[0], self.out_features)
         start = 0
         for j, count in enumerate(counts):

@@ -144,7 +144,7 @@ class ArrowRouter:
         return v
 
     def prepare(self, layer) -> None:
-        protos = [self._top_right_singular(A, B) for A, B in layer.factors(unscaled=True)]
+        protos = [self._top_right_singular(A, B) for A, B in layer.factors()]
         keys = torch.stack(protos).to(layer.weight.device, layer.weight.dtype)
         layer.register_buffer("router_keys", keys, persistent=False)
 
