@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -13,8 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from recycle.registry import ENV_DB, Registry
 
-# Tables and results to stdout; logs, progress and errors to stderr.
-console = Console(soft_wrap=True)
+# Tables and results to stdout; logs, progress and errors to stderr. Piped to a file,
+# tables keep their full width instead of being squeezed into 80 columns.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 250)
 err_console = Console(stderr=True, soft_wrap=True)
 
 DbOption = Annotated[
