@@ -264,16 +264,12 @@ def run_rows(registry: Registry, run_id: int) -> list[dict]:
 
 
 def get_run(registry: Registry, run_id: int) -> dict:
-    row = registry.db["eval_runs"].get(run_id) if _exists(registry, run_id) else None
-    if row is None:
+    rows = list(registry.db.query("select * from eval_runs where id = ?", [run_id]))
+    if not rows:
         raise RecycleError(f"no evaluation run {run_id}")
-    row = dict(row)
+    row = dict(rows[0])
     row["settings"] = json.loads(row["settings"])
     return row
-
-
-def _exists(registry: Registry, run_id: int) -> bool:
-    return bool(list(registry.db.query("select 1 from eval_runs where id = ?", [run_id])))
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -295,6 +291,26 @@ def summarise(rows: list[dict]) -> dict:
             entry.update(suh(ins, outs))
         table[label] = entry
     return {"tasks": tasks, "held": held, "methods": table}
+
+
+def fmt(x) -> str:
+    """An accuracy (or any float) with three decimals; blank for None or NaN."""
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The results table of :func:`summarise` as (header, rows of formatted cells): methods
+    as rows; tasks, held-in and held-out averages, and S/U/H where the run mixes both."""
+    tasks = summary["tasks"]
+    has_suh = any("H" in m for m in summary["methods"].values())
+    head = ["method"] + [f"{t} ({summary['held'][t]})" for t in tasks] + ["held-in avg", "held-out avg"]
+    keys = ["S", "U", "H"] if has_suh else []
+    body = [
+        [label] + [fmt(m["tasks"].get(t)) for t in tasks] + [fmt(m["held_in_avg"]), fmt(m["held_out_avg"])]
+        + [fmt(m.get(k)) for k in keys]
+        for label, m in summary["methods"].items()
+    ]
+    return head + keys, body
 
 
 def routing_matrices(rows: list[dict], label: str | None = None):
@@ -329,6 +345,8 @@ def routing_matrices(rows: list[dict], label: str | None = None):
 
 
 def plot_routing(mats: dict, path) -> None:
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise RecycleError(f"cannot write {path}: its folder does not exist")
     import matplotlib
 
     matplotlib.use("Agg")

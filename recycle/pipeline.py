@@ -248,8 +248,6 @@ class Runner:
             self.cli(*args)
 
     def evaluate(self, registry, ev: dict) -> dict:
-        from recycle import evaluation as E
-
         args = ["eval"]
         for k in ("methods", "compositions", "tasks", "seed", "top_k", "batch_size", "cpus_per_task", "gpus_per_task"):
             if k in ev:
@@ -302,7 +300,7 @@ def write_results(registry, run_id: int, target: Path, pipeline: Pipeline | None
         ],
     }
     _write(target.with_suffix(".json"), json.dumps(data, indent=2, default=str) + "\n")
-    _write(target.with_suffix(".md"), markdown_table(summary, rows))
+    _write(target.with_suffix(".md"), markdown_table(E.table(summary), rows))
     out = {"json": str(target.with_suffix(".json")), "markdown": str(target.with_suffix(".md"))}
     mats = E.routing_matrices(rows, (ev or {}).get("plot_method"))
     if mats:
@@ -311,20 +309,11 @@ def write_results(registry, run_id: int, target: Path, pipeline: Pipeline | None
     return out
 
 
-def markdown_table(summary: dict, rows: list[dict]) -> str:
-    tasks = summary["tasks"]
+def markdown_table(table: tuple[list[str], list[list[str]]], rows: list[dict]) -> str:
+    head, body = table
     n = sorted({r["n"] for r in rows})
-    has_suh = any("H" in m for m in summary["methods"].values())
-    head = ["method"] + [f"{t} ({summary['held'][t]})" for t in tasks] + ["held-in avg", "held-out avg"]
-    if has_suh:
-        head += ["S", "U", "H"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    f = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"  # noqa: E731
-    for label, m in summary["methods"].items():
-        cells = [label] + [f(m["tasks"].get(t)) for t in tasks] + [f(m["held_in_avg"]), f(m["held_out_avg"])]
-        if has_suh:
-            cells += [f(m.get("S")), f(m.get("U")), f(m.get("H"))]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     half = max((r["ci_high"] - r["ci_low"]) / 2 for r in rows) if rows else 0
     lines.append("")
     lines.append(f"Accuracy by rank classification; n = {', '.join(map(str, n))} test examples per task "

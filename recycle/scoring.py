@@ -29,6 +29,18 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask``: every row ends at the last column,
+    so the next token of every row is predicted at the same position."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = torch.tensor(s)
+        mask[r, width - len(s):] = 1
+    return ids, mask
+
+
 def _encode(tokenizer, ex: Example, max_length: int) -> tuple[list[int], list[list[int]]]:
     choices = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in ex.choices]
     if any(not c for c in choices):
@@ -74,13 +86,7 @@ def score_choices(
         for start in range(0, len(order), batch_size):
             group = order[start:start + batch_size]
             # 1. the prompts, left-padded, once each
-            width = max(len(encoded[i][0]) for i in group)
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for r, i in enumerate(group):
-                p = encoded[i][0]
-                ids[r, width - len(p):] = torch.tensor(p)
-                mask[r, width - len(p):] = 1
+            ids, mask = _left_pad([encoded[i][0] for i in group], pad)
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             if on_rows:
                 on_rows(list(group))
@@ -142,12 +148,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
     out = []
     for start in range(0, len(prompts), batch_size):
         seqs = [prefix + list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[start : start + batch_size]]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding, so every row continues at the end
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+        ids, mask = _left_pad(seqs, pad)
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         out += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]

@@ -149,6 +149,8 @@ def predict_cmd(
     from recycle.scoring import generate, predict, score_choices
 
     items = _read_inputs(prompt, input_file, choices)
+    if output is not None and not output.absolute().parent.is_dir():
+        raise RecycleError(f"cannot write {output}: its folder does not exist")
     registry = open_registry(db)
     names = [r["name"] for r in registry.db.query("select name from compositions")]
     if name in names:

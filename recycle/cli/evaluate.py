@@ -152,27 +152,13 @@ def _run(registry, run_id, jobs, failures, address, gpus_per_task, cpus_per_task
                               progress=lambda job: bar.advance(tid))
 
 
-def _fmt(x) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
 def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool) -> None:
     summary = E.summarise(rows)
     if json_:
         print_json({"run": run_id, "summary": summary,
                     "results": [{k: v for k, v in r.items() if k not in ("predictions",)} for r in rows]})
         return
-    tasks = summary["tasks"]
-    has_suh = any("H" in m for m in summary["methods"].values())
-    head = ["method"] + [f"{t} ({summary['held'][t]})" for t in tasks] + ["held-in avg", "held-out avg"]
-    if has_suh:
-        head += ["S", "U", "H"]
-    body = []
-    for label, m in summary["methods"].items():
-        line = [label] + [_fmt(m["tasks"].get(t)) for t in tasks] + [_fmt(m["held_in_avg"]), _fmt(m["held_out_avg"])]
-        if has_suh:
-            line += [_fmt(m.get("S")), _fmt(m.get("U")), _fmt(m.get("H"))]
-        body.append(line)
+    head, body = E.table(summary)
     if csv_:
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -200,7 +186,7 @@ def runs_cmd(json_: JsonOption = False, db: DbOption = None):
         return
     table = Table("run", "created", "status", "results", "seconds", "settings")
     for r in rows:
-        table.add_row(str(r["id"]), r["created"], r["status"], str(r["results"]), _fmt(r["seconds"]), r["settings"])
+        table.add_row(str(r["id"]), r["created"], r["status"], str(r["results"]), E.fmt(r["seconds"]), r["settings"])
     console.print(table)
 
 
