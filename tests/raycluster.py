@@ -107,27 +107,37 @@ def loopback(dashboard: bool = False):
         RAY_health_check_timeout_ms="1000",
         RAY_health_check_failure_threshold="3",
     )
-    gcs_port, client_port, dash_port = _free_ports(3)
-    head_args, _ = _node_args(root / "head")
-    worker_args, worker_nm = _node_args(root / "worker")
-    address = f"127.0.0.1:{gcs_port}"
-    dash = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
-            if dashboard else ["--include-dashboard=false"])
+    worker_nm = None
     try:
-        subprocess.run(
-            [RAY, "start", "--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
-             *dash, *head_args],
-            env=env, check=True, capture_output=True, timeout=180,
-        )
-        subprocess.run(
-            [RAY, "start", f"--address={address}", *worker_args],
-            env=env, check=True, capture_output=True, timeout=180,
-        )
+        for attempt in range(3):  # a port taken between _free_ports and `ray start`: new ports
+            gcs_port, client_port, dash_port = _free_ports(3)
+            head_args, _ = _node_args(root / f"head{attempt}")
+            worker_args, worker_nm = _node_args(root / f"worker{attempt}")
+            address = f"127.0.0.1:{gcs_port}"
+            dash = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
+                    if dashboard else ["--include-dashboard=false"])  # fmt: skip
+            head = subprocess.run(
+                [RAY, "start", "--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
+                 *dash, *head_args],
+                env=env, capture_output=True, text=True, timeout=180,
+            )  # fmt: skip
+            if head.returncode == 0:
+                worker = subprocess.run(
+                    [RAY, "start", f"--address={address}", *worker_args],
+                    env=env, capture_output=True, text=True, timeout=180,
+                )
+                if worker.returncode == 0:
+                    break
+                head = worker
+            for p in _ours(root):
+                _kill_tree(p)
+            if attempt == 2:
+                raise RuntimeError(f"ray start failed 3 times; last output:\n{head.stdout[-2000:]}\n{head.stderr[-2000:]}")
         yield {"address": address, "env": env, "root": root, "worker_nm": worker_nm,
                "dashboard_url": f"http://127.0.0.1:{dash_port}" if dashboard else None}
     finally:
         procs = _ours(root)
-        raylet = _raylet(worker_nm)
+        raylet = _raylet(worker_nm) if worker_nm else None
         if raylet is not None:
             procs.append(raylet)
         for p in procs:

@@ -201,8 +201,10 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
             m = experts[j][2]
             explicit[t] += p * m.scaling * (m.B @ (m.A @ x2d[t]))
     torch.testing.assert_close(layer.dense_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
-    for cost in (0.0, 2e5, math.inf):  # grouped loop, automatic, padded bmm
-        layer.loop_step_macs = cost
+    assert layer._use_grouped_mm  # 24 and 40 float32 features: 16-byte aligned rows
+    dispatches = [(0, True), (0, False), (10**9, True)]  # grouped_mm, per-expert loop, dense
+    for dense_max, grouped in dispatches:
+        layer.dense_max_columns, layer._use_grouped_mm = dense_max, grouped
         torch.testing.assert_close(layer.sparse_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), base(x) + explicit.view(3, 11, 40), atol=1e-4, rtol=1e-4)
@@ -210,7 +212,30 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
     idx2 = idx.clone()
     idx2[::2, 0] = -1
     layer.router.may_skip = True
-    torch.testing.assert_close(layer.sparse_delta(x2d, idx2, w), layer.dense_delta(x2d, idx2, w), atol=1e-4, rtol=1e-4)
+    for dense_max, grouped in dispatches:
+        layer.dense_max_columns, layer._use_grouped_mm = dense_max, grouped
+        got = layer.sparse_delta(x2d, idx2, w)
+        torch.testing.assert_close(got, layer.dense_delta(x2d, idx2, w), atol=1e-4, rtol=1e-4)
+
+
+def test_phatgoose_scores_are_standardised_dot_products():
+    """The router never materialises LN(x); its scores still equal LN(x)·LN(v)/sqrt(d), also
+    for inputs far from zero mean, and its top-k equals torch.topk (the fast k <= 2 path too)."""
+    g = torch.Generator().manual_seed(3)
+    base, experts, gates = make_layer(5, range(5), seed=3)
+    router = GateRouter(gates, top_k=2, weighting="softmax")
+    layer = RoutedLoraLinear(base, "lin", experts, 5, router)
+    v = torch.stack([gates[f"e{i}"]["lin"] for i in range(5)])
+    for shift in (0.0, 30.0):
+        x = torch.randn(300, 24, generator=g) * torch.rand(300, 1, generator=g) * 4 + shift
+        expected = torch.nn.functional.layer_norm(x, (24,)) @ torch.nn.functional.layer_norm(v, (24,)).T / math.sqrt(24)
+        torch.testing.assert_close(router.scores(layer, x), expected, atol=2e-4, rtol=1e-4)
+        for k in (1, 2, 3):
+            router.top_k = k
+            idx, w = router.route(layer, x)
+            top, ref_idx = torch.topk(expected, k, dim=-1)
+            assert torch.equal(idx, ref_idx)
+            torch.testing.assert_close(w, torch.softmax(top, -1), atol=1e-4, rtol=1e-4)
 
 
 def test_install_remove_restores_llama(llama, adapters):

@@ -1,16 +1,21 @@
 """The routed LoRA layer: one base ``nn.Linear`` plus the experts that adapt it.
 
 ``y = W x + Σ_{k ∈ chosen(x)} p_k · s_k B_k A_k x``, where a router picks the experts and
-weights per token. Only the chosen experts' products are computed (sparse dispatch): the
-(token, expert) assignments are sorted by expert and the inputs gathered into a zero-padded
-``[N, G, d_in]`` block (G = the largest group), then two batched matmuls against the stacked,
-rank-padded factors; the results are gathered back in (token, choice) order, summed over
-the k choices and added to the base output (``index_add_`` is avoided: it runs row by row
-on CPU). When the padded work would
-cost more than a python loop over the non-empty experts (very uneven groups, e.g. per-example
-routing; see ``loop_step_macs``) each non-empty expert group runs its own two matmuls
-instead. Cost per token is ``k`` LoRA products, not ``N`` (measured on CPU: the batched path
-has the lowest fixed overhead; see benchmarks/routing.py).
+weights per token. Two dispatches give the same result (tests/test_routing.py):
+
+- grouped (sparse): only the chosen experts' products are computed. The (token, choice)
+  assignments are sorted by expert, the inputs gathered in that order, and two grouped
+  matmuls (``torch.nn.functional.grouped_mm``: one GEMM per expert over its block of rows, in
+  one call) apply the stacked, rank-padded factors; the weighted results are added back to
+  their tokens with ``index_add_``. Where ``grouped_mm`` cannot run (float64, sizes not 16-byte
+  aligned, a device without it) a python loop over the non-empty experts does the same two
+  matmuls per expert. Cost per token: ``k`` LoRA products, plus sorting and gathers.
+- dense, for few experts (``N · r_max <= dense_max_columns``, 256 by default: N <= 32 at
+  r = 8): ``x [A_1^T ... A_N^T]`` in one matmul, each expert's block multiplied by its routing
+  weight (zero for experts not chosen), then one matmul with the stacked ``s_j B_j`` added
+  into the output. It computes all N products, but in ~6 tensor operations, which on CPU is
+  as fast or faster than grouping up to that size (benchmarks/routing.py); set
+  ``dense_max_columns = 0`` to always dispatch sparsely.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recycle.errors import RecycleError
@@ -35,14 +41,18 @@ class RoutedLoraLinear(nn.Module):
         router: an object with ``prepare(layer)`` and ``route(layer, x)`` (see ``routers``).
 
     Expert factors are non-persistent buffers (they follow ``.to()`` but stay out of the
-    ``state_dict``), cast to the base layer's dtype and device: ``lora_AT`` ``[N, d_in, r_max]``
-    and ``lora_BT`` ``[N, r_max, d_out]`` (transposed, zero-padded to the largest rank) and
-    ``lora_scaling`` ``[N]``.
+    ``state_dict``), cast to the base layer's dtype and device: ``lora_A``, either ``[d_in, N * r_max]``
+    (every ``A_j^T`` side by side, read by the dense path) or ``[N, d_in, r_max]`` (stacked,
+    read by grouped dispatch; ``lora_A_cat`` and ``lora_AT`` give either view), and ``lora_BT``
+    ``[N, r_max, d_out]`` (``s_j B_j^T``: the scaling folded in), zero-padded to the largest rank
+    rounded up to 16 bytes.
     """
 
-    #: cost model for choosing the dispatch: a python-loop step per non-empty expert costs
-    #: about as much as this many multiply-adds of padded work (measured on CPU, 2 threads)
-    loop_step_macs: float = 5e5
+    #: dispatch: while the stacked rank N * r_max is at most this, the dense path (T·N·r·(d_in +
+    #: d_out) multiply-adds in ~6 operations) runs instead of grouping (T·k·r·(d_in + d_out)
+    #: multiply-adds, but sorting, gathers and a scatter-add); read when a layer is built
+    #: (it picks the layout of ``lora_A``). 0: always sparse dispatch.
+    dense_max_columns: int = 256
 
     def __init__(
         self,
@@ -65,8 +75,10 @@ class RoutedLoraLinear(nn.Module):
             local[g] = j
         self.register_buffer("local_index", local.to(w.device), persistent=False)
         self.ranks = [m.rank for _, _, m in experts]
-        r_max = max(self.ranks, default=0)
-        AT = torch.zeros(len(experts), base_layer.in_features, r_max, dtype=w.dtype, device=w.device)
+        # pad the rank so rows of A^T x and B^T are 16-byte aligned, as grouped_mm needs
+        size = w.element_size()
+        r_max = -(-max(self.ranks, default=0) // max(1, 16 // size)) * max(1, 16 // size)
+        A = torch.zeros(len(experts), base_layer.in_features, r_max, dtype=w.dtype, device=w.device)
         BT = torch.zeros(len(experts), r_max, base_layer.out_features, dtype=w.dtype, device=w.device)
         for j, (_, name, m) in enumerate(experts):
             if m.A.shape[1] != base_layer.in_features or m.B.shape[0] != base_layer.out_features:
@@ -74,12 +86,19 @@ class RoutedLoraLinear(nn.Module):
                     f"expert {name} at {path}: A {tuple(m.A.shape)} B {tuple(m.B.shape)} do not fit "
                     f"Linear({base_layer.in_features}, {base_layer.out_features})"
                 )
-            AT[j, :, : m.rank] = m.A.T.to(w.device, w.dtype)
-            BT[j, : m.rank, :] = m.B.T.to(w.device, w.dtype)
-        self.register_buffer("lora_AT", AT, persistent=False)
+            A[j, :, : m.rank] = m.A.T.to(w.device, w.dtype)
+            BT[j, : m.rank, :] = (m.scaling * m.B.T.float()).to(w.device, w.dtype)  # s_j folded in
+        # one layout, the one the dispatch reads: [d_in, N * r_max] (dense) or [N, d_in, r_max]
+        self._cat_layout = len(experts) * r_max <= self.dense_max_columns
+        A = A.permute(1, 0, 2).reshape(base_layer.in_features, -1) if self._cat_layout else A
+        self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_BT", BT, persistent=False)
-        self.register_buffer("lora_scaling", torch.tensor(self.scalings, dtype=w.dtype, device=w.device), persistent=False)
-        self._same_scaling = self.scalings[0] if len(set(self.scalings)) == 1 else None
+        self._use_grouped_mm = (
+            hasattr(F, "grouped_mm")
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (base_layer.in_features * size) % 16 == 0
+            and (base_layer.out_features * size) % 16 == 0
+        )
         router.prepare(self)
 
     # The wrapped layer answers like a Linear (some models read .weight, e.g. T5's wo).
@@ -100,20 +119,34 @@ class RoutedLoraLinear(nn.Module):
         return self.base_layer.out_features
 
     @property
+    def lora_AT(self) -> torch.Tensor:
+        """``A_j^T`` stacked, ``[N, d_in, r_max]``."""
+        if self._cat_layout:
+            return self.lora_A.view(self.in_features, self.n_experts, -1).permute(1, 0, 2)
+        return self.lora_A
+
+    @property
+    def lora_A_cat(self) -> torch.Tensor:
+        """``A_j^T`` side by side, ``[d_in, N * r_max]``: one matmul gives every expert's A x."""
+        if self._cat_layout:
+            return self.lora_A
+        return self.lora_A.permute(1, 0, 2).reshape(self.in_features, -1)
+
+    @property
     def n_experts(self) -> int:
         return len(self.expert_names)
 
     def factors(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(A_j, B_j)`` per local expert; B is unscaled (the scaling is in ``self.scalings``)."""
         for j, r in enumerate(self.ranks):
-            yield self.lora_AT[j, :, :r].T, self.lora_BT[j, :r, :].T
+            yield self.lora_AT[j, :, :r].T, self.lora_BT[j, :r, :].T / self.scalings[j]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         idx, weight = self.router.route(self, x)
         if self.recorder is not None:
             self.recorder.add(self, x.shape[:-1], idx, weight)
-        x2d = x.reshape(-1, x.shape[-1]).to(self.lora_AT.dtype)
+        x2d = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
         self.add_sparse_delta(result.view(-1, result.shape[-1]), x2d, idx, weight)
         return result
 
@@ -124,56 +157,51 @@ class RoutedLoraLinear(nn.Module):
     def add_sparse_delta(self, out, x, idx, weight):
         """Add the routed delta to ``out`` [tokens, d_out] in place (returns ``out``)."""
         t, k = idx.shape
-        experts = idx.reshape(-1)
-        if self._same_scaling is not None:
-            weight = weight.reshape(-1).to(x.dtype) * self._same_scaling
-        else:
-            weight = (weight.to(x.dtype) * self.lora_scaling[idx.clamp_min(0)]).reshape(-1)
-        if getattr(self.router, "may_skip", False):  # -1 (no expert): expert 0 with weight 0
+        if t * k == 0:
+            return out
+        weight = weight.to(x.dtype)
+        may_skip = getattr(self.router, "may_skip", False)  # idx -1: no expert
+        if self.n_experts * self.lora_BT.shape[1] <= self.dense_max_columns:
+            return self._add_dense(out, x, idx, weight, may_skip)
+        experts, weight = idx.reshape(-1), weight.reshape(-1)
+        if may_skip:  # -1: expert 0 with weight 0
             weight = weight * (experts >= 0)
             experts = experts.clamp_min(0)
-        n_assigned = experts.numel()
-        if n_assigned == 0:
-            return out
-        order = torch.argsort(experts, stable=True)
-        experts_sorted = experts[order]
+        order = torch.argsort(experts, stable=True)  # assignments grouped by expert
         counts = torch.bincount(experts, minlength=self.n_experts)
-        group = int(counts.max())
-        r_max = self.lora_AT.shape[-1]
-        padded_macs = self.n_experts * group * (r_max + 1) * (self.in_features + self.out_features)
-        # at least n_assigned / group experts are non-empty
-        if padded_macs * group <= self.loop_step_macs * n_assigned or padded_macs <= self.loop_step_macs * int(
-            torch.count_nonzero(counts)
-        ):
-            ys = self._padded_bmm(x, k, order, experts_sorted, weight, counts, group)
+        tokens = order // k if k > 1 else order
+        xs = x.index_select(0, tokens)
+        ys = self._grouped(xs, weight.index_select(0, order), counts)
+        return out.index_add_(0, tokens, ys.to(out.dtype))
+
+    def _add_dense(self, out, x, idx, weight, may_skip):
+        """Every expert's ``A x`` in one matmul, scaled by the routing weights (zero for the
+        experts not chosen), then one matmul with the stacked ``s B``, added to ``out``."""
+        t, n = x.shape[0], self.n_experts
+        if may_skip:  # -1 lands in an extra column, dropped
+            p = x.new_zeros(t, n + 1).scatter_add_(1, torch.where(idx >= 0, idx, n), weight)[:, :n]
         else:
-            ys_sorted = self._grouped_loop(x.index_select(0, order // k), weight[order], counts.tolist())
-            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n_assigned, device=x.device))
-            ys = ys_sorted.index_select(0, inverse)
-        # ys is in (token, choice) order: sum the k choices (index_add_ is slow on CPU)
-        ys = ys.view(t, k, -1).sum(1) if k > 1 else ys
-        return out.add_(ys.to(out.dtype))
+            p = x.new_zeros(t, n).scatter_add_(1, idx, weight)
+        z = torch.mm(x, self.lora_A_cat).view(t, n, -1).mul_(p.unsqueeze(-1)).view(t, -1)
+        b = self.lora_BT.view(-1, self.out_features)
+        if out.dtype == z.dtype:
+            return out.addmm_(z, b)
+        return out.add_((z @ b).to(out.dtype))
 
-    def _padded_bmm(self, x, k, order, experts_sorted, weight, counts, group):
-        # Slot e*G + i holds the i-th assignment routed to expert e; unused slots read token 0
-        # with weight 0, so they contribute exact zeros.
-        n, n_assigned = self.n_experts, order.numel()
-        offsets = torch.cumsum(counts, 0) - counts
-        arange = torch.arange(n_assigned, device=x.device)
-        slot_sorted = experts_sorted * group + arange - offsets[experts_sorted]
-        slot_tokens = order.new_zeros(n * group).index_copy_(0, slot_sorted, order // k)
-        slot_weight = weight.new_zeros(n * group).index_copy_(0, slot_sorted, weight[order])
-        buf = x.index_select(0, slot_tokens).view(n, group, self.in_features)
-        z = torch.bmm(buf, self.lora_AT).mul_(slot_weight.view(n, group, 1))
-        y = torch.bmm(z, self.lora_BT).view(n * group, self.out_features)
-        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # per assignment
-        return y.index_select(0, slot)
-
-    def _grouped_loop(self, xs, weight, counts):
-        """Two matmuls per non-empty expert on its block of the expert-sorted inputs."""
+    def _grouped(self, xs, weight, counts):
+        """``weight[i] · (xs[i] A_e^T) B_e^T`` for rows ``xs`` sorted by expert, ``counts[e]``
+        rows for expert ``e``: two grouped matmuls, or a loop over the non-empty experts where
+        ``grouped_mm`` cannot take the device, dtype or shapes."""
+        if self._use_grouped_mm:
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            try:
+                z = F.grouped_mm(xs, self.lora_AT, offs=offs).mul_(weight[:, None])
+                return F.grouped_mm(z, self.lora_BT, offs=offs)
+            except RuntimeError:  # unsupported here (e.g. an old GPU): use the loop from now on
+                self._use_grouped_mm = False
         ys = xs.new_empty(xs.shape[0], self.out_features)
         start = 0
-        for j, count in enumerate(counts):
+        for j, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
             end, r = start + count, self.ranks[j]

@@ -32,12 +32,22 @@ WEIGHTINGS = ("softmax", "sigmoid")
 
 
 def select_top_k(
-    scores: torch.Tensor, top_k: int, weighting: str = "softmax", temperature: float = 1.0
+    scores: torch.Tensor,
+    top_k: int,
+    weighting: str = "softmax",
+    temperature: float = 1.0,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ``scores`` [tokens, n] and their mixture weights (see module docstring)."""
+    """Top-k of ``scores`` [tokens, n] and their mixture weights (see module docstring).
+
+    ``scale`` ([tokens, 1], positive): the true scores are ``scores * scale``; only the kept
+    ones are scaled (a positive factor per token does not change which are kept).
+    """
     k = min(top_k, scores.shape[-1])
-    top, idx = torch.topk(scores, k, dim=-1)
-    if temperature != 1.0:
+    top, idx = _top_k(scores, k)
+    if scale is not None:
+        top = top * (scale / temperature if temperature != 1.0 else scale)
+    elif temperature != 1.0:
         top = top / temperature
     if weighting == "softmax":
         weight = torch.softmax(top, dim=-1)
@@ -46,6 +56,18 @@ def select_top_k(
     else:
         raise RecycleError(f"unknown weighting {weighting!r} (choose from {', '.join(WEIGHTINGS)})")
     return idx, weight
+
+
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=-1)``; for k <= 2 over many rows, k rounds of ``max`` (the
+    same values and indices, highest first; ~2.5x faster than topk on CPU for 1024 x 32)."""
+    if k > 2 or scores.shape[0] < 256:
+        return torch.topk(scores, k, dim=-1)
+    top, idx = scores.max(-1, keepdim=True)
+    if k == 1:
+        return top, idx
+    top2, idx2 = scores.scatter(-1, idx, float("-inf")).max(-1, keepdim=True)
+    return torch.cat([top, top2], -1), torch.cat([idx, idx2], -1)
 
 
 def _check_settings(top_k: int, weighting: str, temperature: float) -> None:
@@ -84,12 +106,38 @@ class GateRouter:
         if v.shape[1] != layer.in_features:
             raise RecycleError(f"{self.name}: vectors at {layer.path} have size {v.shape[1]}, need {layer.in_features}")
         keys = F.layer_norm(v, (v.shape[1],)) / math.sqrt(v.shape[1])
-        layer.register_buffer("router_keys", keys.to(layer.weight.device, layer.weight.dtype), persistent=False)
+        dev, dt = layer.weight.device, torch.promote_types(layer.weight.dtype, torch.float32)  # scores in >= fp32
+        layer.register_buffer("router_keys", keys.to(dev, dt), persistent=False)
+        # [d, N + 1]: the keys and a column of 1/d, so one matmul gives x·k_i and mean(x)
+        proj = torch.cat([keys, torch.full((1, v.shape[1]), 1.0 / v.shape[1])]).T.contiguous()
+        layer.register_buffer("router_proj", proj.to(dev, dt), persistent=False)
 
     def route(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.reshape(-1, x.shape[-1]).to(layer.router_keys.dtype)
-        scores = F.layer_norm(x, (x.shape[-1],)) @ layer.router_keys.T
-        return select_top_k(scores, self.top_k, self.weighting, self.temperature)
+        raw, rstd = self._raw_scores(layer, x)
+        return select_top_k(raw, self.top_k, self.weighting, self.temperature, scale=rstd)
+
+    def scores(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """``LN(x) · k_i`` for every expert i present at ``layer``: ``[tokens, N]``."""
+        raw, rstd = self._raw_scores(layer, x)
+        return raw * rstd
+
+    @staticmethod
+    def _raw_scores(layer, x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x · k_i, 1 / std(x))``: since the keys have zero mean (they are LayerNormed),
+        ``LN(x) · k = (x − mean(x)) · k / std(x) = x · k / std(x)``, so LN(x) is never
+        materialised; ``var(x) = mean(x²) − mean(x)²`` with ``F.layer_norm``'s eps, in float32
+        or wider. That difference loses precision when |mean(x)| ≫ std(x) (relative error
+        ~1e-7·mean²/var): a batch with a token where mean² > 1000·var is standardised exactly."""
+        x = x.reshape(-1, x.shape[-1]).to(layer.router_proj.dtype)
+        raw = x @ layer.router_proj
+        n, d = raw.shape[1] - 1, x.shape[-1]
+        mean = raw[:, n:]
+        var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d).sub_(mean.square())
+        if bool((mean.square() > 1000 * var).any()):
+            xc = x - x.mean(-1, keepdim=True)
+            var = xc.square().mean(-1, keepdim=True)
+            raw = xc @ layer.router_proj
+        return raw[:, :n], var.clamp_min_(0).add_(eps).rsqrt_()
 
 
 class AvgActivationRouter(GateRouter):
