@@ -186,7 +186,7 @@ def main(argv=None) -> None:
         "",
         f"Setup: {setup['model']}; {setup['experts']}; k = {args.top_k}; inputs: batch {args.batch} x "
         f"{args.seq} tokens; {args.threads} threads; torch {torch.__version__}; time = {setup['timing']} "
-        f"({args.reps} reps). Dispatch: the routed layer's choice (dense below N·r = "
+        f"({args.reps} reps). Dispatch: the routed layer's choice (dense up to N·r = "
         f"{RoutedLoraLinear.dense_max_columns}, grouped above).",
         "",
         "| routed modules | N experts | dispatch | tokens | base (s) | phatgoose-routed (s) | PEFT Arrow (s) "

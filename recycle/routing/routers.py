@@ -127,13 +127,15 @@ class GateRouter:
         ``LN(x) · k = (x − mean(x)) · k / std(x) = x · k / std(x)``, so LN(x) is never
         materialised; ``var(x) = mean(x²) − mean(x)²`` with ``F.layer_norm``'s eps, in float32
         or wider. That difference loses precision when |mean(x)| ≫ std(x) (relative error
-        ~1e-7·mean²/var): a batch with a token where mean² > 1000·var is standardised exactly."""
+        ~1e-7·mean²/var): a batch with a token where mean² > 1000·var, or any batch off the
+        CPU, is centred first (exact)."""
         x = x.reshape(-1, x.shape[-1]).to(layer.router_proj.dtype)
         raw = x @ layer.router_proj
         n, d = raw.shape[1] - 1, x.shape[-1]
         mean = raw[:, n:]
         var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d).sub_(mean.square())
-        if bool((mean.square() > 1000 * var).any()):
+        # the check costs a device sync on an accelerator, where centring is cheap: always centre
+        if x.device.type != "cpu" or bool((mean.square() > 1000 * var).any()):
             xc = x - x.mean(-1, keepdim=True)
             var = xc.square().mean(-1, keepdim=True)
             raw = xc @ layer.router_proj
