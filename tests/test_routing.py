@@ -218,6 +218,31 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
         torch.testing.assert_close(got, layer.dense_delta(x2d, idx2, w), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dispatch_in_other_dtypes(dtype):
+    """float64 (no grouped_mm: the per-expert loop) and bfloat16 (ranks padded to 16 bytes)
+    give the float64 formula, to the precision of the dtype, in both dispatches."""
+    base, experts, gates = make_layer(8, range(8), seed=1)
+    x = torch.randn(50, 24, generator=torch.Generator().manual_seed(1))
+    for dense_max in (0, 10**9):
+        RoutedLoraLinear.dense_max_columns = dense_max
+        try:
+            layer = RoutedLoraLinear(base.to(dtype), "lin", experts, 8, GateRouter(gates, 2))
+        finally:
+            RoutedLoraLinear.dense_max_columns = 256
+        assert layer._use_grouped_mm == (dtype != torch.float64)
+        xd = x.to(dtype)
+        idx, w = layer.router.route(layer, xd)
+        got = layer.sparse_delta(xd, idx, w).double()
+        expected = torch.zeros(50, 40, dtype=torch.float64)
+        for t in range(50):
+            for j, p in zip(idx[t].tolist(), w[t].tolist()):
+                m = experts[j][2]
+                expected[t] += p * m.scaling * (m.B.double() @ (m.A.double() @ xd[t].double()))
+        tol = 1e-10 if dtype == torch.float64 else 2e-2 * expected.abs().max().item()
+        torch.testing.assert_close(got, expected, atol=tol, rtol=0)
+
+
 def test_phatgoose_scores_are_standardised_dot_products():
     """The router never materialises LN(x); its scores still equal LN(x)·LN(v)/sqrt(d), also
     for inputs far from zero mean, and its top-k equals torch.topk (the fast k <= 2 path too)."""

@@ -76,7 +76,7 @@ class RoutedLoraLinear(nn.Module):
         self.register_buffer("local_index", local.to(w.device), persistent=False)
         self.ranks = [m.rank for _, _, m in experts]
         # pad the rank so rows of A^T x and B^T are 16-byte aligned, as grouped_mm needs
-        size = w.element_size()
+        size, wide = w.element_size(), torch.promote_types(w.dtype, torch.float32)
         r_max = -(-max(self.ranks, default=0) // max(1, 16 // size)) * max(1, 16 // size)
         A = torch.zeros(len(experts), base_layer.in_features, r_max, dtype=w.dtype, device=w.device)
         BT = torch.zeros(len(experts), r_max, base_layer.out_features, dtype=w.dtype, device=w.device)
@@ -87,7 +87,7 @@ class RoutedLoraLinear(nn.Module):
                     f"Linear({base_layer.in_features}, {base_layer.out_features})"
                 )
             A[j, :, : m.rank] = m.A.T.to(w.device, w.dtype)
-            BT[j, : m.rank, :] = (m.scaling * m.B.T.float()).to(w.device, w.dtype)  # s_j folded in
+            BT[j, : m.rank, :] = (m.scaling * m.B.T.to(wide)).to(w.device, w.dtype)  # s_j folded in
         # one layout, the one the dispatch reads: [d_in, N * r_max] (dense) or [N, d_in, r_max]
         self._cat_layout = len(experts) * r_max <= self.dense_max_columns
         A = A.permute(1, 0, 2).reshape(base_layer.in_features, -1) if self._cat_layout else A
