@@ -202,9 +202,9 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
             explicit[t] += p * m.scaling * (m.B @ (m.A @ x2d[t]))
     torch.testing.assert_close(layer.dense_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
     assert layer._use_grouped_mm  # 24 and 40 float32 features: 16-byte aligned rows
-    dispatches = [(0, True), (0, False), (10**9, True)]  # grouped_mm, per-expert loop, dense
-    for dense_max, grouped in dispatches:
-        layer.dense_max_columns, layer._use_grouped_mm = dense_max, grouped
+    dispatches = [(False, True), (False, False), (True, True)]  # grouped_mm, per-expert loop, dense
+    for dense, grouped in dispatches:
+        layer.dense, layer._use_grouped_mm = dense, grouped
         torch.testing.assert_close(layer.sparse_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), base(x) + explicit.view(3, 11, 40), atol=1e-4, rtol=1e-4)
@@ -212,8 +212,8 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
     idx2 = idx.clone()
     idx2[::2, 0] = -1
     layer.router.may_skip = True
-    for dense_max, grouped in dispatches:
-        layer.dense_max_columns, layer._use_grouped_mm = dense_max, grouped
+    for dense, grouped in dispatches:
+        layer.dense, layer._use_grouped_mm = dense, grouped
         got = layer.sparse_delta(x2d, idx2, w)
         torch.testing.assert_close(got, layer.dense_delta(x2d, idx2, w), atol=1e-4, rtol=1e-4)
 
@@ -230,7 +230,8 @@ def test_dispatch_in_other_dtypes(dtype):
             layer = RoutedLoraLinear(base.to(dtype), "lin", experts, 8, GateRouter(gates, 2))
         finally:
             RoutedLoraLinear.dense_max_columns = 256
-        assert layer._use_grouped_mm == (dtype != torch.float64)
+        assert layer._use_grouped_mm == (dtype != torch.float64) and layer.dense == bool(dense_max)
+        assert layer.lora_A.dim() == (2 if dense_max else 3)  # the layout the dispatch reads
         xd = x.to(dtype)
         idx, w = layer.router.route(layer, xd)
         got = layer.sparse_delta(xd, idx, w).double()

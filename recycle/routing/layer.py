@@ -50,8 +50,8 @@ class RoutedLoraLinear(nn.Module):
 
     #: dispatch: while the stacked rank N * r_max is at most this, the dense path (T·N·r·(d_in +
     #: d_out) multiply-adds in ~6 operations) runs instead of grouping (T·k·r·(d_in + d_out)
-    #: multiply-adds, but sorting, gathers and a scatter-add); read when a layer is built
-    #: (it picks the layout of ``lora_A``). 0: always sparse dispatch.
+    #: multiply-adds, but sorting, gathers and a scatter-add); read when a layer is built, to
+    #: set its ``dense``. 0: always sparse dispatch.
     dense_max_columns: int = 256
 
     def __init__(
@@ -88,9 +88,10 @@ class RoutedLoraLinear(nn.Module):
                 )
             A[j, :, : m.rank] = m.A.T.to(w.device, w.dtype)
             BT[j, : m.rank, :] = (m.scaling * m.B.T.to(wide)).to(w.device, w.dtype)  # s_j folded in
-        # one layout, the one the dispatch reads: [d_in, N * r_max] (dense) or [N, d_in, r_max]
-        self._cat_layout = len(experts) * r_max <= self.dense_max_columns
-        A = A.permute(1, 0, 2).reshape(base_layer.in_features, -1) if self._cat_layout else A
+        #: the dispatch: dense (True) or grouped; stored as one layout of A, the one it reads:
+        #: [d_in, N * r_max] (dense) or [N, d_in, r_max] (grouped)
+        self.dense = len(experts) * r_max <= self.dense_max_columns
+        A = A.permute(1, 0, 2).reshape(base_layer.in_features, -1) if self.dense else A
         self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_BT", BT, persistent=False)
         self._use_grouped_mm = (
@@ -121,14 +122,14 @@ class RoutedLoraLinear(nn.Module):
     @property
     def lora_AT(self) -> torch.Tensor:
         """``A_j^T`` stacked, ``[N, d_in, r_max]``."""
-        if self._cat_layout:
+        if self.lora_A.dim() == 2:
             return self.lora_A.view(self.in_features, self.n_experts, -1).permute(1, 0, 2)
         return self.lora_A
 
     @property
     def lora_A_cat(self) -> torch.Tensor:
         """``A_j^T`` side by side, ``[d_in, N * r_max]``: one matmul gives every expert's A x."""
-        if self._cat_layout:
+        if self.lora_A.dim() == 2:
             return self.lora_A
         return self.lora_A.permute(1, 0, 2).reshape(self.in_features, -1)
 
@@ -161,7 +162,7 @@ class RoutedLoraLinear(nn.Module):
             return out
         weight = weight.to(x.dtype)
         may_skip = getattr(self.router, "may_skip", False)  # idx -1: no expert
-        if self.n_experts * self.lora_BT.shape[1] <= self.dense_max_columns:
+        if self.dense:
             return self._add_dense(out, x, idx, weight, may_skip)
         experts, weight = idx.reshape(-1), weight.reshape(-1)
         if may_skip:  # -1: expert 0 with weight 0

@@ -107,7 +107,6 @@ class GateRouter:
             raise RecycleError(f"{self.name}: vectors at {layer.path} have size {v.shape[1]}, need {layer.in_features}")
         keys = F.layer_norm(v, (v.shape[1],)) / math.sqrt(v.shape[1])
         dev, dt = layer.weight.device, torch.promote_types(layer.weight.dtype, torch.float32)  # scores in >= fp32
-        layer.register_buffer("router_keys", keys.to(dev, dt), persistent=False)
         # [d, N + 1]: the keys and a column of 1/d, so one matmul gives x·k_i and mean(x)
         proj = torch.cat([keys, torch.full((1, v.shape[1]), 1.0 / v.shape[1])]).T.contiguous()
         layer.register_buffer("router_proj", proj.to(dev, dt), persistent=False)
@@ -130,16 +129,17 @@ class GateRouter:
         ~1e-7·mean²/var): a batch with a token where mean² > 1000·var, or any batch off the
         CPU, is centred first (exact)."""
         x = x.reshape(-1, x.shape[-1]).to(layer.router_proj.dtype)
-        raw = x @ layer.router_proj
-        n, d = raw.shape[1] - 1, x.shape[-1]
-        mean = raw[:, n:]
-        var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d).sub_(mean.square())
+        n = layer.router_proj.shape[1] - 1
         # the check costs a device sync on an accelerator, where centring is cheap: always centre
-        if x.device.type != "cpu" or bool((mean.square() > 1000 * var).any()):
-            xc = x - x.mean(-1, keepdim=True)
-            var = xc.square().mean(-1, keepdim=True)
-            raw = xc @ layer.router_proj
-        return raw[:, :n], var.clamp_min_(0).add_(eps).rsqrt_()
+        if x.device.type == "cpu":
+            raw = x @ layer.router_proj
+            mean = raw[:, n:]
+            var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).sub_(mean.square())
+            if not bool((mean.square() > 1000 * var).any()):
+                return raw[:, :n], var.clamp_min_(0).add_(eps).rsqrt_()
+        xc = x - x.mean(-1, keepdim=True)
+        raw = xc @ layer.router_proj
+        return raw[:, :n], xc.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
 
 
 class AvgActivationRouter(GateRouter):
