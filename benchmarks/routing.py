@@ -107,14 +107,25 @@ def time_forwards(models: dict, batch, reps: int) -> dict[str, tuple[float, floa
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--experts", default="8,32,128", help="comma-separated N values")
+    ap.add_argument("--experts", type=positive_ints, default="8,32,128", help="comma-separated N values")
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--layers", default="8,30", help="comma-separated: route the top L layers (8: the experts "
+    ap.add_argument("--layers", type=positive_ints, default="8,30", help="comma-separated: route the top L layers (8: the experts "
                     "recycle trains, DATA.md; 30: every layer)")  # fmt: skip
-    ap.add_argument("--batch", default="2,16", help="comma-separated batch sizes (each a row)")
+    ap.add_argument("--batch", type=positive_ints, default="2,16", help="comma-separated batch sizes (each a row)")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -123,22 +134,28 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.reps = 2
+    try:  # up front: a run of many minutes must not end unable to write its results
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--out {args.out}: {e.strerror}")
     torch.set_num_threads(args.threads)
     command = "python benchmarks/routing.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
     model = smollm2_shape()
     n_layers = model.config.num_hidden_layers
+    if max(args.layers) > n_layers:
+        ap.error(f"--layers: the model has {n_layers} layers")
     g = torch.Generator().manual_seed(1)
     batches = {
         b: {"input_ids": torch.randint(0, model.config.vocab_size, (b, args.seq), generator=g)}
-        for b in [int(v) for v in args.batch.split(",")]
+        for b in args.batch
     }
     rows = []
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for n_routed in [int(v) for v in args.layers.split(",")]:
+        for n_routed in args.layers:
             layers = list(range(n_layers - n_routed, n_layers))
-            for n in [int(v) for v in args.experts.split(",")]:
+            for n in args.experts:
                 folders = write_experts(model, Path(tmp) / f"l{n_routed}n{n}", n, layers, args.rank, seed=n)
                 gates = {}
                 for name in folders:
@@ -148,7 +165,7 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 handle = build_routed_model(routed_model, folders, "phatgoose", top_k=args.top_k, gates=gates)
                 routed_build = time.perf_counter() - t0
-                dispatch = {("dense" if m._cat_layout else "grouped") for m in handle.layers.values()}
+                dispatch = {("dense" if m.dense else "grouped") for m in handle.layers.values()}
                 t0 = time.perf_counter()
                 arrow_model = peft_arrow_model(copy.deepcopy(model), list(folders.values()), args.top_k, layers, n_layers)
                 arrow_build = time.perf_counter() - t0
@@ -172,19 +189,18 @@ def main(argv=None) -> None:
     setup = {
         "model": "LlamaConfig of SmolLM2-135M's shape, random init, float32",
         "experts": "random rank-%d LoRA on q,k,v,o,gate,up,down of the top L layers, PEFT folders on disk" % args.rank,
-        "rank": args.rank, "top_k": args.top_k, "batches": args.batch, "seq": args.seq, "reps": args.reps,
+        "rank": args.rank, "top_k": args.top_k, "batches": ",".join(map(str, args.batch)), "seq": args.seq, "reps": args.reps,
         "threads": args.threads, "torch": torch.__version__,
         "timing": "min over reps after 1 warm-up, the three models taking turns",
         "wall_s": round(time.time() - started),
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routing.json").write_text(json.dumps({"command": command, "setup": setup, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Routed inference throughput",
         "",
         f"Command: `{command}` ({setup['wall_s']} s)",
         "",
-        f"Setup: {setup['model']}; {setup['experts']}; k = {args.top_k}; inputs: batch {args.batch} x "
+        f"Setup: {setup['model']}; {setup['experts']}; k = {args.top_k}; inputs: batch {setup['batches']} x "
         f"{args.seq} tokens; {args.threads} threads; torch {torch.__version__}; time = {setup['timing']} "
         f"({args.reps} reps). Dispatch: the routed layer's choice (dense up to N·r = "
         f"{RoutedLoraLinear.dense_max_columns}, grouped above).",
