@@ -33,7 +33,8 @@ from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from recycle.routing import RoutedLoraLinear, build_routed_model
+from recycle.methods import build_routed_model
+from recycle.routing import RoutedLoraLinear
 
 PROJ = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 RESULTS = Path(__file__).parent / "results"

@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import PeftModel
 
     from recycle.basemodels import load_base, resolve_base
-    from recycle.data import load_examples
     from recycle.registry import Registry
     from recycle.scoring import accuracy, score_choices
-    from recycle.tasks import add_task, catalogue_spec
+    from recycle.tasks import add_task, catalogue_spec, load_examples
     from recycle.training import TrainSettings, train_expert
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))

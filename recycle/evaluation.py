@@ -1,10 +1,11 @@
-"""Zero-shot and generalised zero-shot evaluation (SPEC sections 1 and 3).
+"""Evaluation: zero-shot (held-out tasks) and generalised zero-shot (a mix) by rank
+classification, one Ray task per (method or composition, task).
 
-The driver (:func:`plan_eval`) decides the (method, task) jobs: which examples (seeded
-sample of each task's test split), which experts, the settings hash that identifies a
-result; results already stored for the same key are reused. Each job runs anywhere, a
-Ray worker included (:func:`run_eval_job`): load the base model, install the method,
-rank-classify, and return plain numbers. Only the driver writes the registry.
+The driver (:func:`evaluate`) plans jobs from the registry, reuses stored results with the
+same key, runs the rest on Ray and records each result as it arrives; it returns the run
+id. Workers (:func:`run_eval_job`) get plain data (plans, examples), load the base model,
+install each method, rank-classify and return plain numbers, every choice's score of every
+example included. Only the driver writes the registry.
 
 Held-in tasks have a registered single-task expert, held-out ones have none. For a mix
 the generalised zero-shot numbers are S (mean accuracy over held-in tasks), U (over
@@ -22,11 +23,48 @@ import time
 from dataclasses import dataclass, field
 
 from recycle import compose as comp
+from recycle import methods
+from recycle.console import Reporter
 from recycle.errors import RecycleError
-from recycle.registry import Registry, encode_json, now
+from recycle.methods import Plan
+from recycle.registry import Registry
+from recycle.stats import mcnemar, paired_bootstrap, suh, wilson
 
-DEFAULT_METHODS = ("base", "uniform", "arrow", "avg-activation", "retrieval", "phatgoose", "oracle", "multitask")
 EVAL_FORMAT = "rank-classification/1"
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What to evaluate, on what, with which resources."""
+
+    methods: tuple[str, ...] = ()
+    compositions: tuple[str, ...] = ()
+    tasks: str = "held-out"  # held-out, held-in, all, or comma-separated names
+    n: int | None = None
+    seed: int = 0
+    top_k: int | None = None  # for token-routed methods given by name (default: the method's)
+    batch_size: int = 16
+    cpus_per_task: float = 1.0
+    gpus_per_task: float | None = None
+    force: bool = False
+    address: str | None = None
+
+    def __post_init__(self):
+        if self.n is not None and self.n < 1:
+            raise RecycleError(f"-n must be at least 1, not {self.n}")
+        if not self.cpus_per_task > 0:
+            raise RecycleError(f"--cpus-per-task must be positive, not {self.cpus_per_task}")
+        if self.batch_size < 1:
+            raise RecycleError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.top_k is not None and self.top_k < 1:
+            raise RecycleError(f"--top-k must be at least 1, not {self.top_k}")
+        for m in self.methods:
+            methods.parse(m)
+
+    def record(self) -> dict:
+        """The run's settings as stored with it."""
+        return {"methods": list(self.methods), "compositions": list(self.compositions), "tasks": self.tasks,
+                "n": self.n, "seed": self.seed, "top_k": self.top_k}
 
 
 @dataclass
@@ -34,7 +72,7 @@ class EvalJob:
     """Everything a worker needs, as plain data."""
 
     label: str  # method or composition name, as shown in the table
-    plan: dict  # compose.Plan as a dict
+    plan: dict  # methods.Plan as a dict
     task: str
     held: str  # "in" | "out"
     examples: list  # recycle.data.Example
@@ -46,25 +84,15 @@ class EvalJob:
     member_hashes: dict = field(default_factory=dict)
     n: int = 0
     seed: int = 0
+    device: str = "cpu"
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def suh(seen: list[float], unseen: list[float]) -> dict:
-    """Generalised zero-shot: S, U (macro accuracies) and their harmonic mean H."""
-    s = sum(seen) / len(seen) if seen else float("nan")
-    u = sum(unseen) / len(unseen) if unseen else float("nan")
-    h = 2 * s * u / (s + u) if seen and unseen and (s + u) > 0 else float("nan")
-    return {"S": s, "U": u, "H": h}
+@dataclass
+class EvalOutcome:
+    run_id: int
+    failures: list[str]
+    skipped: list[dict]
+    reused: int
 
 
 def layer_of(module_path: str) -> int | None:
@@ -75,38 +103,57 @@ def layer_of(module_path: str) -> int | None:
 # ---- the worker ---------------------------------------------------------------------
 
 
+def routing_cost(stats: dict) -> dict:
+    """From per-module routing stats: mean LoRA expert products per token per routed module,
+    and the share of tokens sent to each kind of expert (``lora`` or a computation-free
+    kind: ``zero``, ``copy``, ``constant``), averaged over modules."""
+    if not stats:
+        return {}
+    products = sum(s["lora_products"] for s in stats.values()) / len(stats)
+    kinds: dict[str, float] = {}
+    for s in stats.values():
+        names = list(s["load"])
+        n_lora = len(names) - sum(1 for n in names if n.startswith("@"))
+        for i, (name, load) in enumerate(s["load"].items()):
+            kind = "lora" if i < n_lora else re.sub(r"\d+$", "", name.lstrip("@"))
+            kinds[kind] = kinds.get(kind, 0.0) + load / len(stats)
+    return {"lora_products": products, "kinds": kinds}
+
+
 def run_eval_job(job: EvalJob) -> dict:
     import torch
 
     from recycle.basemodels import load_base, resolve_base
-    from recycle.routing import RoutedLoraLinear
     from recycle.scoring import predict, score_choices
 
     torch.set_num_threads(max(1, int(job.threads)))
     torch.manual_seed(0)
     t0 = time.time()
-    plan = comp.Plan(**job.plan)
+    plan = Plan(**job.plan)
     model, tok = load_base(resolve_base(plan.base))
+    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
+    model.to(device)
     handle = comp.install(plan, model, tok)
     examples = job.examples
+    extra: dict = {}
     try:
-        on_rows, chosen = comp.per_example_hook(handle, plan, examples, task=job.task)
-        routed = any(isinstance(m, RoutedLoraLinear) for m in handle.layers.values())
+        on_rows, chosen = comp.assign_examples(handle, plan, examples, [job.task] * len(examples))
         usage: dict[str, dict[str, float]] = {}
-        tokens: dict[str, int] = {}
-        if routed:
+        if handle.routed:
             with handle.record() as rec:
                 scores = score_choices(model, tok, examples, batch_size=job.batch_size,
                                        max_length=job.max_length, on_rows=on_rows)
-            # token-weighted load per module over every forward pass of this task
-            for path, s in rec.stats().items():
-                tokens[path] = s["tokens"]
-                usage[path] = s["load"]
+            stats = rec.stats()
+            usage = {path: s["load"] for path, s in stats.items()}  # token-weighted, every forward
+            if methods.get(plan.method).token_routed:
+                extra.update(routing_cost(stats))
         else:
             scores = score_choices(model, tok, examples, batch_size=job.batch_size,
                                    max_length=job.max_length, on_rows=on_rows)
     finally:
         handle.remove()
+    if chosen is not None:
+        extra["experts"] = chosen
     preds = predict(scores)
     correct = sum(int(p == ex.label) for p, ex in zip(preds, examples))
     lo, hi = wilson(correct, len(examples))
@@ -119,8 +166,10 @@ def run_eval_job(job: EvalJob) -> dict:
         "ci_low": lo,
         "ci_high": hi,
         "predictions": preds,
+        "scores": scores,
+        "labels": [ex.label for ex in examples],
         "routing": usage or None,
-        "per_example_experts": chosen,
+        "extra": extra or None,
         "seconds": time.time() - t0,
     }
 
@@ -130,10 +179,8 @@ def run_eval_job(job: EvalJob) -> dict:
 
 def task_sets(registry: Registry) -> tuple[list[str], list[str]]:
     """(held-in, held-out) task names: held-in tasks have a single-task expert."""
-    from recycle.tasks import list_tasks
-
-    tasks = [t["name"] for t in list_tasks(registry)]
-    with_expert = {e["task"] for e in registry.experts() if e.get("task") and not comp.is_multitask(e)}
+    tasks = [t["name"] for t in registry.tasks()]
+    with_expert = {e["task"] for e in registry.experts() if e.get("task") and not methods.is_multitask(e)}
     return [t for t in tasks if t in with_expert], [t for t in tasks if t not in with_expert]
 
 
@@ -155,121 +202,118 @@ def choose_tasks(registry: Registry, spec: str) -> list[tuple[str, str]]:
     return [(t, "in" if t in held_in else "out") for t in chosen]
 
 
-def _data_key(registry: Registry, task: str) -> str:
-    """The task spec's hash: a changed spec means new test examples, so new results."""
-    rows = list(registry.db.query("select spec_sha256 from tasks where name = ?", [task]))
-    return rows[0]["spec_sha256"] if rows else ""
+def result_key(plan: Plan, registry: Registry, task: str, n: int | None, seed: int) -> str:
+    """Equal keys, equal results: the plan's settings hash, base, the task spec's hash (a
+    changed spec means new examples), n and seed."""
+    spec = registry.task(task)["spec_sha256"]
+    return hashlib.sha256(json.dumps([EVAL_FORMAT, plan.settings_hash, plan.base, task, spec, n, seed],
+                                     sort_keys=True).encode()).hexdigest()
 
 
-def plan_eval(
-    registry: Registry,
-    *,
-    methods: list[str] | None,
-    compositions: list[str] | None,
-    tasks: str,
-    n: int | None,
-    seed: int,
-    top_k: int = 2,
-    batch_size: int = 16,
-    threads: int = 1,
-) -> tuple[list[EvalJob], list[dict]]:
+def plan_eval(registry: Registry, request: EvalRequest, threads: int = 1) -> tuple[list[EvalJob], list[dict]]:
     """The jobs to run and the notes on (method, task) pairs skipped (with the reason)."""
-    from recycle.data import load_examples
+    from recycle.tasks import load_examples
 
-    chosen_tasks = choose_tasks(registry, tasks)
-    plans: list[tuple[str, comp.Plan]] = []
+    chosen_tasks = choose_tasks(registry, request.tasks)
+    plans: list[Plan] = [comp.plan(registry, composition=c, data_seed=request.seed) for c in request.compositions]
     skipped: list[dict] = []
-    for c in compositions or []:
-        plans.append((c, comp.plan(registry, composition=c, data_seed=seed)))
-    for m in methods or []:
-        if m == "multitask" and not any(comp.is_multitask(e) for e in registry.experts()):
-            skipped.append({"label": m, "task": "*", "reason": "no multitask expert registered"})
+    for spec in request.methods:
+        m, _ = methods.parse(spec)
+        if m.members == "multitask" and not any(methods.is_multitask(e) for e in registry.experts()):
+            skipped.append({"label": spec, "task": "*", "reason": "no multitask expert registered"})
             continue
-        plans.append((m, comp.plan(registry, method=m, top_k=top_k, data_seed=seed)))
+        settings = {"top_k": request.top_k} if request.top_k is not None and "top_k" in m.Settings.names() else {}
+        plans.append(comp.plan(registry, method=spec, settings=settings, data_seed=request.seed))
     jobs = []
     examples_cache: dict[str, list] = {}
-    for label, p in plans:
+    for p in plans:
         for task, held in chosen_tasks:
             if p.method == "oracle" and task not in {m["task"] for m in p.members}:
-                skipped.append({"label": label, "task": task, "reason": "no expert for this task (held-out)"})
+                skipped.append({"label": p.label, "task": task, "reason": "no expert for this task (held-out)"})
                 continue
             if task not in examples_cache:
-                examples_cache[task] = load_examples(registry, task, "test", n=n, seed=seed)
+                examples_cache[task] = load_examples(registry, task, "test", n=request.n, seed=request.seed)
                 if not examples_cache[task]:
                     raise RecycleError(f"task {task}: empty test split")
             exs = examples_cache[task]
-            key = hashlib.sha256(
-                json.dumps([EVAL_FORMAT, p.settings_hash, p.base, task, _data_key(registry, task), n, seed],
-                           sort_keys=True).encode()
-            ).hexdigest()
-            jobs.append(EvalJob(label, p.to_dict(), task, held, exs, batch_size=batch_size, threads=threads,
-                                key=key, settings_hash=p.settings_hash, member_hashes=p.member_hashes,
-                                n=len(exs), seed=seed))
+            jobs.append(EvalJob(p.label, p.to_dict(), task, held, exs, batch_size=request.batch_size, threads=threads,
+                                key=result_key(p, registry, task, request.n, request.seed),
+                                settings_hash=p.settings_hash, member_hashes=p.member_hashes, n=len(exs),
+                                seed=request.seed))
     return jobs, skipped
 
 
-def stored_result(registry: Registry, key: str) -> dict | None:
-    rows = list(registry.db.query(
-        "select * from eval_results where key = ? order by id desc limit 1", [key]))
-    return _decode(rows[0]) if rows else None
+def _row(run_id: int, job: EvalJob, result: dict, reused_from: int | None = None) -> dict:
+    keep = ("n", "correct", "accuracy", "ci_low", "ci_high", "routing", "predictions", "scores", "labels", "extra",
+            "seconds")
+    return {"run_id": run_id, "key": job.key, "label": job.label, "method": job.plan["method"],
+            "settings_hash": job.settings_hash, "member_hashes": job.member_hashes, "task": job.task,
+            "held": job.held, "seed": job.seed, "reused_from": reused_from, **{k: result.get(k) for k in keep}}
 
 
-def _decode(row: dict) -> dict:
-    row = dict(row)
-    for k in ("routing", "member_hashes", "predictions"):
-        if row.get(k):
-            row[k] = json.loads(row[k])
-    return row
+def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None = None) -> EvalOutcome:
+    """Run an evaluation (see the module docstring); returns its run id, the failed jobs
+    (one line each) and the skipped (method, task) pairs. An interrupt marks the run
+    ``interrupted`` (the results recorded so far stay, each whole) and propagates."""
+    from recycle import cluster
+
+    report = report or Reporter()
+    if not request.methods and not request.compositions:
+        raise RecycleError("nothing to evaluate: give methods or compositions")
+    registry.check_writable()
+    registry.mark_dead_runs()
+    threads = max(1, math.ceil(request.cpus_per_task))
+    jobs, skipped = plan_eval(registry, request, threads)
+    t0 = time.time()
+    run_id = registry.start_run(request.record())
+    todo, reused = [], 0
+    for job in jobs:
+        old = None if request.force else registry.stored_result(job.key)
+        if old is not None and old.get("scores") is not None:
+            registry.record_result(_row(run_id, job, old, reused_from=old["id"]))
+            reused += 1
+        else:
+            todo.append(job)
+    if reused:
+        report.say(f"reusing {reused} stored result(s) for the same settings (--force recomputes)")
+    for s in skipped:
+        report.say(f"skip {s['label']} on {s['task']}: {s['reason']}")
+    failures: list[str] = []
+    try:
+        if todo:
+            with cluster.connect(request.address) as where:
+                gpus = cluster.default_gpus(request.gpus_per_task)
+                cluster.check_fits(request.cpus_per_task, gpus)
+                for job in todo:
+                    job.device = "cuda" if gpus > 0 else "cpu"
+                report.say(f"evaluating {len(todo)} (method, task) job(s) on Ray ({where}): "
+                           f"{request.cpus_per_task:g} CPU, {gpus:g} GPU each")
+
+                def on_result(job, result):
+                    registry.record_result(_row(run_id, job, result))
+                    report.ok(f"{job.label} on {job.task}: {result['accuracy']:.3f} "
+                              f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] n={result['n']}, "
+                              f"{result['seconds']:.1f} s")
+
+                def on_error(job, reason):
+                    failures.append(f"{job.label} on {job.task}: {reason}")
+                    report.fail(f"{job.label} on {job.task}: {reason}")
+
+                with report.bar("eval", len(todo)):
+                    cluster.run_tasks(run_eval_job, todo,
+                                      cluster.Resources(num_cpus=request.cpus_per_task, num_gpus=gpus),
+                                      on_result=on_result, on_error=on_error, progress=lambda job: report.advance())
+    except KeyboardInterrupt:
+        registry.finish_run(run_id, "interrupted", time.time() - t0)
+        raise
+    except BaseException:
+        registry.finish_run(run_id, "failed", time.time() - t0)
+        raise
+    registry.finish_run(run_id, "failed" if failures else "done", time.time() - t0)
+    return EvalOutcome(run_id, failures, skipped, reused)
 
 
-def start_run(registry: Registry, settings: dict) -> int:
-    with registry.transaction() as db:
-        return db["eval_runs"].insert({"created": now(), "settings": encode_json(settings), "status": "running"}).last_pk
-
-
-def finish_run(registry: Registry, run_id: int, status: str, seconds: float) -> None:
-    with registry.transaction() as db:
-        db["eval_runs"].update(run_id, {"status": status, "seconds": seconds})
-
-
-def record_result(registry: Registry, run_id: int, job: EvalJob, result: dict, reused_from: int | None = None) -> dict:
-    row = {
-        "run_id": run_id,
-        "key": job.key,
-        "label": job.label,
-        "method": job.plan["method"],
-        "settings_hash": job.settings_hash,
-        "member_hashes": encode_json(job.member_hashes),
-        "task": job.task,
-        "held": job.held,
-        "n": result["n"],
-        "seed": job.seed,
-        "correct": result["correct"],
-        "accuracy": result["accuracy"],
-        "ci_low": result["ci_low"],
-        "ci_high": result["ci_high"],
-        "routing": encode_json(result["routing"]) if result.get("routing") else None,
-        "predictions": encode_json(result.get("predictions")) if result.get("predictions") is not None else None,
-        "seconds": result.get("seconds"),
-        "reused_from": reused_from,
-        "created": now(),
-    }
-    with registry.transaction() as db:
-        row["id"] = db["eval_results"].insert(row).last_pk
-    return _decode(row)
-
-
-def run_rows(registry: Registry, run_id: int) -> list[dict]:
-    return [_decode(r) for r in registry.db.query("select * from eval_results where run_id = ? order by id", [run_id])]
-
-
-def get_run(registry: Registry, run_id: int) -> dict:
-    rows = list(registry.db.query("select * from eval_runs where id = ?", [run_id]))
-    if not rows:
-        raise RecycleError(f"no evaluation run {run_id}")
-    row = dict(rows[0])
-    row["settings"] = json.loads(row["settings"])
-    return row
+# ---- reading results ------------------------------------------------------------------
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -345,6 +389,8 @@ def routing_matrices(rows: list[dict], label: str | None = None):
 
 
 def plot_routing(mats: dict, path) -> None:
+    from recycle.files import atomic_path
+
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise RecycleError(f"cannot write {path}: its folder does not exist")
     import matplotlib
@@ -363,8 +409,90 @@ def plot_routing(mats: dict, path) -> None:
         ax.set_title(f"{mats['label']}: {title} (share of tokens)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path = os.fspath(path)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, make_parents=False) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+def correct_of(row: dict) -> list[bool] | None:
+    """Per-example correctness of a stored result (None for results stored without it)."""
+    if row.get("predictions") is None or row.get("labels") is None:
+        return None
+    return [p == y for p, y in zip(row["predictions"], row["labels"])]
+
+
+def compare(rows: list[dict], a: str, b: str, reps: int = 10_000) -> dict:
+    """Paired comparison of methods (labels) ``a`` and ``b`` on the same examples of each task
+    in a run: per task the exact McNemar test; over the held-in and over the held-out tasks
+    (and all of them) a paired bootstrap of the macro-accuracy difference, a minus b."""
+    by = {(r["label"], r["task"]): r for r in rows}
+    labels = {r["label"] for r in rows}
+    for x in (a, b):
+        if x not in labels:
+            raise RecycleError(f"no results for {x!r} in this run (it has: {', '.join(sorted(labels))})")
+    per_task, groups = [], {"in": [], "out": []}
+    for task in sorted({r["task"] for r in rows}):
+        ra, rb = by.get((a, task)), by.get((b, task))
+        if ra is None or rb is None:
+            continue
+        ca, cb = correct_of(ra), correct_of(rb)
+        if ca is None or cb is None:
+            continue
+        if ra["n"] != rb["n"] or ra["seed"] != rb["seed"] or ra["labels"] != rb["labels"]:
+            raise RecycleError(f"{a} and {b} were not scored on the same examples of {task}")
+        test = mcnemar(ca, cb)
+        per_task.append({"task": task, "held": ra["held"], "a": ra["accuracy"], "b": rb["accuracy"],
+                         "diff": ra["accuracy"] - rb["accuracy"], **test})
+        groups[ra["held"]].append((ca, cb))
+    if not per_task:
+        raise RecycleError(f"no task has per-example results of both {a} and {b} (re-evaluate with --force)")
+    pooled = {}
+    for name, gs in (("held-in", groups["in"]), ("held-out", groups["out"]), ("all", groups["in"] + groups["out"])):
+        if gs:
+            pooled[name] = {"tasks": len(gs), **paired_bootstrap(gs, reps=reps)}
+    return {"a": a, "b": b, "tasks": per_task, "pooled": pooled}
+
+
+def markdown_table(summary: dict, rows: list[dict]) -> str:
+    head, body = table(summary)
+    n = sorted({r["n"] for r in rows})
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    half = max((r["ci_high"] - r["ci_low"]) / 2 for r in rows) if rows else 0
+    lines.append("")
+    lines.append(f"Accuracy by rank classification; n = {', '.join(map(str, n))} test examples per task "
+                 f"(widest 95% Wilson half-interval ±{half * 100:.1f} points).")
+    return "\n".join(lines) + "\n"
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, 4)
+
+
+def export(registry: Registry, run_id: int, target, *, about: dict | None = None, plot_method: str | None = None) -> dict:
+    """``<target>.json`` (every number but the per-example ones), ``<target>.md`` (the table)
+    and ``<target>.png`` (routing heatmaps, when a routed method ran), each written
+    atomically. Returns the paths written."""
+    from pathlib import Path
+
+    from recycle.files import write_json, write_text
+
+    target = Path(target)
+    rows = registry.run_results(run_id)
+    summary = summarise(rows)
+    per_example = ("predictions", "routing", "scores", "labels")
+    data = {
+        **(about or {}),
+        "run": run_id,
+        "summary": summary,
+        "results": [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items() if k not in per_example}
+                    for r in rows],
+    }
+    write_json(target.with_suffix(".json"), data)
+    write_text(target.with_suffix(".md"), markdown_table(summary, rows))
+    out = {"json": str(target.with_suffix(".json")), "markdown": str(target.with_suffix(".md"))}
+    mats = routing_matrices(rows, plot_method)
+    if mats:
+        plot_routing(mats, target.with_suffix(".png"))
+        out["plot"] = str(target.with_suffix(".png"))
+    return out

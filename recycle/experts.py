@@ -8,7 +8,8 @@ from pathlib import Path
 from recycle.adapters import AdapterError, AdapterInfo, find_adapter_folders, inspect_adapter, sha256_file
 from recycle.basemodels import BaseRef, module_shapes, resolve_base
 from recycle.errors import RecycleError
-from recycle.registry import Registry, encode_json, now
+from recycle.names import check_name
+from recycle.registry import Registry, encode_json
 
 
 @dataclass
@@ -73,9 +74,11 @@ def add_expert(
     shapes = cache.module_shapes(ref)
     if shapes is not None:
         info = inspect_adapter(folder, base_shapes=shapes)
-    name = (name or info.path.name).strip()
-    if not name:
-        raise RecycleError(f"{info.path}: empty expert name")
+    name = name if name is not None else info.path.name
+    try:
+        check_name("expert", name)
+    except RecycleError as e:
+        raise AdapterError(f"{info.path}: {e}" + ("" if name != info.path.name else "; give one with --name")) from None
     sha = sha256_file(info.weights)
     return _record(registry, info, ref, sha, name, task, dataset, meta or {}, replace)
 
@@ -124,73 +127,11 @@ def _record(registry, info, ref, sha, name, task, dataset, meta, replace) -> dic
         "dataset": dataset,
         "meta": encode_json(meta) if meta else None,
     }
-    with registry.transaction() as db:
-        base_id = registry.ensure_base_model(ref.name, ref.kind, ref.config_hash)
-        row["base_model_id"] = base_id
-        existing = list(db.query("select * from experts where name = ?", [name]))
-        if existing:
-            old = existing[0]
-            if old["sha256"] == sha and old["base_model_id"] == base_id:
-                updates = {k: row[k] for k in ("task", "dataset") if row[k] and row[k] != old[k]}
-                if row["path"] != old["path"]:
-                    updates["path"] = row["path"]
-                if updates:
-                    db["experts"].update(old["id"], updates)
-                status = "unchanged"
-            elif not replace:
-                what = "other content" if old["sha256"] != sha else "another base model"
-                raise RecycleError(
-                    f"expert {name!r} already exists with {what} "
-                    f"(sha256 {old['sha256'][:12]}); use --replace to overwrite it"
-                )
-            else:
-                row["created"] = now()
-                db["experts"].update(old["id"], row)
-                _drop_dependents(db, old["id"])
-                status = "replaced"
-        else:
-            twins = list(
-                db.query(
-                    "select name from experts where sha256 = ? and base_model_id = ?",
-                    [sha, base_id],
-                )
-            )
-            if twins:
-                return {**registry.expert(twins[0]["name"]), "status": "unchanged"}
-            row["created"] = now()
-            db["experts"].insert(row)
-            status = "added"
-    return {**registry.expert(name), "status": status}
-
-
-def _dependent_tables(db) -> list[tuple[str, str]]:
-    out = []
-    for table in db.table_names():
-        if table.startswith("_"):
-            continue
-        for fk in db[table].foreign_keys:
-            if fk.other_table == "experts":
-                out.append((table, fk.column))
-    return out
-
-
-def _drop_dependents(db, expert_id: int) -> dict[str, int]:
-    """Delete rows that describe an expert's old content (gates, prototypes...)."""
-    counts = {}
-    for table, column in _dependent_tables(db):
-        n = db.execute(f"select count(*) from [{table}] where [{column}] = ?", [expert_id]).fetchone()[0]
-        if n:
-            db.execute(f"delete from [{table}] where [{column}] = ?", [expert_id])
-            counts[table] = n
-    return counts
+    return registry.record_expert(row, base=(ref.name, ref.kind, ref.config_hash), replace=replace)
 
 
 def remove_expert(registry: Registry, name: str) -> dict:
-    expert = registry.expert(name)
-    with registry.transaction() as db:
-        dropped = _drop_dependents(db, expert["id"])
-        db["experts"].delete(expert["id"])
-    return {"expert": expert, "dropped": dropped}
+    return registry.remove_expert(name)
 
 
 def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bool = False) -> list[dict]:
@@ -215,8 +156,7 @@ def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bo
                 new = found[e["sha256"]]
                 entry.update(status="moved", detail=f"now at {new}", new_path=str(new))
                 if fix:
-                    with registry.transaction() as db:
-                        db["experts"].update(e["id"], {"path": str(new)})
+                    registry.set_expert_path(e["id"], str(new))
                     entry["detail"] += " (path updated)"
             else:
                 what = "folder" if not folder.exists() else "adapter_model.safetensors"

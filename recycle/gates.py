@@ -14,23 +14,27 @@ hash, the adapter's sha256 and the losses in the file's metadata. Files are writ
 temporary name and renamed, so a retried or killed task never leaves a half file.
 
 Workers run :func:`run_gate_job` on plain data (:class:`GateJob`) and never touch the
-registry; the registry helpers at the end (``*_gates_row*``) are for the driver only.
+registry; :func:`train` is the driver (one Ray task per expert, results recorded by the
+driver as they arrive).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from recycle.console import Reporter
 from recycle.errors import RecycleError
+from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
+from recycle.schedule import lr_at, set_lr
+from recycle.settings import Settings, setting
 
 ALGORITHM = "phatgoose-gates/1"
 ADAPTER_NAME = "default"
@@ -40,16 +44,16 @@ ADAPTER_NAME = "default"
 
 
 @dataclass(frozen=True)
-class GateSettings:
+class GateSettings(Settings):
     """What decides a gate file's content (with the adapter and the data)."""
 
-    steps: int = 100
-    lr: float = 5e-3
-    batch_size: int = 8
-    max_length: int = 256
-    warmup: float = 0.06
-    seed: int = 0
-    weight_decay: float = 0.0
+    steps: int = setting(100, "training steps per expert")
+    lr: float = setting(5e-3, "AdamW learning rate")
+    batch_size: int = setting(8, "examples per step")
+    max_length: int = setting(256, "tokens per example (prompt cut from the left)")
+    warmup: float = setting(0.06, "fraction of steps of linear warm-up")
+    seed: int = setting(0, "seed of the batch order")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
 
     def __post_init__(self):
         if self.steps < 1:
@@ -67,19 +71,8 @@ class GateSettings:
         return {"algorithm": ALGORITHM, **asdict(self)}
 
     @property
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
-
-    @property
     def warmup_steps(self) -> int:
         return int(round(self.warmup * self.steps))
-
-
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1 over ``warmup_steps`` (step 0 already > 0), then constant."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return 1.0
-    return (step + 1) / warmup_steps
 
 
 # ---- the gated model ---------------------------------------------------------------
@@ -125,16 +118,11 @@ def routed_modules(model) -> dict[str, torch.nn.Module]:
 
 
 class Gates:
-    """Zero-initialised gate vectors attached to a PEFT model by forward pre-hooks.
-
-    ``capture`` (a list, or None) collects ``(module path, x)`` (the module's input) per
-    forward, for scoring inputs against the gates.
-    """
+    """Zero-initialised gate vectors attached to a PEFT model by forward pre-hooks."""
 
     def __init__(self, model, init: dict[str, torch.Tensor] | None = None):
         self.modules = routed_modules(model)
         self.vectors: dict[str, torch.nn.Parameter] = {}
-        self.capture: list[tuple[str, torch.Tensor]] | None = None
         self._handles = []
         for name, layer in self.modules.items():
             lora_a = layer.lora_A[ADAPTER_NAME]
@@ -158,8 +146,6 @@ class Gates:
             v = self.vectors[name]
             x = args[0]
             logit = x @ v.to(x.dtype)
-            if self.capture is not None:
-                self.capture.append((name, x.detach()))
             return (x * torch.sigmoid(logit).unsqueeze(-1),) + tuple(args[1:])
 
         return pre_hook
@@ -197,35 +183,6 @@ def mean_loss(model, batches: Iterable[dict]) -> float:
     return sum(losses) / len(losses)
 
 
-def _layer_norm(t: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.layer_norm(t.float(), t.shape[-1:])
-
-
-@torch.no_grad()
-def gate_scores(model, gates: Gates, batch: dict, *, standardised: bool = True) -> torch.Tensor:
-    """Per example: the gate score averaged over real (non-pad) tokens and routed modules.
-
-    ``standardised`` (the routing score of SPEC section 1): ``LN(x)·LN(v)/sqrt(d)``;
-    otherwise the raw gate logit ``vᵀx``.
-    """
-    gates.capture = []
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        captured = gates.capture
-    finally:
-        gates.capture = None
-    mask = batch["attention_mask"].float()
-    per_module = []
-    for name, x in captured:
-        v = gates.vectors[name].detach()
-        if standardised:
-            s = _layer_norm(x) @ _layer_norm(v) / x.shape[-1] ** 0.5
-        else:
-            s = x.float() @ v.float()
-        per_module.append((s * mask).sum(-1) / mask.sum(-1))
-    return torch.stack(per_module).mean(0)
-
-
 @dataclass
 class TrainResult:
     gates: dict[str, torch.Tensor]
@@ -258,12 +215,10 @@ def train_gates(
         opt = torch.optim.AdamW(
             gates.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
         )
-        warm = settings.warmup_steps
         losses: list[float] = []
         for step in range(settings.steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            for group in opt.param_groups:
-                group["lr"] = settings.lr * lr_factor(step, warm)
+            set_lr(opt, lr_at(step, settings.steps, settings.warmup_steps, settings.lr, decay=False))
             loss = lm_loss(model, batch)
             if not torch.isfinite(loss):
                 raise RecycleError(f"gate training diverged at step {step} (loss {loss.item()})")
@@ -289,45 +244,17 @@ def train_gates(
 
 def save_gates(path: str | os.PathLike, gates: dict[str, torch.Tensor], metadata: dict) -> Path:
     """Write gates atomically (temporary file in the same folder, then ``os.replace``)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    try:
-        save_file({k: v.contiguous() for k, v in gates.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return save_tensors(path, {k: v.float() for k, v in gates.items()}, metadata)
 
 
 def load_gates(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """``{module path: gate vector}`` from a gates file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise RecycleError(f"cannot read gates {path}: {e}") from None
+    return load_tensors(path, "gates")
 
 
 def gates_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata stored with a gates file (JSON values decoded)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    return tensor_metadata(path)
 
 
 def gates_path(artifacts_dir: Path, expert_name: str, settings_hash: str, adapter_sha: str) -> Path:
@@ -399,77 +326,136 @@ def gate_norms(gates: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.float().norm()) for k, v in gates.items()}
 
 
-# ---- driver side: the registry's gates rows ------------------------------------------
+# ---- the driver ----------------------------------------------------------------------
 
 
-def find_gates_row(registry, expert_id: int, settings_hash: str, adapter_sha: str) -> dict | None:
-    rows = list(
-        registry.db.query(
-            "select * from gates where expert_id = ? and settings_hash = ? and adapter_sha256 = ?",
-            [expert_id, settings_hash, adapter_sha],
-        )
-    )
-    return rows[0] if rows else None
+def select_experts(registry, names: list[str] | None = None, all_: bool = False, task: str | None = None) -> list[dict]:
+    given = sum([bool(names), all_, task is not None])
+    if given != 1:
+        raise RecycleError("name the experts, or give --all, or --task T (exactly one of these)")
+    if names:
+        return [registry.expert(n) for n in dict.fromkeys(names)]
+    experts = registry.experts(task=task)
+    if not experts:
+        where = f" for task {task}" if task else ""
+        raise RecycleError(f"no experts registered{where} in {registry.path}")
+    return experts
 
 
-def record_gates_row(registry, expert: dict, settings: GateSettings, result: dict) -> dict:
-    """Record a worker's result (one transaction); replaces a row for the same expert,
-    settings and adapter content. Refused if the expert changed meanwhile."""
-    from recycle.registry import encode_json, now
+def adapter_problem(expert: dict) -> str | None:
+    """Why this expert's adapter cannot be used as registered, or None."""
+    from recycle.adapters import sha256_file
 
-    with registry.transaction() as db:
-        rows = list(db.query("select id, sha256 from experts where id = ?", [expert["id"]]))
-        if not rows or rows[0]["sha256"] != expert["sha256"]:
-            raise RecycleError(f"expert {expert['name']} was removed or replaced during training")
-        db.execute(
-            "delete from gates where expert_id = ? and settings_hash = ? and adapter_sha256 = ?",
-            [expert["id"], settings.hash, expert["sha256"]],
-        )
-        row = {
-            "expert_id": expert["id"],
-            "path": result["path"],
-            "settings_hash": settings.hash,
-            "settings": encode_json(settings.to_dict()),
-            "adapter_sha256": expert["sha256"],
-            "steps": result["steps"],
-            "loss_start": result["loss_start"],
-            "loss_end": result["loss_end"],
-            "seconds": result["seconds"],
-            "created": now(),
-        }
-        row["id"] = db["gates"].insert(row).last_pk
-    return row
+    weights = Path(expert["path"]) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return f"adapter weights {weights} are missing (moved? see: recycle experts verify)"
+    if sha256_file(weights) != expert["sha256"]:
+        return (f"adapter {weights} changed on disk since it was registered; "
+                f"re-register it with: recycle add-expert {expert['path']} --replace")
+    return None
 
 
-def gates_rows(registry, expert: str | None = None) -> list[dict]:
-    """Every gates row with its expert's name and task, newest first; only gates whose
-    adapter content is the expert's current one."""
-    sql = (
-        "select g.*, e.name as expert, e.task as task from gates g "
-        "join experts e on e.id = g.expert_id where g.adapter_sha256 = e.sha256"
-    )
-    params: list = []
-    if expert is not None:
-        sql += " and e.name = ?"
-        params.append(expert)
-    sql += " order by e.name, g.created desc, g.id desc"
-    out = []
-    for r in registry.db.query(sql, params):
-        r = dict(r)
-        r["settings"] = json.loads(r["settings"])
-        out.append(r)
-    return out
+def _numbers(row: dict) -> dict:
+    return {k: row.get(k) for k in ("steps", "loss_start", "loss_end", "seconds", "path")}
 
 
-def latest_gates_row(registry, expert: str, settings_hash: str | None = None) -> dict:
-    """The newest gates of an expert (optionally for one settings hash or its prefix)."""
-    registry.expert(expert)  # a clear error for an unknown name
-    rows = [
-        r for r in gates_rows(registry, expert)
-        if settings_hash is None or r["settings_hash"].startswith(settings_hash)
-    ]
-    if not rows:
-        which = f" with settings {settings_hash}" if settings_hash else ""
-        raise RecycleError(f"expert {expert} has no gates{which}; run: recycle train-gates {expert}")
-    return rows[0]
+def train(
+    registry,
+    experts: list[dict],
+    settings: GateSettings,
+    *,
+    force: bool = False,
+    address: str | None = None,
+    gpus_per_expert: float | None = None,
+    cpus_per_expert: float = 1.0,
+    report: Reporter | None = None,
+) -> list[dict]:
+    """Train PHATGOOSE gates for ``experts`` (registry rows), one Ray task each; returns one
+    outcome per expert: ``{expert, status: trained | skipped | failed, reason, steps, ...}``.
+    Experts whose gates exist for the same settings and adapter content are skipped unless
+    ``force``. An interrupt (KeyboardInterrupt) leaves no gates file without its row."""
+    from recycle import cluster
+    from recycle.tasks import load_examples
 
+    report = report or Reporter()
+    if cpus_per_expert <= 0:
+        raise RecycleError(f"--cpus-per-expert must be positive, not {cpus_per_expert}")
+    outcomes: dict[str, dict] = {}
+    jobs: list[GateJob] = []
+    by_name: dict[str, dict] = {}
+    examples_cache: dict[str, list] = {}
+    for e in experts:
+        name = e["name"]
+        problem = adapter_problem(e)
+        if problem:
+            outcomes[name] = {"status": "failed", "reason": problem}
+            continue
+        row = registry.gates_row(e["id"], settings.hash, e["sha256"])
+        if row and not force and Path(row["path"]).is_file():
+            outcomes[name] = {"status": "skipped", "reason": "gates exist for these settings", **_numbers(row)}
+            continue
+        if not e.get("task"):
+            outcomes[name] = {"status": "failed", "reason": f"expert {name} has no task: re-register it with --task"}
+            continue
+        try:
+            if e["task"] not in examples_cache:
+                examples_cache[e["task"]] = load_examples(registry, e["task"], "train")
+        except RecycleError as err:
+            outcomes[name] = {"status": "failed", "reason": str(err)}
+            continue
+        jobs.append(GateJob(
+            expert=name, base=e["base_model"], adapter_path=e["path"], adapter_sha256=e["sha256"],
+            examples=examples_cache[e["task"]], settings={k: v for k, v in settings.to_dict().items() if k != "algorithm"},
+            out_path=str(gates_path(registry.artifacts_dir, name, settings.hash, e["sha256"])),
+            threads=max(1, math.ceil(cpus_per_expert)),
+        ))
+        by_name[name] = e
+    for name, o in outcomes.items():
+        if o["status"] == "skipped":
+            report.say(f"skip {name}: gates exist for settings {settings.hash[:12]} (use --force to retrain)")
+        else:
+            report.fail(f"{name}: {o['reason']}")
+    if jobs:
+        registry.check_writable()
+        with cluster.connect(address) as where:
+            gpus = cluster.default_gpus(gpus_per_expert)
+            cluster.check_fits(cpus_per_expert, gpus)
+            for job in jobs:
+                job.device = "cuda" if gpus > 0 else "cpu"
+            report.say(f"training gates for {len(jobs)} expert(s) on Ray ({where}): "
+                       f"{cpus_per_expert:g} CPU, {gpus:g} GPU each, settings {settings.hash[:12]}")
+
+            def on_result(job, result):
+                try:
+                    registry.record_gates(by_name[job.expert], {
+                        "path": result["path"], "settings_hash": settings.hash,
+                        "settings": json.dumps(settings.to_dict(), sort_keys=True),
+                        **{k: result[k] for k in ("steps", "loss_start", "loss_end", "seconds")}})
+                except RecycleError as e:
+                    outcomes[job.expert] = {"status": "failed", "reason": str(e)}
+                    report.fail(f"{job.expert}: {e}")
+                    return
+                outcomes[job.expert] = {"status": "trained", "reason": "", **_numbers(result)}
+                report.ok(f"{job.expert}: loss {result['loss_start']:.4f} → {result['loss_end']:.4f}, "
+                          f"{result['seconds']:.1f} s")
+
+            def on_error(job, reason):
+                outcomes[job.expert] = {"status": "failed", "reason": reason}
+                report.fail(f"{job.expert}: {reason}")
+
+            def on_interrupt(unfinished):
+                # rows are written whole or not at all: remove any gates file without a row
+                for job in jobs:
+                    if not registry.gates_recorded(job.out_path):
+                        Path(job.out_path).unlink(missing_ok=True)
+                    remove_temps(job.out_path)
+
+            with report.bar("gates", len(jobs)):
+                try:
+                    cluster.run_tasks(run_gate_job, jobs, cluster.Resources(num_cpus=cpus_per_expert, num_gpus=gpus),
+                                      on_result=on_result, on_error=on_error, progress=lambda job: report.advance(),
+                                      on_interrupt=on_interrupt)
+                finally:
+                    for job in jobs:
+                        remove_temps(job.out_path)
+    return [{"expert": e["name"], **outcomes.get(e["name"], {"status": "?"})} for e in experts]

@@ -155,3 +155,17 @@ def m005_evaluations(db):
     )
     db["eval_results"].create_index(["key"])
     db["eval_results"].create_index(["run_id"])
+
+
+@migrations()
+def m006_scores_and_state(db):
+    # Per example: every choice's score and the gold label, so that ensembles, calibration
+    # and paired tests are computed from stored results; "extra": method-specific numbers
+    # (routing cost, gate probabilities).
+    for column in ("scores", "labels", "extra"):
+        db["eval_results"].add_column(column, str)
+    # Who runs an evaluation, so that a later run can mark a killed one as dead.
+    db["eval_runs"].add_column("pid", int)
+    db["eval_runs"].add_column("host", str)
+    # Trained parts of a composition (router parameters, a gate): {key: {path, sha256, ...}}.
+    db["compositions"].add_column("state", str)

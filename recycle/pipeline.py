@@ -1,7 +1,9 @@
 """Pipelines: a TOML file of steps (tasks, experts, gates, compositions, evaluations) run in
 order by ``recycle run FILE``, each step skipped when its result is already in the registry,
-so a pipeline resumes where a crash or Ctrl-C left it. Every step goes through the same
-commands a user types (in-process), so a pipeline is exactly its commands.
+so a pipeline resumes where a crash or Ctrl-C left it. Every step calls the same library
+functions as the command a user types (``add-task``, ``train-expert``, ``add-expert``,
+``train-gates``, ``compose``, ``eval``), with the same checks; values from the file are
+never turned into command lines.
 
 ::
 
@@ -23,9 +25,10 @@ commands a user types (in-process), so a pipeline is exactly its commands.
     [gates]                       # train-gates options, for every expert
     steps = 40
 
-    [[compositions]]
+    [[compositions]]             # any of the method's settings (recycle compose --help)
     name = "pg"
     method = "phatgoose"
+    top_k = 2
 
     [[evaluations]]
     methods = ["base", "uniform", "arrow", "phatgoose"]
@@ -36,21 +39,24 @@ commands a user types (in-process), so a pipeline is exactly its commands.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recycle import methods
+from recycle.console import Reporter
 from recycle.errors import RecycleError
+from recycle.gates import GateSettings
+from recycle.names import check_name
+from recycle.training import TrainSettings
 
 TOP_KEYS = {"name", "description", "base", "tasks", "train", "experts", "gates", "compositions", "evaluations"}
 TRAIN_KEYS = {"rank", "alpha", "targets", "layers", "steps", "lr", "batch_size", "max_length", "warmup", "seed"}
 EXPERT_KEYS = TRAIN_KEYS | {"task", "multitask", "name", "adapter", "dataset"}
 GATE_KEYS = {"steps", "lr", "batch_size", "max_length", "warmup", "seed", "cpus_per_expert", "gpus_per_expert"}
-COMPOSITION_KEYS = {"name", "method", "experts", "top_k", "weighting", "temperature"}
+COMPOSITION_KEYS = {"name", "method", "experts"}  # plus the method's own settings
 EVAL_KEYS = {"methods", "compositions", "tasks", "n", "seed", "top_k", "batch_size", "cpus_per_task",
              "gpus_per_task", "output", "plot_method"}
 
@@ -91,6 +97,9 @@ def load(path: str | Path) -> Pipeline:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise _bad(path, f"not valid TOML ({e})") from None
     _check_keys(path, "top level", raw, TOP_KEYS)
+    for key in ("tasks", "train", "gates"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise _bad(path, f"[{key}] must be a table")
     if not isinstance(raw.get("name"), str) or not raw["name"].strip():
         raise _bad(path, "needs name = \"...\"")
     if not isinstance(raw.get("base"), str):
@@ -100,30 +109,87 @@ def load(path: str | Path) -> Pipeline:
     _check_keys(path, "tasks", tasks, {"catalogue", "specs"})
     p.tasks_catalogue = _str_list(path, "tasks.catalogue", tasks.get("catalogue", []))
     p.task_specs = [(path.parent / s).resolve() for s in _str_list(path, "tasks.specs", tasks.get("specs", []))]
-    p.train = raw.get("train", {})
+    p.train = _train_values(path, "train", raw.get("train", {}))
     _check_keys(path, "train", p.train, TRAIN_KEYS)
+    _checked(path, "[train]", lambda: TrainSettings.from_dict(p.train, "[train]"))
     for i, e in enumerate(_table_list(path, "experts", raw.get("experts", []))):
         _check_keys(path, f"experts {i + 1}", e, EXPERT_KEYS)
         kinds = [k for k in ("task", "multitask", "adapter") if k in e]
-        if len(kinds) != 1:
-            raise _bad(path, f"expert {i + 1} needs exactly one of task, multitask or adapter")
+        if len(kinds) != 1 and not (set(kinds) == {"adapter", "task"}):
+            raise _bad(path, f"expert {i + 1} needs exactly one of task, multitask or adapter "
+                             "(an adapter may name its task)")
         if "multitask" in e and not e.get("name"):
             raise _bad(path, f"expert {i + 1}: a multitask expert needs a name")
+        for key in ("name", "task"):
+            if key in e:
+                _named(path, f"expert {i + 1} {key}", "expert" if key == "name" else "task", e[key])
+        if "multitask" in e:
+            for t in _str_list(path, f"expert {i + 1} multitask", e["multitask"]):
+                _named(path, f"expert {i + 1} multitask", "task", t)
+        if "adapter" in e and not isinstance(e["adapter"], str):
+            raise _bad(path, f"expert {i + 1}: adapter must be a folder path")
+        e = _train_values(path, f"experts {i + 1}", e)
+        own = {k: v for k, v in e.items() if k in TRAIN_KEYS}
+        if "adapter" in e and own:
+            raise _bad(path, f"expert {i + 1}: an adapter is not trained here, so {sorted(own)[0]} does not apply")
+        _checked(path, f"[[experts]] {i + 1}", lambda: TrainSettings.from_dict({**p.train, **own}, f"expert {i + 1}"))
         p.experts.append(e)
     if "gates" in raw:
         _check_keys(path, "gates", raw["gates"], GATE_KEYS)
         p.gates = raw["gates"]
+        values = {k: v for k, v in p.gates.items() if k not in ("cpus_per_expert", "gpus_per_expert")}
+        _checked(path, "[gates]", lambda: GateSettings.from_dict(values, "[gates]"))
+    p.tasks_catalogue = [_named(path, "tasks.catalogue", "task", t) for t in p.tasks_catalogue]
     for i, c in enumerate(_table_list(path, "compositions", raw.get("compositions", []))):
-        _check_keys(path, f"compositions {i + 1}", c, COMPOSITION_KEYS)
-        if not c.get("name") or not c.get("method"):
+        if not isinstance(c.get("name"), str) or not isinstance(c.get("method"), str):
             raise _bad(path, f"composition {i + 1} needs name and method")
+        _named(path, f"composition {i + 1}", "composition", c["name"])
+        try:
+            m, _ = methods.parse(c["method"])
+        except RecycleError as e:
+            raise _bad(path, f"composition {i + 1}: {e}") from None
+        _check_keys(path, f"compositions {i + 1}", c, COMPOSITION_KEYS | set(m.Settings.names()))
+        if "experts" in c:
+            for name in _str_list(path, f"composition {i + 1} experts", c["experts"]):
+                _named(path, f"composition {i + 1} experts", "expert", name)
         p.compositions.append(c)
     for i, ev in enumerate(_table_list(path, "evaluations", raw.get("evaluations", []))):
         _check_keys(path, f"evaluations {i + 1}", ev, EVAL_KEYS)
         if not ev.get("methods") and not ev.get("compositions"):
             raise _bad(path, f"evaluation {i + 1} needs methods or compositions")
+        for key in ("methods", "compositions"):
+            if key in ev:
+                _str_list(path, f"evaluation {i + 1} {key}", ev[key])
+        try:
+            for spec in ev.get("methods", []):
+                methods.parse(spec)
+        except RecycleError as e:
+            raise _bad(path, f"evaluation {i + 1}: {e}") from None
         p.evaluations.append(ev)
     return p
+
+
+def _train_values(path, where: str, table) -> dict:
+    """A table's training options, ``targets`` as a list (TOML may give "q_proj,v_proj")."""
+    if not isinstance(table, dict):
+        raise _bad(path, f"[{where}] must be a table")
+    if isinstance(table.get("targets"), str):
+        table = {**table, "targets": [t.strip() for t in table["targets"].split(",") if t.strip()]}
+    return table
+
+
+def _checked(path, where: str, build) -> None:
+    try:
+        build()
+    except RecycleError as e:
+        raise _bad(path, str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def _named(path, where: str, kind: str, value) -> str:
+    try:
+        return check_name(kind, value)
+    except RecycleError as e:
+        raise _bad(path, f"{where}: {e}") from None
 
 
 def _str_list(path, where, value) -> list[str]:
@@ -138,42 +204,20 @@ def _table_list(path, where, value) -> list[dict]:
     return value
 
 
-def _opt(name: str, value) -> list[str]:
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return [flag] if value else []
-    if isinstance(value, list):
-        value = ",".join(map(str, value))
-    return [flag, str(value)]
-
-
 class Runner:
-    """Runs a pipeline's steps in order through the CLI commands, in this process."""
+    """Runs a pipeline's steps in order through the library, in this process."""
 
-    def __init__(self, pipeline: Pipeline, db: Path | None, address: str | None, say):
-        self.p, self.db, self.address, self.say = pipeline, db, address, say
-
-    def cli(self, *args: str) -> None:
-        import click
-        import typer
-
-        from recycle.cli import app
-
-        argv = [*args] + (["--db", str(self.db)] if self.db else [])
-        try:
-            code = typer.main.get_command(app).main(argv, prog_name="recycle", standalone_mode=False)
-        except click.exceptions.Exit as e:
-            code = e.exit_code
-        except click.ClickException as e:
-            raise RecycleError(f"step `recycle {' '.join(args)}`: {e.format_message()}") from None
-        if code not in (None, 0):
-            raise RecycleError(f"step `recycle {' '.join(args)}` failed (exit {code}); fix it and run again to resume")
+    def __init__(self, pipeline: Pipeline, db: Path | None, address: str | None, report: Reporter | None = None):
+        self.p, self.db, self.address = pipeline, db, address
+        self.report = report or Reporter()
+        self.say = self.report.say
 
     def run(self) -> list[dict]:
         from recycle import cluster
         from recycle.registry import Registry
 
         registry = Registry(self.db)
+        registry.check_writable()
         p = self.p
         t0 = time.time()
         self.step("tasks", lambda: self.tasks(registry))
@@ -184,7 +228,7 @@ class Runner:
         with ctx:
             if p.gates is not None:
                 self.step("gates", lambda: self.train_gates(registry))
-            self.step("compositions", self.compose)
+            self.step("compositions", lambda: self.compose(registry))
             for i, ev in enumerate(p.evaluations):
                 self.step(f"evaluation {i + 1}", lambda ev=ev: outputs.append(self.evaluate(registry, ev)))
         self.say(f"pipeline {p.name}: done in {time.time() - t0:.0f} s; registry {registry.path}")
@@ -193,75 +237,86 @@ class Runner:
     def step(self, name: str, fn) -> None:
         t = time.time()
         self.say(f"── {self.p.name}: {name}")
-        fn()
+        try:
+            fn()
+        except RecycleError as e:
+            raise RecycleError(f"{self.p.path.name}: step {name} failed: {e}; fix it and run again to resume",
+                               exit_code=e.exit_code) from None
         self.say(f"   {name} done ({time.time() - t:.0f} s)")
 
     def tasks(self, registry) -> None:
-        if self.p.tasks_catalogue:
-            self.cli("tasks", "catalogue", "--add", *self.p.tasks_catalogue)
-        for spec in self.p.task_specs:
-            self.cli("add-task", str(spec))
+        from recycle.tasks import add_task, catalogue_spec, load_spec_file
+
+        specs = [catalogue_spec(n) for n in self.p.tasks_catalogue] + [load_spec_file(f) for f in self.p.task_specs]
+        for spec in specs:
+            row = add_task(registry, spec)
+            counts = f"{row['n_train']}/{row['n_validation']}/{row['n_test']}"
+            self.say(f"{row['status']}: task {row['name']} ({row['kind']}, train/validation/test {counts})")
 
     def experts(self, registry) -> None:
+        from recycle.experts import add_expert
+        from recycle.training import train_expert
+
         for e in self.p.experts:
             if "adapter" in e:
-                adapter = (self.p.path.parent / e["adapter"]).resolve()
-                args = ["add-expert", str(adapter), "--base", self.p.base]
-                for k in ("name", "task", "dataset"):
-                    if e.get(k):
-                        args += _opt(k, e[k])
-                self.cli(*args)
+                row = add_expert(registry, (self.p.path.parent / e["adapter"]).resolve(), name=e.get("name"),
+                                 task=e.get("task"), dataset=e.get("dataset"), base=self.p.base)
+                self.say(f"   expert {row['name']}: {row['status']}")
                 continue
             name = e.get("name") or e.get("task")
             if registry.expert_or_none(name) is not None:
                 self.say(f"   expert {name}: already registered, skipped")
                 continue
-            settings = {**self.p.train, **{k: v for k, v in e.items() if k in TRAIN_KEYS}}
-            args = ["train-expert", "--base", self.p.base]
-            args += _opt("multitask", e["multitask"]) if "multitask" in e else _opt("task", e["task"])
-            if e.get("name"):
-                args += _opt("name", e["name"])
-            for k, v in settings.items():
-                args += _opt(k, v)
-            self.cli(*args)
+            values = {**self.p.train, **{k: v for k, v in e.items() if k in TRAIN_KEYS}}
+            settings = TrainSettings.from_dict(values, f"expert {name}")
+            tasks = e["multitask"] if "multitask" in e else [e["task"]]
+            row = train_expert(registry, tasks, self.p.base, settings, name=e.get("name"),
+                               multitask="multitask" in e)
+            t = row.get("training", {})
+            self.say(f"   expert {row['name']}: {row['status']} (final loss {t.get('final_loss', float('nan')):.3f}, "
+                     f"{t.get('train_seconds', 0):.0f} s)")
 
     def train_gates(self, registry) -> None:
-        from recycle.compose import is_multitask
+        from recycle import gates
 
-        names = [e["name"] for e in registry.experts() if not is_multitask(e)]
-        if not names:
-            raise RecycleError(f"{self.p.path}: [gates] given but no single-task experts to train gates for")
-        args = ["train-gates", *names]
-        for k, v in (self.p.gates or {}).items():
-            args += _opt(k, v)
-        if self.address:
-            args += ["--address", self.address]
-        self.cli(*args)
+        experts = [e for e in registry.experts() if not methods.is_multitask(e)]
+        if not experts:
+            raise RecycleError("[gates] given but no single-task experts to train gates for")
+        values = dict(self.p.gates or {})
+        cpus = values.pop("cpus_per_expert", 1.0)
+        gpus = values.pop("gpus_per_expert", None)
+        settings = gates.GateSettings.from_dict(values, "[gates]")
+        outcomes = gates.train(registry, experts, settings, address=self.address, gpus_per_expert=gpus,
+                               cpus_per_expert=cpus, report=self.report)
+        failed = [o for o in outcomes if o["status"] == "failed"]
+        if failed:
+            raise RecycleError(f"gates failed for {len(failed)} expert(s): "
+                               + "; ".join(f"{o['expert']}: {o['reason']}" for o in failed))
 
-    def compose(self) -> None:
+    def compose(self, registry) -> None:
+        from recycle import compose
+
         for c in self.p.compositions:
-            args = ["compose", "create", c["name"], "--method", c["method"], "--replace"]
-            args += _opt("experts", c["experts"]) if c.get("experts") else ["--all"]
-            for k in ("top_k", "weighting", "temperature"):
-                if k in c:
-                    args += _opt(k, c[k])
-            self.cli(*args)
+            settings = {k: v for k, v in c.items() if k not in COMPOSITION_KEYS}
+            row = compose.create(registry, c["name"], c["method"], c.get("experts"), settings, replace=True)
+            self.say(f"   composition {row['name']}: {row['method']} over {len(row['members'])} experts "
+                     f"({row.get('status', 'stored')})")
 
     def evaluate(self, registry, ev: dict) -> dict:
-        args = ["eval"]
-        for k in ("methods", "compositions", "tasks", "seed", "top_k", "batch_size", "cpus_per_task", "gpus_per_task"):
-            if k in ev:
-                args += _opt(k, ev[k])
-        if "n" in ev:
-            args += ["-n", str(ev["n"])]
-        if self.address:
-            args += ["--address", self.address]
-        self.cli(*args)
-        run_id = registry.db.execute("select max(id) from eval_runs").fetchone()[0]
-        out = {"run": run_id}
-        target = ev.get("output") or str(registry.artifacts_dir / "results" / f"{self.p.name}-run{run_id}")
+        from recycle import evaluation as E
+
+        kw = {k: ev[k] for k in ("tasks", "n", "seed", "top_k", "batch_size", "cpus_per_task", "gpus_per_task")
+              if k in ev}
+        request = E.EvalRequest(methods=tuple(ev.get("methods", ())), compositions=tuple(ev.get("compositions", ())),
+                                address=self.address, **kw)
+        outcome = E.evaluate(registry, request, self.report)
+        if outcome.failures:
+            raise RecycleError(f"{len(outcome.failures)} evaluation job(s) failed: " + "; ".join(outcome.failures))
+        out = {"run": outcome.run_id}
+        target = ev.get("output") or str(registry.artifacts_dir / "results" / f"{self.p.name}-run{outcome.run_id}")
         target = Path(target) if Path(target).is_absolute() else (Path.cwd() / target)
-        out.update(write_results(registry, run_id, target, self.p, ev))
+        about = {"pipeline": self.p.name, "command": f"recycle run {os.path.relpath(self.p.path)}", "evaluation": ev}
+        out.update(E.export(registry, outcome.run_id, target, about=about, plot_method=ev.get("plot_method")))
         for k in ("json", "markdown", "plot"):
             if out.get(k):
                 self.say(f"   {k}: {out[k]}")
@@ -274,57 +329,6 @@ class _null:
 
     def __exit__(self, *a):
         return False
-
-
-def _num(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, 4)
-
-
-def write_results(registry, run_id: int, target: Path, pipeline: Pipeline | None = None, ev: dict | None = None) -> dict:
-    """``<target>.json`` (every number), ``<target>.md`` (the table) and ``<target>.png``
-    (routing heatmaps, when a routed method ran), each written to a temp name and renamed."""
-    from recycle import evaluation as E
-
-    rows = E.run_rows(registry, run_id)
-    summary = E.summarise(rows)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    data = {
-        "pipeline": pipeline.name if pipeline else None,
-        "run": run_id,
-        "command": f"recycle run {os.path.relpath(pipeline.path)}" if pipeline else None,
-        "evaluation": ev,
-        "summary": summary,
-        "results": [
-            {k: (_num(v) if isinstance(v, float) else v) for k, v in r.items() if k not in ("predictions", "routing")}
-            for r in rows
-        ],
-    }
-    _write(target.with_suffix(".json"), json.dumps(data, indent=2, default=str) + "\n")
-    _write(target.with_suffix(".md"), markdown_table(E.table(summary), rows))
-    out = {"json": str(target.with_suffix(".json")), "markdown": str(target.with_suffix(".md"))}
-    mats = E.routing_matrices(rows, (ev or {}).get("plot_method"))
-    if mats:
-        E.plot_routing(mats, target.with_suffix(".png"))
-        out["plot"] = str(target.with_suffix(".png"))
-    return out
-
-
-def markdown_table(table: tuple[list[str], list[list[str]]], rows: list[dict]) -> str:
-    head, body = table
-    n = sorted({r["n"] for r in rows})
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    half = max((r["ci_high"] - r["ci_low"]) / 2 for r in rows) if rows else 0
-    lines.append("")
-    lines.append(f"Accuracy by rank classification; n = {', '.join(map(str, n))} test examples per task "
-                 f"(widest 95% Wilson half-interval ±{half * 100:.1f} points).")
-    return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def builtin(name: str) -> Path:

@@ -16,32 +16,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from recycle.errors import RecycleError
+from recycle.names import check_name
+from recycle.schedule import lr_at, set_lr
+from recycle.settings import Settings, setting
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@dataclass
-class TrainSettings:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] | None = None  # module names; default: DEFAULT_TARGETS the base has
-    layers: str | None = None  # "top8", "22-29", "0,3,5"; default all
-    steps: int = 100
-    lr: float = 1e-3
-    batch_size: int = 8
-    max_length: int = 128
-    warmup: float = 0.06  # fraction of steps
-    seed: int = 0
-    weight_decay: float = 0.0
-    dropout: float = 0.0
+@dataclass(frozen=True)
+class TrainSettings(Settings):
+    rank: int = setting(8, "LoRA rank r")
+    alpha: float = setting(16.0, "LoRA alpha")
+    targets: list[str] | None = setting(None, "module names (default: the q,k,v,o,gate,up,down projections the base has)")
+    layers: str | None = setting(None, "layers to adapt: 'top8', '22-29' or '0,3,5' (default all)")
+    steps: int = setting(100, "optimiser steps")
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    batch_size: int = setting(8, "examples per step")
+    max_length: int = setting(128, "tokens per example (prompt cut from the left)")
+    warmup: float = setting(0.06, "warm-up, as a fraction of the steps")
+    seed: int = setting(0, "seed for init and data order")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    dropout: float = setting(0.0, "LoRA dropout")
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.rank < 1:
             raise RecycleError("--rank must be at least 1")
         if self.alpha <= 0:
@@ -94,14 +96,6 @@ def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:
         if bad:
             raise RecycleError(f"--layers {spec}: layer {bad[0]} does not exist (the base has {n_layers}: 0-{n_layers - 1})")
     return sorted(set(out))
-
-
-def lr_at(step: int, steps: int, warmup_steps: int, lr: float) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then linear decay to 0 at ``steps``."""
-    if warmup_steps and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    rest = max(1, steps - warmup_steps)
-    return lr * max(0.0, 1 - (step - warmup_steps) / rest)
 
 
 def answer_loss(model, batch: dict):
@@ -182,19 +176,16 @@ def train_expert(
     from peft import LoraConfig, get_peft_model
 
     from recycle.basemodels import load_base, resolve_base
-    from recycle.data import load_examples, lm_batches
+    from recycle.data import lm_batches
     from recycle.experts import add_expert
-    from recycle.tasks import get_task
+    from recycle.tasks import get_task, load_examples
 
     settings = settings or TrainSettings()
-    settings.check()
     if not tasks:
         raise RecycleError("no task to train on")
     if len(tasks) > 1 and not multitask:
         raise RecycleError("several tasks need --multitask")
-    name = (name or ("multitask" if multitask else tasks[0])).strip()
-    if not name or "/" in name or name.startswith("."):
-        raise RecycleError(f"expert name {name!r} is not usable as a folder name")
+    name = check_name("expert", name if name is not None else ("multitask" if multitask else tasks[0]))
     if registry.expert_or_none(name) is not None and not replace:
         raise RecycleError(f"expert {name!r} already exists; use --name or --replace")
     task_rows = [get_task(registry, t) for t in tasks]
@@ -233,8 +224,7 @@ def train_expert(
     with bar:
         job = bar.add_task(f"training {name}", total=settings.steps, loss=float("nan"))
         for step in range(settings.steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, settings.steps, warmup_steps, settings.lr)
+            set_lr(opt, lr_at(step, settings.steps, warmup_steps, settings.lr))
             loss = answer_loss(model, next(batches))
             if not torch.isfinite(loss):
                 raise RecycleError(f"training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
@@ -277,30 +267,19 @@ def train_expert(
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import TextColumn
 
-    from recycle.cli.common import err_console
+    from recycle.console import progress
 
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=not enabled,
-    )
+    return progress(TextColumn("loss {task.fields[loss]:.4f}"), enabled=enabled)
 
 
 def _save(registry, name: str, model, summary: dict, base_name: str) -> Path:
     """Write the adapter and training.json to a temp folder, then rename into place.
     The adapter names its base as the user did (alias, folder or hub id)."""
-    root = registry.artifacts_dir / "experts"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    dest = root / name
-    try:
+    from recycle.files import replace_dir
+
+    def build(tmp: Path) -> None:
         # saved while the config still names the local folder: PEFT then checks the
         # vocabulary there instead of asking the hub
         model.save_pretrained(str(tmp), save_embedding_layers=False)
@@ -309,14 +288,5 @@ def _save(registry, name: str, model, summary: dict, base_name: str) -> Path:
         cfg["base_model_name_or_path"] = base_name
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if dest.exists():  # a replaced expert, or a leftover of a crashed run
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root))
-            os.rename(dest, old / name)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+
+    return replace_dir(build, registry.artifacts_dir / "experts" / name)

@@ -73,9 +73,11 @@ def registered(world):
 def train_real_gates(names, steps=3):
     """Real gate training (recycle.gates) on each expert's own train split, recorded as the
     train-gates driver records it."""
-    from recycle.data import load_examples
-    from recycle.gates import GateJob, GateSettings, gates_path, record_gates_row, run_gate_job
+    import json as _json
+
+    from recycle.gates import GateJob, GateSettings, gates_path, run_gate_job
     from recycle.registry import Registry
+    from recycle.tasks import load_examples
 
     reg = Registry()
     settings = GateSettings(steps=steps, batch_size=4, max_length=64)
@@ -83,8 +85,11 @@ def train_real_gates(names, steps=3):
         e = reg.expert(n)
         out = gates_path(reg.artifacts_dir, n, settings.hash, e["sha256"])
         job = GateJob(n, e["base_model"], e["path"], e["sha256"], load_examples(reg, e["task"], "train"),
-                      settings.__dict__.copy(), str(out))
-        record_gates_row(reg, e, settings, run_gate_job(job))
+                      {k: v for k, v in settings.to_dict().items() if k != "algorithm"}, str(out))
+        result = run_gate_job(job)
+        reg.record_gates(e, {"path": result["path"], "settings_hash": settings.hash,
+                             "settings": _json.dumps(settings.to_dict(), sort_keys=True),
+                             **{k: result[k] for k in ("steps", "loss_start", "loss_end", "seconds")}})
 
 
 def test_phatgoose_without_gates_is_refused_naming_the_experts(registered):
@@ -102,7 +107,8 @@ def test_phatgoose_without_gates_is_refused_naming_the_experts(registered):
 
 def test_compose_list_show_remove_replace(registered):
     ok("compose", "u", "--method", "uniform", "--experts", "ea,eb")
-    one_line_error(cli("compose", "u", "--method", "uniform", "--all"))
+    assert "(unchanged)" in ok("compose", "u", "--method", "uniform", "--all").stderr  # the same again
+    one_line_error(cli("compose", "u", "--method", "arrow", "--all"))
     ok("compose", "u", "--method", "arrow", "--all", "--replace", "--top-k", "1")
     rows = json.loads(ok("compose", "list", "--json").stdout)
     assert [(r["name"], r["method"]) for r in rows] == [("u", "arrow")]

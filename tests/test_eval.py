@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from recycle.cli import app
 from recycle.data import Example
-from recycle.evaluation import suh, wilson
+from recycle.stats import suh, wilson
 from recycle.scoring import score_choices
 
 from tests.test_compose import TASKS, one_line_error, train_real_gates, world  # noqa: F401  (fixture)
@@ -140,3 +140,40 @@ def test_one_worker_equals_two_workers(registered):
     first = [x[1:] for x in p if x[0] == 1]
     second = [x[1:] for x in p if x[0] == 2]
     assert first == second
+
+
+def test_every_choice_score_is_stored_and_methods_compare_paired(registered, ray_local):
+    from recycle import evaluation as E
+    from recycle.registry import Registry
+    from recycle.stats import mcnemar, paired_bootstrap
+
+    ok("add-expert", registered["adapters"]["eb"], "--task", "t_beta", "--base", "tiny-llama")
+    outcome = E.evaluate(Registry(), E.EvalRequest(methods=("base", "uniform", "spectr"), tasks="all"))
+    assert isinstance(outcome.run_id, int) and not outcome.failures
+    rows = Registry().run_results(outcome.run_id)
+    assert {r["label"] for r in rows} == {"base", "uniform", "spectr"}
+    for r in rows:
+        assert len(r["scores"]) == len(r["labels"]) == r["n"] == 6  # the whole test split
+        assert all(len(s) == 2 for s in r["scores"])  # both tasks have two choices
+        assert r["predictions"] == [max(range(len(s)), key=s.__getitem__) for s in r["scores"]]
+        assert r["correct"] == sum(p == y for p, y in zip(r["predictions"], r["labels"]))
+    spectr = [r for r in rows if r["label"] == "spectr"][0]
+    # top-2: two products at q and v (both experts there), one at up (ea only) and down (eb only)
+    assert spectr["extra"]["lora_products"] == pytest.approx(1.5)
+    assert spectr["extra"]["kinds"] == {"lora": pytest.approx(1.5)}
+    cmp = E.compare(rows, "uniform", "base")
+    assert [t["task"] for t in cmp["tasks"]] == ["t_alpha", "t_beta"]
+    assert set(cmp["pooled"]) == {"held-in", "all"}
+    shown = runner.invoke(app, ["eval", "show", str(outcome.run_id), "--compare", "uniform,base"])
+    assert shown.exit_code == 0 and "McNemar p" in shown.stdout and "paired bootstrap p" in shown.stdout
+    assert "--compare takes two" in one_line_error(runner.invoke(app, ["eval", "show", str(outcome.run_id),
+                                                                       "--compare", "uniform"]))
+    assert "no results for 'nope'" in one_line_error(runner.invoke(app, ["eval", "show", str(outcome.run_id),
+                                                                         "--compare", "nope,base"]))
+    # the statistics against hand computations
+    assert mcnemar([1, 1, 0, 0, 1], [0, 0, 0, 1, 1]) == {"a_only": 2, "b_only": 1, "p": 1.0}
+    assert mcnemar([1] * 10, [0] * 10)["p"] == pytest.approx(2 / 2**10)
+    same = paired_bootstrap([([1, 0, 1, 1], [1, 0, 1, 1])], reps=200)
+    assert same["diff"] == 0 and same["p"] == 1.0
+    better = paired_bootstrap([([1] * 40, [0] * 20 + [1] * 20)], reps=500)
+    assert better["diff"] == 0.5 and better["ci_low"] > 0.3 and better["p"] < 0.01

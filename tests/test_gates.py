@@ -120,8 +120,10 @@ def test_settings_hash_and_validation():
     assert a.hash == G.GateSettings().hash
     assert a.hash != G.GateSettings(steps=99).hash
     assert a.warmup_steps == 6
-    assert [G.lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert G.lr_factor(0, 0) == 1.0
+    from recycle.schedule import lr_at
+
+    assert [lr_at(s, 6, 4, 1.0, decay=False) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_at(0, 6, 0, 1.0, decay=False) == 1.0
     with pytest.raises(G.RecycleError):
         G.GateSettings(steps=0)
 
@@ -176,23 +178,34 @@ def test_gate_equals_scaled_delta(experts, base_dir):
     torch.testing.assert_close(gated, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_gates_carry_a_real_signal(trained):
-    """Expert A's gates score task-A inputs above task-B inputs (the standardised
-    routing score), and the gated expert fits its own held-out data better than with its
-    gates at zero (σ = 1/2 everywhere) and about as well as the ungated expert."""
+def test_gates_carry_a_real_signal(trained, experts, base_dir):
+    """Routed by the trained gates (PHATGOOSE, top-1, the product's routing code), task-A
+    inputs go to expert A more often than task-B inputs do; and the gated expert fits its
+    own held-out data better than with its gates at zero (σ = 1/2 everywhere) and about as
+    well as the ungated expert."""
+    from recycle.basemodels import load_base, resolve_base
+    from recycle.methods import build_routed_model
+
+    base, _ = load_base(resolve_base(base_dir))
+    gates = {task: trained[task][2].gates for task in trained}
     for task, other in (("letters", "digits"), ("digits", "letters")):
         model, tok, res = trained[task]
         assert res.loss_end < res.loss_start
         own = encode(tok, synthetic(task, 32, 999))
         foreign = encode(tok, synthetic(other, 32, 999))
-        with G.Gates(model, init=res.gates) as g:
-            s_own = G.gate_scores(model, g, own).mean().item()
-            s_foreign = G.gate_scores(model, g, foreign).mean().item()
+        share = {}
+        with build_routed_model(base, experts, "phatgoose", top_k=1, gates=gates) as handle:
+            for which, batch in (("own", own), ("foreign", foreign)):
+                with handle.record() as rec, torch.no_grad():
+                    base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                stats = rec.stats(batch["attention_mask"])
+                share[which] = sum(s["load"][task] for s in stats.values()) / len(stats)
+        with G.Gates(model, init=res.gates):
             gated = G.mean_loss(model, [own])
         with G.Gates(model):
             zero = G.mean_loss(model, [own])
         full = G.mean_loss(model, [own])
-        assert s_own > s_foreign, (task, s_own, s_foreign)
+        assert share["own"] > share["foreign"], (task, share)
         assert gated < zero, (task, gated, zero)
         assert gated < full + 0.05, (task, gated, full)
 
@@ -366,9 +379,11 @@ def test_train_gates_failures_are_reported_and_others_go_on(local_ray, registry_
 
 
 def test_interrupt_records_nothing_partial(local_ray, registry_with_experts, monkeypatch):
+    from recycle.registry import Registry
+
     reg = registry_with_experts
     calls = []
-    real = G.record_gates_row
+    real = Registry.record_gates
 
     def record(*a, **k):
         calls.append(1)
@@ -376,7 +391,7 @@ def test_interrupt_records_nothing_partial(local_ray, registry_with_experts, mon
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(G, "record_gates_row", record)
+    monkeypatch.setattr(Registry, "record_gates", record)
     res = _cli("train-gates", "--all", "--steps", "2", "--batch-size", "2")
     assert res.exit_code == 130, res.output
     assert "Interrupted" in res.stderr

@@ -11,13 +11,13 @@ from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_pef
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from recycle.errors import RecycleError
+from recycle.methods import build_routed_model
 from recycle.routing import (
     ExpertModule,
     GateRouter,
     RetrievalIndex,
     RoutedLoraLinear,
     SentenceEmbedder,
-    build_routed_model,
     compute_prototypes,
     load_expert,
     save_vectors,
@@ -142,10 +142,10 @@ def test_arrow_matches_peft(llama, adapters):
     protos = peft_layer.lora_arrow["arrow_router"].prototypes
     peft_choice = torch.topk(torch.abs(seen["x"].reshape(-1, protos.shape[1]) @ protos.T), 2, dim=1).indices
 
-    handle = build_routed_model(llama, {n: adapters[n] for n in names}, "arrow", top_k=2, temperature=0.7, arrow_seed=3)
+    handle = build_routed_model(llama, {n: adapters[n] for n in names}, "arrow", top_k=2, temperature=0.7, seed=3)
     with handle.record() as rec:
         got = logits(llama, batch)
-    torch.testing.assert_close(handle.layers[probe].router_keys, protos)
+    torch.testing.assert_close(handle.layers[probe].router.keys, protos)
     assert torch.equal(rec.calls[probe][0].idx.sort(1).values, peft_choice.sort(1).values)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     handle.remove()
@@ -171,6 +171,17 @@ def test_uniform_is_mean_of_products(llama, adapters):
     assert not torch.allclose(got_ab, logits(cross, batch), atol=1e-4)
 
 
+def routed_layer(base, experts, n, make_router):
+    layer = RoutedLoraLinear(base, "lin", experts, n)
+    layer.set_router(make_router(layer))
+    return layer
+
+
+def route(layer, x):
+    r = layer.router(x, layer)
+    return r.idx, r.weight
+
+
 def make_layer(n, present, seed):
     """A routed layer with ``n`` experts of varied ranks/scalings, of which ``present`` adapt it."""
     g = torch.Generator().manual_seed(seed)
@@ -190,9 +201,9 @@ def make_layer(n, present, seed):
 def test_sparse_dispatch_equals_dense(n, k, weighting):
     present = [i for i in range(n) if n == 1 or i % 3 != 1]  # some experts absent here
     base, experts, gates = make_layer(n, present, seed=n * 10 + k)
-    layer = RoutedLoraLinear(base, "lin", experts, n, GateRouter(gates, k, weighting))
+    layer = routed_layer(base, experts, n, lambda lay: GateRouter(lay, gates, k, weighting))
     x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(k))
-    idx, w = layer.router.route(layer, x)
+    idx, w = route(layer, x)
     assert idx.shape == (33, min(k, len(present)))
     x2d = x.reshape(-1, 24)
     explicit = torch.zeros(33, 40)
@@ -227,13 +238,13 @@ def test_dispatch_in_other_dtypes(dtype):
     for dense_max in (0, 10**9):
         RoutedLoraLinear.dense_max_columns = dense_max
         try:
-            layer = RoutedLoraLinear(base.to(dtype), "lin", experts, 8, GateRouter(gates, 2))
+            layer = routed_layer(base.to(dtype), experts, 8, lambda lay: GateRouter(lay, gates, 2))
         finally:
             RoutedLoraLinear.dense_max_columns = 256
         assert layer._use_grouped_mm == (dtype != torch.float64) and layer.dense == bool(dense_max)
         assert layer.lora_A.dim() == (2 if dense_max else 3)  # the layout the dispatch reads
         xd = x.to(dtype)
-        idx, w = layer.router.route(layer, xd)
+        idx, w = route(layer, xd)
         got = layer.sparse_delta(xd, idx, w).double()
         expected = torch.zeros(50, 40, dtype=torch.float64)
         for t in range(50):
@@ -249,16 +260,16 @@ def test_phatgoose_scores_are_standardised_dot_products():
     for inputs far from zero mean, and its top-k equals torch.topk (the fast k <= 2 path too)."""
     g = torch.Generator().manual_seed(3)
     base, experts, gates = make_layer(5, range(5), seed=3)
-    router = GateRouter(gates, top_k=2, weighting="softmax")
-    layer = RoutedLoraLinear(base, "lin", experts, 5, router)
+    layer = routed_layer(base, experts, 5, lambda lay: GateRouter(lay, gates, top_k=2, weighting="softmax"))
+    router = layer.router
     v = torch.stack([gates[f"e{i}"]["lin"] for i in range(5)])
     for shift in (0.0, 30.0):
         x = torch.randn(300, 24, generator=g) * torch.rand(300, 1, generator=g) * 4 + shift
         expected = torch.nn.functional.layer_norm(x, (24,)) @ torch.nn.functional.layer_norm(v, (24,)).T / math.sqrt(24)
-        torch.testing.assert_close(router.scores(layer, x), expected, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(router.standardised_scores(x), expected, atol=2e-4, rtol=1e-4)
         for k in (1, 2, 3):
             router.top_k = k
-            idx, w = router.route(layer, x)
+            idx, w = route(layer, x)
             top, ref_idx = torch.topk(expected, k, dim=-1)
             assert torch.equal(idx, ref_idx)
             torch.testing.assert_close(w, torch.softmax(top, -1), atol=1e-4, rtol=1e-4)
@@ -370,9 +381,14 @@ def test_oracle_and_retrieval(llama, adapters):
     assert e.shape == (2, 32) and torch.allclose(e.norm(dim=-1), torch.ones(2))
     texts = {"a": ["great film, loved it", "terrible acting"], "d": ["who wrote hamlet ?", "how far is the moon ?"]}
     index = RetrievalIndex.build(embedder, texts)
+    from recycle.data import Example
+    from recycle.methods import get
+
     with build_routed_model(llama, {n: adapters[n] for n in "ad"}, "retrieval", embedder=embedder,
-                            retrieval_index=index) as handle:  # fmt: skip
-        assert handle.set_examples(texts=["terrible acting", "how far is the moon ?"]) == ["a", "d"]
+                            index=index) as handle:  # fmt: skip
+        exs = [Example("p", None, "", None, t) for t in ("terrible acting", "how far is the moon ?")]
+        chosen = get("retrieval").assign(handle, None, exs, [None, None])
+        assert chosen == ["a", "d"] and handle.set_examples(chosen) == ["a", "d"]
         torch.testing.assert_close(logits(llama, batch), got, atol=1e-5, rtol=1e-5)
 
 

@@ -232,7 +232,13 @@ data_files = "d.jsonl"
 
 
 def test_missing_spec_file_and_unknown_task():
+    from recycle.registry import Registry
+
     assert "does not exist" in cli("add-task", "nowhere.toml").stderr
+    result = cli("tasks", "preview", "nope")  # no registry yet: said so, and none is created
+    assert result.exit_code == 2 and "no registry at" in result.stderr
+    assert not os.path.exists(os.environ["RECYCLE_DB"])
+    Registry()
     result = cli("tasks", "preview", "nope")
     assert result.exit_code == 2 and "no task named 'nope'" in result.stderr
 
@@ -316,7 +322,7 @@ def test_collate_and_endless_seeded_batches(tok):
 
 
 def test_load_examples_samples_by_seed(user_task):
-    from recycle.data import load_examples
+    from recycle.tasks import load_examples
     from recycle.registry import Registry
 
     assert cli("add-task", user_task).exit_code == 0

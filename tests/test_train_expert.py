@@ -127,7 +127,8 @@ def test_answer_loss_is_the_lm_loss_on_answer_tokens(tiny_base):
 
 
 def test_schedule_and_layer_parsing():
-    from recycle.training import lr_at, parse_layers
+    from recycle.schedule import lr_at
+    from recycle.training import parse_layers
 
     assert lr_at(0, 10, 2, 1.0) == 0.5 and lr_at(1, 10, 2, 1.0) == 1.0
     assert lr_at(2, 10, 2, 1.0) == 1.0 and lr_at(9, 10, 2, 1.0) == pytest.approx(0.125)

@@ -39,7 +39,7 @@ class RecycleGroup(TyperGroup):
         except KeyboardInterrupt:
             if _debug(ctx):
                 traceback.print_exc()
-            click.echo("Interrupted: nothing partial was recorded.", err=True)
+            click.echo("Interrupted: what had finished is recorded whole; nothing partial was kept.", err=True)
             ctx.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
             raise

@@ -1,23 +1,17 @@
-"""Pieces every command shares: the --db option, consoles, the registry opener, JSON out."""
+"""Pieces every command shares: the --db option, the registry opener, JSON out."""
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from recycle.console import console, err_console, info, progress  # noqa: F401  (re-exported for the commands)
 from recycle.registry import ENV_DB, Registry
-
-# Tables and results to stdout; logs, progress and errors to stderr. Piped to a file,
-# tables keep their full width instead of being squeezed into 80 columns.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 250)
-err_console = Console(stderr=True, soft_wrap=True)
 
 DbOption = Annotated[
     Optional[Path],
@@ -39,27 +33,27 @@ AddressOption = Annotated[
 ]
 
 
-def progress() -> Progress:
-    """The progress bar of long work (spinner, bar, M/N done, elapsed), on stderr."""
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    )
+def open_registry(db: Path | None, *, create: bool = True) -> Registry:
+    """The registry; read-only commands pass ``create=False`` (no new file behind a typo)."""
+    return Registry(db, create=create)
 
 
-def open_registry(db: Path | None) -> Registry:
-    return Registry(db)
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN and infinities as null (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(jsonable(value), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
-def info(message: str) -> None:
-    err_console.print(message, highlight=False)
+def split(s: str | None) -> list[str]:
+    """A comma-separated option as a list (blanks dropped)."""
+    return [x.strip() for x in (s or "").split(",") if x.strip()]

@@ -7,15 +7,16 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
 from recycle import compose as comp
+from recycle import methods
 from recycle.cli import app
-from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json
+from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json, split
 from recycle.errors import RecycleError
+from recycle.settings import parse_cli_settings
 
 
 class DefaultCreateGroup(TyperGroup):
@@ -35,88 +36,89 @@ compose_app = typer.Typer(
 app.add_typer(compose_app, name="compose")
 
 
-@compose_app.command("create")
+def _create_help() -> str:
+    lines = methods.help_text().splitlines()
+    return (
+        "Store a composition (the default subcommand: recycle compose NAME ...).\n\n"
+        "Give the members with --experts A,B,... or --all, and the method's settings as options "
+        "(--name VALUE; flags as --flag / --no-flag). Storing the same composition again changes "
+        "nothing; --replace overwrites a different one of the same name.\n\n"
+        "Methods and their settings (defaults in brackets):\n\n"
+        + "\n\n".join(f"  {line}" for line in lines)
+        + "\n\nExamples:\n\n  recycle compose pg --method phatgoose --all --top-k 2\n\n"
+        "  recycle compose one --method 'single vader_tweets'"
+    )
+
+
+@compose_app.command(
+    "create", help=_create_help(),
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
 def create_cmd(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Name of the composition.")],
-    method: Annotated[str, typer.Option(help=f"One of {', '.join(comp.METHODS)}, or 'single NAME'.")],
+    method: Annotated[str, typer.Option(help="One of the methods below, or 'single NAME'.")],
     experts: Annotated[Optional[str], typer.Option(help="Comma-separated expert names.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every single-task expert in the registry.")] = False,
-    top_k: Annotated[int, typer.Option(help="Experts per token (token-routed methods).")] = 2,
-    weighting: Annotated[str, typer.Option(help="softmax (competitive) or sigmoid (SPEC 4).")] = "softmax",
-    temperature: Annotated[float, typer.Option(help="Router temperature.")] = 1.0,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a composition of this name.")] = False,
     db: DbOption = None,
 ):
-    """Store a composition (the default subcommand: recycle compose NAME ...).
-
-    Example: recycle compose pg --method phatgoose --all --top-k 2
-    """
-    if bool(experts) == all_ and not method.startswith("single "):
+    m, carried = methods.parse(method)
+    settings = parse_cli_settings(m.Settings, m.name, ctx.args)
+    if bool(experts) == all_ and not carried and m.members != "multitask":
         raise RecycleError("give either --experts A,B,... or --all")
-    names = [e.strip() for e in experts.split(",") if e.strip()] if experts else None
-    row = comp.create(open_registry(db), name, method, names, top_k=top_k, weighting=weighting,
-                      temperature=temperature, replace=replace)
-    info(f"composition {row['name']}: {row['method']} over {len(row['members'])} experts {row['settings']}")
+    row = comp.create(open_registry(db), name, method, split(experts) or None, settings, replace=replace)
+    info(f"composition {row['name']}: {row['method']} over {len(row['members'])} experts {row['settings']} "
+         f"({row['status']})")
 
 
 @compose_app.command("list")
 def list_cmd(json_: JsonOption = False, db: DbOption = None):
     """List stored compositions. Example: recycle compose list --json"""
-    rows = comp.list_all(open_registry(db))
+    rows = comp.list_all(open_registry(db, create=False))
     if json_:
         print_json(rows)
         return
     table = Table("name", "method", "experts", "settings", "created")
     for r in rows:
         table.add_row(r["name"], r["method"], str(len(r["members"])), json.dumps(r["settings"]), r["created"])
-    console.print(table)
+    console.print(table, markup=False)
 
 
 @compose_app.command("show")
 def show_cmd(name: str, json_: JsonOption = False, db: DbOption = None):
     """Show one composition and its members. Example: recycle compose show pg"""
-    row = comp.get(open_registry(db), name)
+    row = comp.get(open_registry(db, create=False), name)
     if json_:
         print_json(row)
         return
-    console.print(f"{row['name']}: {row['method']} {json.dumps(row['settings'])} (base {row['base_model']})")
+    console.print(f"{row['name']}: {row['method']} {json.dumps(row['settings'])} (base {row['base_model']})",
+                  markup=False, highlight=False)
+    for key, part in (row.get("state") or {}).items():
+        console.print(f"{key}: {part.get('path')} (sha256 {str(part.get('sha256'))[:12]})", markup=False,
+                      highlight=False)
     table = Table("member", "sha256")
     for m in row["members"]:
         table.add_row(m["name"], m["sha256"][:12])
-    console.print(table)
+    console.print(table, markup=False)
 
 
 @compose_app.command("remove")
 def remove_cmd(name: str, db: DbOption = None):
     """Remove a stored composition. Example: recycle compose remove pg"""
-    comp.remove(open_registry(db), name)
+    comp.remove(open_registry(db, create=False), name)
     info(f"removed composition {name}")
 
 
 def _read_inputs(prompt, input_file, choices) -> list[dict]:
+    from recycle.predict import check_item, read_jsonl
+
     if bool(prompt) == bool(input_file):
         raise RecycleError("give exactly one of --prompt or --input")
-    shared = [c for c in choices.split(",")] if choices else None
-    if prompt:
-        items = [{"prompt": prompt}]
-    else:
-        items = []
-        try:
-            lines = Path(input_file).read_text().splitlines()
-        except OSError as e:
-            raise RecycleError(f"cannot read {input_file}: {e.strerror}") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecycleError(f"{input_file}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise RecycleError(f"{input_file}:{n}: each line needs a \"prompt\" string")
-            items.append(item)
-        if not items:
-            raise RecycleError(f"{input_file}: no examples")
+    shared = choices.split(",") if choices is not None else None  # spaces kept: " yes" is not "yes"
+    if shared is not None and (len(shared) < 2 or any(not c.strip() for c in shared)):
+        raise RecycleError("--choices needs at least two non-empty comma-separated answers")
+    items = [check_item({"prompt": prompt}, "--prompt")] if prompt else read_jsonl(input_file)
     for item in items:
         if shared and not item.get("choices"):
             item["choices"] = shared
@@ -144,60 +146,30 @@ def predict_cmd(
 
     Example: recycle predict pg --prompt "Review: great!\\nSentiment:" --choices " positive, negative"
     """
-    from recycle.basemodels import load_base, resolve_base
-    from recycle.data import Example
-    from recycle.scoring import generate, predict, score_choices
+    from recycle.files import write_text
+    from recycle.predict import Predictor, resolve
 
+    if batch_size < 1:
+        raise RecycleError(f"--batch-size must be at least 1, not {batch_size}")
+    if max_new_tokens < 1:
+        raise RecycleError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     items = _read_inputs(prompt, input_file, choices)
-    if output is not None and not output.absolute().parent.is_dir():
-        raise RecycleError(f"cannot write {output}: its folder does not exist")
-    registry = open_registry(db)
-    names = [r["name"] for r in registry.db.query("select name from compositions")]
-    if name in names:
-        plan = comp.plan(registry, composition=name)
-    elif name in comp.METHODS or name.startswith("single "):
-        plan = comp.plan(registry, method=name)
-    else:
-        raise RecycleError(f"no composition named {name!r} (and it is not a method name)")
-    model, tok = load_base(resolve_base(plan.base))
-    handle = comp.install(plan, model, tok)
-    results = []
+    if output is not None:
+        if output.is_dir():
+            raise RecycleError(f"cannot write {output}: it is a folder")
+        if not output.absolute().parent.is_dir():
+            raise RecycleError(f"cannot write {output}: its folder does not exist")
+    predictor = Predictor(resolve(open_registry(db, create=False), name))
     try:
         if items[0].get("choices"):
-            examples = [Example(it["prompt"], list(it["choices"]), it["choices"][0], None,
-                                it.get("text") or it["prompt"]) for it in items]
-            on_rows, chosen = comp.per_example_hook(handle, plan, examples, tasks=[it.get("task") for it in items])
-            explained = []
-            if explain:
-                scores = []
-                for i, ex in enumerate(examples):
-                    with handle.record() as rec:
-                        hook = (lambda rows, i=i: on_rows([i] * len(rows))) if on_rows else None
-                        scores += score_choices(model, tok, [ex], batch_size=1, on_rows=hook)
-                    explained.append(rec.explain(0))
-            else:
-                scores = score_choices(model, tok, examples, batch_size=batch_size, on_rows=on_rows)
-            for i, (it, ex, s, p) in enumerate(zip(items, examples, scores, predict(scores))):
-                out = {**{k: v for k, v in it.items() if k != "choices"}, "answer": ex.choices[p],
-                       "scores": dict(zip(ex.choices, s))}
-                if chosen:
-                    out["expert"] = chosen[i]
-                if explain:
-                    out["experts"] = explained[i]
-                results.append(out)
+            results = predictor.score(items, batch_size=batch_size, explain=explain)
         else:
-            if plan.method in ("retrieval", "oracle"):
-                raise RecycleError(f"predict: generation with {plan.method} is not supported; give --choices")
-            texts = generate(model, tok, [it["prompt"] for it in items], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size)
-            results = [{**it, "answer": t} for it, t in zip(items, texts)]
+            results = predictor.generate(items, max_new_tokens=max_new_tokens, batch_size=batch_size)
     finally:
-        handle.remove()
-    lines = "".join(json.dumps(r) + "\n" for r in results)
+        predictor.close()
+    lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in results)
     if output:
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(lines)
-        tmp.replace(output)
+        write_text(output, lines, make_parents=False)
         info(f"wrote {len(results)} predictions to {output}")
     else:
         sys.stdout.write(lines)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,18 +12,9 @@ import typer
 from rich.table import Table
 
 from recycle import evaluation as E
+from recycle import methods
 from recycle.cli import app
-from recycle.cli.common import (
-    AddressOption,
-    DbOption,
-    JsonOption,
-    console,
-    err_console,
-    info,
-    open_registry,
-    print_json,
-    progress,
-)
+from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json, split
 from recycle.errors import RecycleError
 
 eval_app = typer.Typer(
@@ -39,15 +28,17 @@ app.add_typer(eval_app, name="eval")
 @eval_app.callback()
 def eval_cmd(
     ctx: typer.Context,
-    methods: Annotated[
+    methods_: Annotated[
         Optional[str],
-        typer.Option(help="Comma-separated: " + ",".join(E.DEFAULT_METHODS) + " (default: all of them)."),
+        typer.Option("--methods", help="Comma-separated: " + ",".join(methods.METHODS)
+                     + " ('single NAME' for one expert; default: " + ",".join(methods.DEFAULT_EVAL) + ")."),
     ] = None,
     compositions: Annotated[Optional[str], typer.Option(help="Comma-separated stored compositions.")] = None,
     tasks: Annotated[str, typer.Option(help="held-out, held-in, all, or comma-separated task names.")] = "held-out",
     n: Annotated[Optional[int], typer.Option("-n", help="Test examples per task (seeded sample; default all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the example sample.")] = 0,
-    top_k: Annotated[int, typer.Option(help="Experts per token for token-routed methods.")] = 2,
+    top_k: Annotated[Optional[int], typer.Option(help="Experts per token for token-routed methods (default 2).",
+                                                 show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
     address: AddressOption = None,
     gpus_per_task: Annotated[
@@ -69,94 +60,31 @@ def eval_cmd(
 
       recycle eval --compositions pg --tasks all --json
 
-      recycle eval runs ; recycle eval show 3 ; recycle report 3 --plot routing.png
+      recycle eval runs ; recycle eval show 3 --compare phatgoose,arrow ; recycle report 3 --plot routing.png
     """
     if ctx.invoked_subcommand is not None:
         return
-    if n is not None and n < 1:
-        raise RecycleError(f"-n must be at least 1, not {n}")
-    if cpus_per_task <= 0:
-        raise RecycleError(f"--cpus-per-task must be positive, not {cpus_per_task}")
+    comp_list = split(compositions)
+    method_list = split(methods_) if methods_ else ([] if comp_list else list(methods.DEFAULT_EVAL))
+    request = E.EvalRequest(methods=tuple(method_list), compositions=tuple(comp_list), tasks=tasks, n=n, seed=seed,
+                            top_k=top_k, batch_size=batch_size, cpus_per_task=cpus_per_task,
+                            gpus_per_task=gpus_per_task, force=force, address=address)
     registry = open_registry(db)
-    method_list = _split(methods) if methods else ([] if compositions else list(E.DEFAULT_METHODS))
-    comp_list = _split(compositions) if compositions else []
-    for m in method_list:
-        if m not in E.DEFAULT_METHODS and not m.startswith("single "):
-            raise RecycleError(f"unknown method {m!r}; choose from {', '.join(E.DEFAULT_METHODS)}")
-    threads = max(1, math.ceil(cpus_per_task))
-    jobs, skipped = E.plan_eval(registry, methods=method_list, compositions=comp_list, tasks=tasks, n=n,
-                                seed=seed, top_k=top_k, batch_size=batch_size, threads=threads)
-    settings = {"methods": method_list, "compositions": comp_list, "tasks": tasks, "n": n, "seed": seed,
-                "top_k": top_k}
-    t0 = time.time()
-    run_id = E.start_run(registry, settings)
-    todo = []
-    for job in jobs:
-        old = None if force else E.stored_result(registry, job.key)
-        if old is not None:
-            E.record_result(registry, run_id, job, old, reused_from=old["id"])
-        else:
-            todo.append(job)
-    if len(jobs) - len(todo):
-        info(f"reusing {len(jobs) - len(todo)} stored result(s) for the same settings (--force recomputes)")
-    for s in skipped:
-        info(f"skip {s['label']} on {s['task']}: {s['reason']}")
-    failures: list[str] = []
-    status = "done"
-    try:
-        if todo:
-            _run(registry, run_id, todo, failures, address, gpus_per_task, cpus_per_task)
-    except KeyboardInterrupt:
-        E.finish_run(registry, run_id, "interrupted", time.time() - t0)
-        raise
-    if failures:
-        status = "failed"
-    E.finish_run(registry, run_id, status, time.time() - t0)
-    rows = E.run_rows(registry, run_id)
-    _output(registry, run_id, rows, json_, csv_)
-    if failures:
-        err_console.print(f"{len(failures)} job(s) failed:", highlight=False)
-        for f in failures:
-            err_console.print(f"  {f}", highlight=False, soft_wrap=True)
+    outcome = E.evaluate(registry, request)
+    _output(registry, outcome.run_id, registry.run_results(outcome.run_id), json_, csv_)
+    if outcome.failures:
+        info(f"{len(outcome.failures)} job(s) failed:")
+        for f in outcome.failures:
+            info(f"  {f}")
         raise typer.Exit(1)
-
-
-def _split(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _run(registry, run_id, jobs, failures, address, gpus_per_task, cpus_per_task):
-    from recycle import cluster
-
-    with cluster.connect(address) as where:
-        gpus = cluster.default_gpus(gpus_per_task)
-        cluster.check_fits(cpus_per_task, gpus)
-        resources = cluster.Resources(num_cpus=cpus_per_task, num_gpus=gpus)
-        info(f"evaluating {len(jobs)} (method, task) job(s) on Ray ({where}): {cpus_per_task:g} CPU, {gpus:g} GPU each")
-        with progress() as bar:
-            tid = bar.add_task("eval", total=len(jobs))
-
-            def on_result(job, result):
-                E.record_result(registry, run_id, job, result)
-                bar.console.print(
-                    f"✓ {job.label} on {job.task}: {result['accuracy']:.3f} "
-                    f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] n={result['n']}, {result['seconds']:.1f} s",
-                    highlight=False,
-                )
-
-            def on_error(job, reason):
-                failures.append(f"{job.label} on {job.task}: {reason}")
-                bar.console.print(f"✗ {job.label} on {job.task}: {reason}", highlight=False)
-
-            cluster.run_tasks(E.run_eval_job, jobs, resources, on_result=on_result, on_error=on_error,
-                              progress=lambda job: bar.advance(tid))
 
 
 def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool) -> None:
     summary = E.summarise(rows)
     if json_:
+        per_example = ("predictions", "scores", "labels")
         print_json({"run": run_id, "summary": summary,
-                    "results": [{k: v for k, v in r.items() if k not in ("predictions",)} for r in rows]})
+                    "results": [{k: v for k, v in r.items() if k not in per_example} for r in rows]})
         return
     head, body = E.table(summary)
     if csv_:
@@ -170,33 +98,63 @@ def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool) ->
                   + ", ".join(sorted({str(r['n']) for r in rows})) + ")")
     for line in body:
         table.add_row(*line)
-    console.print(table)
+    console.print(table, markup=False)
     info(f"registry: {registry.path}; details: recycle eval show {run_id}; routing plot: recycle report {run_id} --plot routing.png")
 
 
 @eval_app.command("runs")
 def runs_cmd(json_: JsonOption = False, db: DbOption = None):
     """List evaluation runs. Example: recycle eval runs"""
-    registry = open_registry(db)
-    rows = list(registry.db.query(
-        "select r.id, r.created, r.status, r.seconds, r.settings, count(e.id) as results "
-        "from eval_runs r left join eval_results e on e.run_id = r.id group by r.id order by r.id"))
+    registry = open_registry(db, create=False)
+    registry.mark_dead_runs()
+    rows = registry.runs()
     if json_:
         print_json(rows)
         return
     table = Table("run", "created", "status", "results", "seconds", "settings")
     for r in rows:
-        table.add_row(str(r["id"]), r["created"], r["status"], str(r["results"]), E.fmt(r["seconds"]), r["settings"])
-    console.print(table)
+        table.add_row(str(r["id"]), r["created"], r["status"], str(r["results"]), E.fmt(r["seconds"]),
+                      str(r["settings"]))
+    console.print(table, markup=False)
 
 
 @eval_app.command("show")
-def show_cmd(run: int, json_: JsonOption = False, csv_: Annotated[bool, typer.Option("--csv")] = False,
-             db: DbOption = None):
-    """Show one run's results table. Example: recycle eval show 3 --json"""
-    registry = open_registry(db)
-    E.get_run(registry, run)
-    _output(registry, run, E.run_rows(registry, run), json_, csv_)
+def show_cmd(
+    run: int,
+    compare: Annotated[Optional[str], typer.Option(help="A,B: paired comparison of two methods on the same examples "
+                                                        "(McNemar per task, paired bootstrap over tasks).")] = None,
+    json_: JsonOption = False,
+    csv_: Annotated[bool, typer.Option("--csv")] = False,
+    db: DbOption = None,
+):
+    """Show one run's results table, or compare two of its methods.
+
+    Examples: recycle eval show 3 --json ; recycle eval show 3 --compare phatgoose,arrow
+    """
+    registry = open_registry(db, create=False)
+    registry.run(run)
+    rows = registry.run_results(run)
+    if not compare:
+        _output(registry, run, rows, json_, csv_)
+        return
+    pair = split(compare)
+    if len(pair) != 2:
+        raise RecycleError(f"--compare takes two methods, A,B (got {compare!r})")
+    result = E.compare(rows, *pair)
+    if json_:
+        print_json(result)
+        return
+    a, b = pair
+    table = Table("task", "held", a, b, f"{a} - {b}", f"only {a} right", f"only {b} right", "McNemar p",
+                  title=f"run {run}: {a} vs {b}, paired on the same examples")
+    for t in result["tasks"]:
+        table.add_row(t["task"], t["held"], E.fmt(t["a"]), E.fmt(t["b"]), f"{t['diff']:+.3f}", str(t["a_only"]),
+                      str(t["b_only"]), f"{t['p']:.3g}")
+    console.print(table, markup=False)
+    for name, p in result["pooled"].items():
+        console.print(f"{name} ({p['tasks']} tasks): mean accuracy difference {p['diff']:+.4f}, 95% CI "
+                      f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], paired bootstrap p = {p['p']:.3g}",
+                      markup=False, highlight=False)
 
 
 @app.command("report")
@@ -211,9 +169,9 @@ def report_cmd(
 
     Example: recycle report 3 --plot routing.png
     """
-    registry = open_registry(db)
-    E.get_run(registry, run)
-    mats = E.routing_matrices(E.run_rows(registry, run), method)
+    registry = open_registry(db, create=False)
+    registry.run(run)
+    mats = E.routing_matrices(registry.run_results(run), method)
     if mats is None:
         raise RecycleError(f"run {run} has no routed method results (routing is recorded for routed methods)")
     if json_:
@@ -222,7 +180,7 @@ def report_cmd(
         table = Table("task", *mats["experts"], title=f"{mats['label']}: share of tokens per expert (mean over modules)")
         for t, row in zip(mats["tasks"], mats["task_expert"]):
             table.add_row(t, *[f"{v:.2f}" for v in row])
-        console.print(table)
+        console.print(table, markup=False)
     if plot:
         E.plot_routing(mats, plot)
         info(f"wrote {plot}")

@@ -104,7 +104,7 @@ def list_cmd(
     db: DbOption = None,
 ):
     """List registered experts. Example: recycle experts list --task rt_sentiment --json"""
-    rows = open_registry(db).experts(base=base, task=task)
+    rows = open_registry(db, create=False).experts(base=base, task=task)
     if json_:
         print_json([describe(r) for r in rows])
         return
@@ -112,7 +112,7 @@ def list_cmd(
     for r in rows:
         table.add_row(r["name"], r["task"] or "", r["base_model"], str(r["rank"]), f"{r['alpha']:g}",
                       str(len(r["target_modules"] or [])), f"{r['n_params']:,}", r["sha256"][:12])
-    console.print(table)
+    console.print(table, markup=False)
     if not rows:
         info("no experts registered")
 
@@ -120,7 +120,7 @@ def list_cmd(
 @experts_app.command("show")
 def show_cmd(name: str, json_: JsonOption = False, db: DbOption = None):
     """Show one expert's record. Example: recycle experts show rt_sentiment"""
-    row = describe(open_registry(db).expert(name))
+    row = describe(open_registry(db, create=False).expert(name))
     if json_:
         print_json(row)
         return
@@ -129,7 +129,7 @@ def show_cmd(name: str, json_: JsonOption = False, db: DbOption = None):
         if isinstance(v, list):
             v = ", ".join(v) if len(v) <= 8 else f"{', '.join(v[:8])} … ({len(v)} in all)"
         table.add_row(k, "" if v is None else str(v))
-    console.print(table)
+    console.print(table, markup=False)
 
 
 @experts_app.command("remove")
@@ -142,7 +142,7 @@ def remove_cmd(
 
     Example: recycle experts remove rt_sentiment --yes
     """
-    registry = open_registry(db)
+    registry = open_registry(db, create=False)
     registry.expert(name)  # fail early on an unknown name
     if not yes and not typer.confirm(f"Remove expert {name!r} from {registry.path}?"):
         raise RecycleError("not removed", exit_code=1)
@@ -164,15 +164,14 @@ def verify_cmd(
 
     Example: recycle experts verify --search ./adapters --fix
     """
-    report = verify_experts(open_registry(db), search=search, fix=fix)
+    report = verify_experts(open_registry(db, create=False), search=search, fix=fix)
     if json_:
         print_json(report)
     else:
         table = Table("name", "status", "detail")
         for r in report:
-            style = "green" if r["status"] == "ok" else "red"
-            table.add_row(r["name"], f"[{style}]{r['status']}[/]", r["detail"])
-        console.print(table)
+            table.add_row(r["name"], r["status"], r["detail"])
+        console.print(table, markup=False)
     bad = [r for r in report if r["status"] != "ok" and not (fix and r["status"] == "moved")]
     if bad:
         raise typer.Exit(1)

@@ -29,7 +29,7 @@ def run_cmd(
     from recycle import pipeline as P
 
     p = P.load(pipeline)
-    P.Runner(p, db, address, info).run()
+    P.Runner(p, db, address).run()
 
 
 @app.command("demo")
@@ -43,7 +43,7 @@ def demo_cmd(address: AddressOption = None, db: DbOption = None):
     from recycle import pipeline as P
 
     p = P.load(P.builtin("demo"))
-    outs = P.Runner(p, db, address, info).run()
+    outs = P.Runner(p, db, address).run()
     for o in outs:
         info(f"results: {o.get('markdown')} and {o.get('json')}")
         if o.get("plot"):

@@ -59,7 +59,7 @@ def list_cmd(json_: JsonOption = False, db: DbOption = None):
     """List registered tasks with their split sizes."""
     from recycle.tasks import list_tasks
 
-    rows = list_tasks(open_registry(db))
+    rows = list_tasks(open_registry(db, create=False))
     if json_:
         print_json([_row_view(r) for r in rows])
         return
@@ -70,7 +70,7 @@ def list_cmd(json_: JsonOption = False, db: DbOption = None):
     for r in rows:
         table.add_row(r["name"], r["kind"], str(r["n_choices"] or "-"), str(r["n_train"]),
                       str(r["n_validation"]), str(r["n_test"]), r["source"])
-    console.print(table)
+    console.print(table, markup=False)
 
 
 @tasks_app.command("show")
@@ -82,12 +82,12 @@ def show_cmd(
     """Show one task: its spec, source and split sizes."""
     from recycle.tasks import get_task
 
-    row = get_task(open_registry(db), name)
+    row = get_task(open_registry(db, create=False), name)
     if json_:
         print_json(_row_view(row))
         return
     spec = row["spec"]
-    console.print(f"[bold]{row['name']}[/bold] ({row['kind']}): {row['description']}", highlight=False)
+    console.print(f"{row['name']} ({row['kind']}): {row['description']}", highlight=False)
     console.print(f"source:   {row['source']}", highlight=False)
     console.print(
         f"splits:   train {row['n_train']}, validation {row['n_validation']}, test {row['n_test']}"
@@ -122,9 +122,9 @@ def preview_cmd(
     """Render a few examples: the prompt, its answer choices and the gold answer."""
     from dataclasses import asdict
 
-    from recycle.data import load_examples
+    from recycle.tasks import load_examples
 
-    examples = load_examples(open_registry(db), name, split, n=n, seed=seed)
+    examples = load_examples(open_registry(db, create=False), name, split, n=n, seed=seed)
     if json_:
         print_json([asdict(e) for e in examples])
         return
@@ -161,7 +161,7 @@ def catalogue_cmd(
         table = Table("name", "choices", "description")
         for s in specs:
             table.add_row(s.name, str(len(s.choices or [])), s.description)
-        console.print(table)
+        console.print(table, markup=False)
         return
     registry = open_registry(db)
     rows = []

@@ -1,8 +1,10 @@
-"""Routed inference over recycled LoRA experts (SPEC §1, §4).
+"""Routed inference over recycled LoRA experts (SPEC §1, §4): the routed layer, routers, and
+installing / removing a composition on a Hugging Face model. No registry in here: the
+methods (:mod:`recycle.methods`) decide which router, with what.
 
 ::
 
-    from recycle.routing import build_routed_model
+    from recycle.methods import build_routed_model
 
     handle = build_routed_model(model, {"a": "experts/a", "b": "experts/b"}, "phatgoose",
                                 top_k=2, gates={"a": "gates/a.safetensors", "b": ...})
@@ -12,15 +14,30 @@
     handle.remove()                      # the original modules are back
 """
 
-from recycle.routing.engine import METHODS, RoutedModel, build_routed_model, compute_prototypes, save_vectors
-from recycle.routing.experts import ExpertModule, LoraExpert, load_expert, load_experts, load_vectors, lora_scaling
+from recycle.routing.context import Route, RoutingContext, module_kind
+from recycle.routing.engine import (
+    RoutedModel,
+    compute_prototypes,
+    install_merged,
+    install_nothing,
+    install_routed,
+    save_vectors,
+)
+from recycle.routing.experts import ExpertModule, LoraExpert, load_expert, load_vectors, lora_scaling
 from recycle.routing.layer import RoutedLoraLinear
 from recycle.routing.retrieval import RetrievalIndex, SentenceEmbedder, default_embedder_path
-from recycle.routing.routers import ArrowRouter, AvgActivationRouter, ExampleRouter, GateRouter, select_top_k
+from recycle.routing.routers import (
+    ArrowRouter,
+    AvgActivationRouter,
+    ExampleRouter,
+    GateRouter,
+    Router,
+    TokenRouter,
+    select_top_k,
+)
 from recycle.routing.stats import RoutingRecord
 
 __all__ = [
-    "METHODS",
     "ArrowRouter",
     "AvgActivationRouter",
     "ExampleRouter",
@@ -28,17 +45,23 @@ __all__ = [
     "GateRouter",
     "LoraExpert",
     "RetrievalIndex",
+    "Route",
     "RoutedLoraLinear",
     "RoutedModel",
+    "Router",
+    "RoutingContext",
     "RoutingRecord",
     "SentenceEmbedder",
-    "build_routed_model",
+    "TokenRouter",
     "compute_prototypes",
     "default_embedder_path",
+    "install_merged",
+    "install_nothing",
+    "install_routed",
     "load_expert",
-    "load_experts",
     "load_vectors",
     "lora_scaling",
+    "module_kind",
     "save_vectors",
     "select_top_k",
 ]

@@ -1,69 +1,63 @@
 """Installing a composition of LoRA experts on a Hugging Face model, and removing it.
 
-Entry point: :func:`build_routed_model`. It loads the experts' PEFT folders, replaces each
-adapted ``nn.Linear`` with a :class:`RoutedLoraLinear` (routed methods) or a merged copy
-(``uniform``), and returns a :class:`RoutedModel` handle. ``handle.remove()`` puts the
-original module objects back: the base model's parameters are never modified.
+The building blocks every method uses (:mod:`recycle.methods` decides which, with what):
 
-Methods (SPEC §1):
+- :func:`install_routed`: replaces each adapted ``nn.Linear`` with a
+  :class:`RoutedLoraLinear` whose router is built by ``make_router(layer)``;
+- :func:`install_merged`: replaces each adapted ``nn.Linear`` with a merged copy
+  ``W + Σ_i c_i s_i B_i A_i`` (the uniform merge: ``c_i = 1/N``);
+- :func:`install_nothing`: the base model as it is.
 
-================  =====================================================================
-``phatgoose``     per token, standardised gate vectors (``gates``: name -> safetensors file
-                  of module path -> v [d_in]), top-k, softmax or sigmoid weighting
-``avg-activation``same routing with ``prototypes`` (see :func:`compute_prototypes`)
-``arrow``         per token, PEFT's Arrow (see :class:`ArrowRouter`); ``temperature`` is
-                  Arrow's router temperature
-``retrieval``     per example, 1-NN over the experts' training texts; call
-                  ``handle.set_examples(texts=...)`` (or ``experts=``) before each batch
-``oracle``        per example, the expert of the example's task: ``set_examples(experts=...)``
-``single``        one expert (``expert=NAME``) with weight 1 everywhere: equals PeftModel
-``uniform``       ``W + (1/N) Σ_i s_i B_i A_i`` merged into a copy of each weight; an expert
-                  that does not adapt a module counts as a zero delta there (mean over all
-                  N experts, the merge of the deltas), no inference overhead
-``base``          nothing installed
-================  =====================================================================
+Each returns a :class:`RoutedModel` handle; ``handle.remove()`` puts the original module
+objects back: the base model's parameters are never modified.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from recycle.errors import RecycleError
-from recycle.routing.experts import LoraExpert, load_expert, load_vectors
+from recycle.routing.context import RoutingContext
+from recycle.routing.experts import LoraExpert
 from recycle.routing.layer import RoutedLoraLinear
-from recycle.routing.retrieval import RetrievalIndex, SentenceEmbedder
-from recycle.routing.routers import ArrowRouter, AvgActivationRouter, ExampleRouter, GateRouter
 from recycle.routing.stats import RoutingRecord
-
-METHODS = ("phatgoose", "avg-activation", "arrow", "retrieval", "oracle", "single", "uniform", "base")
 
 
 class RoutedModel:
     """Handle on a model with a composition installed.
 
     Attributes: ``model`` (the same object that was passed in, modified in place),
-    ``method``, ``expert_names`` (global order), ``layers`` (module path -> installed module),
-    ``router`` (shared by all routed layers; ``None`` for uniform/base).
+    ``method``, ``expert_names`` (global order), ``layers`` (module path -> installed
+    module), ``context`` (the routing context, reset at the start of every forward).
     Usable as a context manager (removes on exit).
     """
 
-    def __init__(self, model, method, expert_names, router, originals, embedder=None, index=None):
-        self.model, self.method, self.expert_names, self.router = model, method, expert_names, router
+    def __init__(self, model: nn.Module, method: str, expert_names: list[str], originals: dict[str, nn.Module],
+                 context: RoutingContext | None = None):
+        self.model, self.method, self.expert_names = model, method, expert_names
         self._originals: dict[str, nn.Module] = originals
         self.layers = {p: model.get_submodule(p) for p in originals}
-        self._embedder, self._index = embedder, index
+        self.context = context or RoutingContext()
+        self.extras: dict = {}  # method-specific objects (e.g. the retrieval index)
+        self._hook = model.register_forward_pre_hook(lambda module, args: self.context.reset()) if self.routed else None
+
+    @property
+    def routed(self) -> list[RoutedLoraLinear]:
+        return [m for m in self.layers.values() if isinstance(m, RoutedLoraLinear)]
 
     def remove(self) -> None:
         """Put every original module back (idempotent)."""
         for path, original in self._originals.items():
             _set_submodule(self.model, path, original)
         self._originals, self.layers = {}, {}
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def __enter__(self) -> RoutedModel:
         return self
@@ -71,27 +65,19 @@ class RoutedModel:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def set_examples(
-        self, experts: Sequence[str | None] | None = None, texts: Sequence[str] | None = None
-    ) -> list[str | None]:
+    def set_examples(self, experts: Sequence[str | None] | None) -> list[str | None]:
         """For per-example methods (retrieval, oracle): the expert of each example of the next
-        batches, given by name (``None``: no expert, the base model, e.g. an oracle example
-        whose task has no expert), or (retrieval) chosen from the examples' texts.
-        Returns the names."""
-        if not isinstance(self.router, ExampleRouter) or self.router.fixed is not None:
-            raise RecycleError(f"method {self.method} does not take per-example experts")
-        if texts is not None:
-            if self._index is None or self._embedder is None:
-                raise RecycleError("set_examples(texts=...) needs a retrieval index and embedder")
-            experts = self._index.choose_texts(self._embedder, texts)
+        batches by name (``None``: no expert, the base model, e.g. an oracle example whose
+        task has no expert). Returns the names."""
         if experts is None:
-            self.router.assign(None)
+            self.context.assignment = None
             return []
         unknown = sorted(set(experts) - set(self.expert_names) - {None})
         if unknown:
             raise RecycleError(f"unknown experts: {', '.join(unknown)}")
         none = len(self.expert_names)
-        self.router.assign([none if n is None else self.expert_names.index(n) for n in experts])
+        ids = [none if n is None else self.expert_names.index(n) for n in experts]
+        self.context.assignment = torch.as_tensor(ids, dtype=torch.long)
         return list(experts)
 
     @torch.no_grad()
@@ -111,27 +97,48 @@ class RoutedModel:
             rec.stats(batch["attention_mask"]); rec.explain(example=0)
         """
         rec = RoutingRecord()
-        routed = [m for m in self.layers.values() if isinstance(m, RoutedLoraLinear)]
-        for m in routed:
-            m.recorder = rec
+        self.context.recorder = rec
         try:
             yield rec
         finally:
-            for m in routed:
-                m.recorder = None
+            self.context.recorder = None
+
+    # ---- router parameters ---------------------------------------------------------
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.routed for p in m.router.parameters()]
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        """Every router's saved tensors, keyed ``<module path>/<name>`` (empty for routers
+        that learn nothing)."""
+        return {f"{m.path}/{k}": v.detach().cpu().contiguous()
+                for m in self.routed for k, v in m.router.state_dict().items()}
+
+    def load_router_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`router_state` output; every key must match a router's tensor exactly."""
+        by_path: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            path, _, name = key.rpartition("/")
+            by_path.setdefault(path, {})[name] = value
+        unknown = sorted(set(by_path) - {m.path for m in self.routed})
+        if unknown:
+            raise RecycleError(f"router parameters name module {unknown[0]}, which this composition does not route")
+        for m in self.routed:
+            state = by_path.get(m.path, {})
+            want = m.router.state_dict()
+            if set(state) != set(want):
+                missing = sorted(set(want) - set(state)) or sorted(set(state) - set(want))
+                raise RecycleError(f"router parameters at {m.path} do not match the composition ({missing[0]})")
+            for k, v in state.items():
+                if tuple(v.shape) != tuple(want[k].shape):
+                    raise RecycleError(f"router parameter {m.path}/{k} has shape {tuple(v.shape)}, "
+                                       f"the composition needs {tuple(want[k].shape)}")
+            m.router.load_state_dict({k: v.to(want[k].device, want[k].dtype) for k, v in state.items()})
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
-
-
-def _vectors(source: Mapping | None, names: list[str], what: str) -> dict[str, dict[str, torch.Tensor]]:
-    source = source or {}
-    missing = [n for n in names if n not in source]
-    if missing:
-        raise RecycleError(f"no {what} for experts: {', '.join(missing)}")
-    return {n: dict(source[n]) if isinstance(source[n], Mapping) else load_vectors(source[n]) for n in names}
 
 
 def _linear_at(model: nn.Module, path: str) -> nn.Linear:
@@ -144,98 +151,67 @@ def _linear_at(model: nn.Module, path: str) -> nn.Linear:
     return module
 
 
-def _merged_linear(base: nn.Linear, deltas: Iterable[torch.Tensor], n: int) -> nn.Linear:
+def _paths(model: nn.Module, experts: Sequence[LoraExpert]) -> dict[str, nn.Linear]:
+    return {p: _linear_at(model, p) for p in sorted({p for e in experts for p in e.modules})}
+
+
+def install_routed(
+    model: nn.Module,
+    experts: Sequence[LoraExpert],
+    make_router: Callable[[RoutedLoraLinear], nn.Module],
+    method: str,
+) -> RoutedModel:
+    """Replace every Linear an expert adapts with a :class:`RoutedLoraLinear` over the
+    experts present there, its router ``make_router(layer)``; returns the handle."""
+    if not experts:
+        raise RecycleError(f"method {method} needs at least one expert")
+    names = [e.name for e in experts]
+    bases = _paths(model, experts)
+    context = RoutingContext()
+    originals: dict[str, nn.Module] = {}
+    try:
+        for p, base in bases.items():
+            here = [(g, e.name, e.modules[p]) for g, e in enumerate(experts) if p in e.modules]
+            layer = RoutedLoraLinear(base, p, here, len(experts), context)
+            layer.set_router(make_router(layer))
+            _set_submodule(model, p, layer)
+            originals[p] = base
+    except Exception:
+        for p, original in originals.items():
+            _set_submodule(model, p, original)
+        raise
+    return RoutedModel(model, method, names, originals, context)
+
+
+def _merged_linear(base: nn.Linear, delta: torch.Tensor) -> nn.Linear:
     merged = torch.nn.utils.skip_init(
         nn.Linear, base.in_features, base.out_features, bias=base.bias is not None,
         device=base.weight.device, dtype=base.weight.dtype,
     )  # fmt: skip
-    total = sum(deltas)
     with torch.no_grad():
-        merged.weight.copy_((base.weight.float() + total.to(base.weight.device) / n).to(base.weight.dtype))
+        merged.weight.copy_((base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype))
         if base.bias is not None:
             merged.bias.copy_(base.bias)
     merged.requires_grad_(False)
     return merged
 
 
-def build_routed_model(
-    model: nn.Module,
-    expert_dirs: Mapping[str, str | Path | LoraExpert],
-    method: str,
-    *,
-    top_k: int = 2,
-    weighting: str = "softmax",
-    temperature: float = 1.0,
-    gates: Mapping[str, str | Path | Mapping[str, torch.Tensor]] | None = None,
-    prototypes: Mapping[str, str | Path | Mapping[str, torch.Tensor]] | None = None,
-    expert: str | None = None,
-    embedder: SentenceEmbedder | None = None,
-    retrieval_index: RetrievalIndex | None = None,
-    arrow_seed: int | None = 0,
-    arrow_iters: int = 15,
-) -> RoutedModel:
-    """Install a composition of LoRA experts on ``model`` (in place) and return its handle.
-
-    Args:
-        model: a Hugging Face model (decoder-only or encoder-decoder), not a PeftModel.
-        expert_dirs: expert name -> PEFT adapter folder (or an already loaded LoraExpert).
-        method: one of ``METHODS`` (``"single NAME"`` is accepted for ``single``).
-        top_k, weighting, temperature: token-router settings (phatgoose, avg-activation, arrow).
-        gates: phatgoose gate files per expert (name -> safetensors path or dict).
-        prototypes: avg-activation router vectors per expert (same format).
-        expert: the expert for ``single``.
-        embedder, retrieval_index: for ``retrieval`` with ``set_examples(texts=...)``.
-        arrow_seed, arrow_iters: PEFT Arrow's ``rng_seed`` and power-iteration steps.
-    """
-    if method.startswith("single ") and expert is None:
-        method, expert = "single", method.split(maxsplit=1)[1]
-    if method not in METHODS:
-        raise RecycleError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    if not expert_dirs and method != "base":
+def install_merged(model: nn.Module, experts: Sequence[LoraExpert], method: str = "uniform") -> RoutedModel:
+    """``W + (1/N) Σ_i s_i B_i A_i`` merged into a copy of each adapted weight: an expert
+    that does not adapt a module counts as a zero delta there (mean over all N experts, the
+    merge of the deltas, never of A and B separately); no inference overhead."""
+    if not experts:
         raise RecycleError(f"method {method} needs at least one expert")
-    if method == "single":
-        if expert not in expert_dirs:
-            raise RecycleError(f"single: expert {expert!r} is not among the experts")
-        expert_dirs = {expert: expert_dirs[expert]}
-    if method == "base":
-        return RoutedModel(model, method, list(expert_dirs), None, {})
-
-    experts = [e if isinstance(e, LoraExpert) else load_expert(e, n) for n, e in expert_dirs.items()]
-    names = [e.name for e in experts]
-    paths = sorted({p for e in experts for p in e.modules})
-    bases = {p: _linear_at(model, p) for p in paths}
-
-    if method == "uniform":
-        originals = {}
-        for p in paths:
-            deltas = [e.modules[p].delta_weight() for e in experts if p in e.modules]
-            _set_submodule(model, p, _merged_linear(bases[p], deltas, len(experts)))
-            originals[p] = bases[p]
-        return RoutedModel(model, method, names, None, originals)
-
-    if method == "phatgoose":
-        router = GateRouter(_vectors(gates, names, "gates"), top_k, weighting, temperature)
-    elif method == "avg-activation":
-        router = AvgActivationRouter(_vectors(prototypes, names, "prototypes"), top_k, weighting, temperature)
-    elif method == "arrow":
-        router = ArrowRouter(top_k, weighting, temperature, seed=arrow_seed, iters=arrow_iters)
-    elif method == "single":
-        router = ExampleRouter("single", fixed=0)
-    else:  # retrieval, oracle
-        router = ExampleRouter(method)
-
     originals = {}
-    try:
-        for p in paths:
-            here = [(g, e.name, e.modules[p]) for g, e in enumerate(experts) if p in e.modules]
-            layer = RoutedLoraLinear(bases[p], p, here, len(experts), router)
-            _set_submodule(model, p, layer)
-            originals[p] = bases[p]
-    except Exception:
-        for p, original in originals.items():
-            _set_submodule(model, p, original)
-        raise
-    return RoutedModel(model, method, names, router, originals, embedder, retrieval_index)
+    for p, base in _paths(model, experts).items():
+        total = sum(e.modules[p].delta_weight() for e in experts if p in e.modules)
+        _set_submodule(model, p, _merged_linear(base, total / len(experts)))
+        originals[p] = base
+    return RoutedModel(model, method, [e.name for e in experts], originals)
+
+
+def install_nothing(model: nn.Module, names: Sequence[str] = (), method: str = "base") -> RoutedModel:
+    return RoutedModel(model, method, list(names), {})
 
 
 @torch.no_grad()
@@ -289,5 +265,7 @@ def compute_prototypes(
 
 
 def save_vectors(path: str | Path, vectors: Mapping[str, torch.Tensor]) -> None:
-    """Write one expert's router vectors (module path -> [d_in]) as safetensors."""
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in vectors.items()}, str(path))
+    """Write one expert's router vectors (module path -> [d_in]) as safetensors (atomically)."""
+    from recycle.files import save_tensors
+
+    save_tensors(path, {k: v.detach().float() for k, v in vectors.items()})

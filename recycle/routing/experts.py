@@ -21,15 +21,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from recycle.errors import RecycleError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-# <module path>.lora_A.weight, or <module path>.lora_A.<adapter name>.weight
-_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+PEFT_PREFIX = "base_model.model."
+# [base_model.model.]<module path>.lora_A.weight, or .lora_A.<adapter name>.weight
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+PATTERN_SECONDS = 1.0  # a rank/alpha pattern that takes longer than this to match is refused
+
+
+def pattern_key(patterns, module_path: str, where: str = "pattern") -> str | None:
+    """The first key of ``patterns`` that matches a suffix of ``module_path``, by PEFT's rule
+    (``peft.utils.other.get_pattern_key``: ``(.*[.])?(KEY)$``), or None. Matched with the
+    ``regex`` engine under a time bound, so that a crafted pattern cannot hang a process;
+    an invalid or runaway pattern is one clear error naming it."""
+    import regex
+
+    for key in patterns or ():
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", module_path, timeout=PATTERN_SECONDS)
+        except TimeoutError:
+            raise RecycleError(f"{where} key {key!r} takes too long to match (a runaway regular expression)") from None
+        except (regex.error, TypeError) as e:
+            raise RecycleError(f"{where} key {key!r} is not a valid regular expression ({e})") from None
+        if found:
+            return key
+    return None
+
+
+def lora_scaling(config: dict, module_path: str) -> float:
+    """PEFT's scaling for ``module_path`` under an adapter ``config`` (a loaded adapter_config)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rk = pattern_key(rank_pattern, module_path, f"{CONFIG_NAME} rank_pattern")
+    ak = pattern_key(alpha_pattern, module_path, f"{CONFIG_NAME} alpha_pattern")
+    r = rank_pattern[rk] if rk is not None else config["r"]
+    alpha = alpha_pattern[ak] if ak is not None else config["lora_alpha"]
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 @dataclass
@@ -59,23 +89,6 @@ class LoraExpert:
     modules: dict[str, ExpertModule] = field(default_factory=dict)
 
 
-def _pattern_key(pattern_keys, key: str) -> str:
-    # Same rule as peft.utils.other.get_pattern_key (first pattern that matches a suffix).
-    for pattern in pattern_keys:
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return pattern
-    return key
-
-
-def lora_scaling(config: dict, module_path: str) -> float:
-    """PEFT's scaling for ``module_path`` under an adapter ``config`` (a loaded adapter_config)."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(_pattern_key(rank_pattern.keys(), module_path), config["r"])
-    alpha = alpha_pattern.get(_pattern_key(alpha_pattern.keys(), module_path), config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
 def load_expert(path: str | Path, name: str | None = None) -> LoraExpert:
     """Read one PEFT LoRA adapter folder into a :class:`LoraExpert`.
 
@@ -94,11 +107,11 @@ def load_expert(path: str | Path, name: str | None = None) -> LoraExpert:
     if config.get("fan_in_fan_out"):
         raise RecycleError(f"{path}: fan_in_fan_out (Conv1D) targets are not supported")
 
+    from recycle.files import load_tensors
+
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights_file)).items():
-        if key.startswith(_PEFT_PREFIX):
-            key = key[len(_PEFT_PREFIX) :]
-        match = _KEY.match(key)
+    for key, tensor in load_tensors(weights_file, "adapter weights").items():
+        match = LORA_KEY.match(key)
         if match is None:
             raise RecycleError(f"{path}: unsupported tensor {key!r} (only lora_A/lora_B on linear layers)")
         factors.setdefault(match["path"], {})[match["which"]] = tensor
@@ -112,22 +125,19 @@ def load_expert(path: str | Path, name: str | None = None) -> LoraExpert:
     return LoraExpert(name=name or path.name, path=path, config=config, modules=modules)
 
 
-def load_experts(expert_dirs: dict[str, str | Path]) -> list[LoraExpert]:
-    """Load several adapters, keeping the order of ``expert_dirs`` (name -> folder)."""
-    return [load_expert(folder, name) for name, folder in expert_dirs.items()]
-
-
 def load_vectors(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a gates / prototypes file: safetensors dict ``module path -> vector [d_in]``.
 
     Keys may carry PEFT's ``base_model.model.`` prefix; it is stripped.
     """
+    from recycle.files import load_tensors
+
     path = Path(path)
     if not path.is_file():
         raise RecycleError(f"no gate/prototype file at {path}")
     out = {}
-    for key, tensor in load_file(str(path)).items():
-        if key.startswith(_PEFT_PREFIX):
-            key = key[len(_PEFT_PREFIX) :]
+    for key, tensor in load_tensors(path, "router vectors").items():
+        if key.startswith(PEFT_PREFIX):
+            key = key[len(PEFT_PREFIX) :]
         out[key] = tensor.reshape(-1)
     return out

@@ -15,7 +15,16 @@ weights per token. Two dispatches give the same result (tests/test_routing.py):
   weight (zero for experts not chosen), then one matmul with the stacked ``s_j B_j`` added
   into the output. It computes all N products, but in ~6 tensor operations, which on CPU is
   as fast or faster than grouping up to that size (benchmarks/routing.py); set
-  ``dense_max_columns = 0`` to always dispatch sparsely.
+  ``dense_max_columns = 0`` to always dispatch sparsely. Layers whose router has
+  computation-free experts (MoE++) always dispatch sparsely, so that a token routed to them
+  computes fewer LoRA products.
+
+The router is a module of its own (``layer.router``, see :mod:`recycle.routing.routers`),
+built from the layer by :meth:`RoutedLoraLinear.set_router`. The layers of one model share a
+:class:`~recycle.routing.context.RoutingContext` (``layer.context``) that carries state from
+one routed layer to the next within a forward pass. ``layer.delta(x, route)`` is the mixture
+``Δ_mix`` as a tensor; the forward adds it in place without materialising it unless the
+router or the context asks for it.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recycle.errors import RecycleError
+from recycle.routing.context import Route, RoutingContext, module_kind
 from recycle.routing.experts import ExpertModule
 
 
@@ -38,20 +48,20 @@ class RoutedLoraLinear(nn.Module):
         path: the module's path in the model (for messages and statistics).
         experts: ``(global index, name, ExpertModule)`` for each expert adapting this module.
         n_total: number of experts in the whole composition (for global -> local indices).
-        router: an object with ``prepare(layer)`` and ``route(layer, x)`` (see ``routers``).
+        context: the routing context shared by the model's routed layers.
 
     Expert factors are non-persistent buffers (they follow ``.to()`` but stay out of the
     ``state_dict``), cast to the base layer's dtype and device: ``lora_A``, either ``[d_in, N * r_max]``
     (every ``A_j^T`` side by side, read by the dense path) or ``[N, d_in, r_max]`` (stacked,
     read by grouped dispatch; ``lora_A_cat`` and ``lora_AT`` give either view), and ``lora_BT``
     ``[N, r_max, d_out]`` (``s_j B_j^T``: the scaling folded in), zero-padded to the largest rank
-    rounded up to 16 bytes.
+    rounded up to 16 bytes. Call :meth:`set_router` before the first forward.
     """
 
     #: dispatch: while the stacked rank N * r_max is at most this, the dense path (T·N·r·(d_in +
     #: d_out) multiply-adds in ~6 operations) runs instead of grouping (T·k·r·(d_in + d_out)
-    #: multiply-adds, but sorting, gathers and a scatter-add); read when a layer is built, to
-    #: set its ``dense``. 0: always sparse dispatch.
+    #: multiply-adds, but sorting, gathers and a scatter-add); read when the router is set, to
+    #: set the layer's ``dense``. 0: always sparse dispatch.
     dense_max_columns: int = 256
 
     def __init__(
@@ -60,15 +70,16 @@ class RoutedLoraLinear(nn.Module):
         path: str,
         experts: list[tuple[int, str, ExpertModule]],
         n_total: int,
-        router,
+        context: RoutingContext | None = None,
     ):
         super().__init__()
         self.base_layer = base_layer
         self.path = path
+        self.kind = module_kind(path)
         self.expert_names = [name for _, name, _ in experts]
         self.scalings = [m.scaling for _, _, m in experts]
-        self.router = router
-        self.recorder = None  # set by RoutedModel.record()
+        self.context = context if context is not None else RoutingContext()
+        self.router = None
         w = base_layer.weight
         local = torch.full((n_total + 1,), -1, dtype=torch.long)  # global id n_total = "no expert"
         for j, (g, _, _) in enumerate(experts):
@@ -88,10 +99,9 @@ class RoutedLoraLinear(nn.Module):
                 )
             A[j, :, : m.rank] = m.A.T.to(w.device, w.dtype)
             BT[j, : m.rank, :] = (m.scaling * m.B.T.to(wide)).to(w.device, w.dtype)  # s_j folded in
-        #: the dispatch: dense (True) or grouped; stored as one layout of A, the one it reads:
-        #: [d_in, N * r_max] (dense) or [N, d_in, r_max] (grouped)
-        self.dense = len(experts) * r_max <= self.dense_max_columns
-        A = A.permute(1, 0, 2).reshape(base_layer.in_features, -1) if self.dense else A
+        #: the dispatch: dense (True) or grouped, set with the router; stored as the one layout
+        #: of A it reads: [d_in, N * r_max] (dense) or [N, d_in, r_max] (grouped)
+        self.dense = False
         self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_BT", BT, persistent=False)
         self._use_grouped_mm = (
@@ -100,7 +110,15 @@ class RoutedLoraLinear(nn.Module):
             and (base_layer.in_features * size) % 16 == 0
             and (base_layer.out_features * size) % 16 == 0
         )
-        router.prepare(self)
+
+    def set_router(self, router: nn.Module) -> None:
+        """Own ``router`` (built from this layer) and choose the dispatch: dense for few
+        experts, unless the router has computation-free experts (their saving is only real
+        in sparse dispatch)."""
+        AT = self.lora_AT
+        self.router = router
+        self.dense = self.n_experts * AT.shape[-1] <= self.dense_max_columns and not router.n_free
+        self.lora_A = AT.permute(1, 0, 2).reshape(self.in_features, -1) if self.dense else AT.contiguous()
 
     # The wrapped layer answers like a Linear (some models read .weight, e.g. T5's wo).
     @property
@@ -135,7 +153,14 @@ class RoutedLoraLinear(nn.Module):
 
     @property
     def n_experts(self) -> int:
+        """LoRA experts at this module (computation-free experts not counted)."""
         return len(self.expert_names)
+
+    @property
+    def route_names(self) -> list[str]:
+        """Names of every index a route may hold: the LoRA experts, then the router's
+        computation-free experts."""
+        return self.expert_names + list(getattr(self.router, "free_names", ()))
 
     def factors(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(A_j, B_j)`` per local expert; B is unscaled (the scaling is in ``self.scalings``)."""
@@ -144,82 +169,115 @@ class RoutedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        idx, weight = self.router.route(self, x)
-        if self.recorder is not None:
-            self.recorder.add(self, x.shape[:-1], idx, weight)
+        route = self.router(x, self)
+        ctx = self.context
+        if ctx.recorder is not None:
+            ctx.recorder.add(self, x.shape[:-1], route)
         x2d = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
-        self.add_sparse_delta(result.view(-1, result.shape[-1]), x2d, idx, weight)
-        return result
+        out = result.view(-1, result.shape[-1])
+        if self.router.wants_delta or ctx.keep_deltas:
+            delta = self.delta(x2d, route)
+            ctx.deltas[self.kind] = delta
+            out = out + delta.to(out.dtype) if torch.is_grad_enabled() else out.add_(delta.to(out.dtype))
+        else:
+            out = self.add_sparse_delta(out, x2d, route.idx, route.weight)
+        if self.router.keeps_logits:
+            ctx.logits[self.kind] = route.logits
+        return out.view(result.shape)
+
+    def delta(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """``Δ_mix`` [tokens, d_out] for ``x`` [tokens, d_in]: the routed LoRA products, then
+        whatever the router's computation-free experts add."""
+        delta = self.sparse_delta(x, route.idx, route.weight)
+        return self.router.finish(delta, x, route, self)
 
     def sparse_delta(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``Σ_k weight[t,k] · s B A x[t]`` over the chosen experts ``idx[t,k]`` only (-1 skipped)."""
+        """``Σ_k weight[t,k] · s B A x[t]`` over the chosen LoRA experts ``idx[t,k]`` only
+        (-1 and computation-free indices skipped)."""
         return self.add_sparse_delta(x.new_zeros(x.shape[0], self.out_features), x, idx, weight)
 
     def add_sparse_delta(self, out, x, idx, weight):
-        """Add the routed delta to ``out`` [tokens, d_out] in place (returns ``out``)."""
+        """Add the routed LoRA delta to ``out`` [tokens, d_out] (returns ``out``)."""
         t, k = idx.shape
         if t * k == 0:
             return out
         weight = weight.to(x.dtype)
-        may_skip = getattr(self.router, "may_skip", False)  # idx -1: no expert
+        n = self.n_experts
+        filtered = self.router.may_skip or self.router.n_free  # indices outside 0..N-1 occur
+        # in place where no gradient flows through (inference); out of place when training
+        inplace = not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or out.requires_grad)
         if self.dense:
-            return self._add_dense(out, x, idx, weight, may_skip)
+            return self._add_dense(out, x, idx, weight, filtered, inplace)
         experts, weight = idx.reshape(-1), weight.reshape(-1)
-        if may_skip:  # -1: expert 0 with weight 0
-            weight = weight * (experts >= 0)
-            experts = experts.clamp_min(0)
+        rows = None
+        if filtered:  # only the assignments to LoRA experts are computed
+            rows = ((experts >= 0) & (experts < n)).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return out
+            experts, weight = experts.index_select(0, rows), weight.index_select(0, rows)
         order = torch.argsort(experts, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(experts, minlength=self.n_experts)
-        tokens = order // k if k > 1 else order
+        counts = torch.bincount(experts, minlength=n)
+        if rows is not None:
+            tokens = rows.index_select(0, order) // k
+        else:
+            tokens = order // k if k > 1 else order
         xs = x.index_select(0, tokens)
-        ys = self._grouped(xs, weight.index_select(0, order), counts)
-        return out.index_add_(0, tokens, ys.to(out.dtype))
+        ys = self._grouped(xs, weight.index_select(0, order), counts, inplace)
+        if inplace:
+            return out.index_add_(0, tokens, ys.to(out.dtype))
+        return out.index_add(0, tokens, ys.to(out.dtype))
 
-    def _add_dense(self, out, x, idx, weight, may_skip):
+    def _add_dense(self, out, x, idx, weight, filtered, inplace=True):
         """Every expert's ``A x`` in one matmul, scaled by the routing weights (zero for the
         experts not chosen), then one matmul with the stacked ``s B``, added to ``out``."""
         t, n = x.shape[0], self.n_experts
-        if may_skip:  # -1 lands in an extra column, dropped
-            p = x.new_zeros(t, n + 1).scatter_add_(1, torch.where(idx >= 0, idx, n), weight)[:, :n]
+        if filtered:  # -1 and computation-free experts land in an extra column, dropped
+            col = torch.where((idx >= 0) & (idx < n), idx, n)
+            p = x.new_zeros(t, n + 1).scatter_add_(1, col, weight)[:, :n]
         else:
             p = x.new_zeros(t, n).scatter_add_(1, idx, weight)
-        z = torch.mm(x, self.lora_A_cat).view(t, n, -1).mul_(p.unsqueeze(-1)).view(t, -1)
+        z = torch.mm(x, self.lora_A_cat).view(t, n, -1)
+        z = (z.mul_(p.unsqueeze(-1)) if inplace else z * p.unsqueeze(-1)).view(t, -1)
         b = self.lora_BT.view(-1, self.out_features)
+        if not inplace:
+            return out + (z @ b).to(out.dtype)
         if out.dtype == z.dtype:
             return out.addmm_(z, b)
         return out.add_((z @ b).to(out.dtype))
 
-    def _grouped(self, xs, weight, counts):
+    def _grouped(self, xs, weight, counts, inplace=True):
         """``weight[i] · (xs[i] A_e^T) B_e^T`` for rows ``xs`` sorted by expert, ``counts[e]``
         rows for expert ``e``: two grouped matmuls, or a loop over the non-empty experts where
         ``grouped_mm`` cannot take the device, dtype or shapes."""
         if self._use_grouped_mm:
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             try:
-                z = F.grouped_mm(xs, self.lora_AT, offs=offs).mul_(weight[:, None])
+                z = F.grouped_mm(xs, self.lora_AT, offs=offs)
+                z = z.mul_(weight[:, None]) if inplace else z * weight[:, None]
                 return F.grouped_mm(z, self.lora_BT, offs=offs)
             except RuntimeError:  # unsupported here (e.g. an old GPU): use the loop from now on
                 self._use_grouped_mm = False
-        ys = xs.new_empty(xs.shape[0], self.out_features)
+        ys = []
         start = 0
         for j, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
             end, r = start + count, self.ranks[j]
-            z = (xs[start:end] @ self.lora_AT[j, :, :r]).mul_(weight[start:end, None])
-            torch.mm(z, self.lora_BT[j, :r, :], out=ys[start:end])
+            z = (xs[start:end] @ self.lora_AT[j, :, :r]) * weight[start:end, None]
+            ys.append(z @ self.lora_BT[j, :r, :])
             start = end
-        return ys
+        return torch.cat(ys) if ys else xs.new_zeros(0, self.out_features)
 
     def dense_delta(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Reference: every expert computed for every token, masked by the routing weights."""
         t = x.shape[0]
-        p = x.new_zeros(t, self.n_experts + 1)  # last column swallows idx == -1
-        p.scatter_add_(1, torch.where(idx >= 0, idx, self.n_experts), weight.to(x.dtype))
+        p = x.new_zeros(t, self.n_experts + 1)  # last column swallows idx == -1 and free experts
+        col = torch.where((idx >= 0) & (idx < self.n_experts), idx, self.n_experts)
+        p.scatter_add_(1, col, weight.to(x.dtype))
         out = x.new_zeros(t, self.out_features)
         for j, (A, B) in enumerate(self.factors()):
             out += p[:, j : j + 1] * (self.scalings[j] * (x @ A.T @ B.T))
         return out
 
     def extra_repr(self) -> str:
-        return f"path={self.path!r}, experts={self.n_experts}, router={getattr(self.router, 'name', '?')}"
+        return f"path={self.path!r}, experts={self.n_experts}, dense={self.dense}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from recycle.errors import RecycleError
 
@@ -101,9 +101,11 @@ class RetrievalIndex:
         return self.choose(embedder.encode(texts))
 
     def save(self, path: str | Path) -> None:
-        """One safetensors file; expert names in its metadata."""
-        tensors = {"embeddings": self.embeddings.contiguous(), "labels": self.labels}
-        save_file(tensors, str(path), metadata={"expert_names": json.dumps(self.expert_names)})
+        """One safetensors file (written atomically); expert names in its metadata."""
+        from recycle.files import save_tensors
+
+        save_tensors(path, {"embeddings": self.embeddings, "labels": self.labels},
+                     metadata={"expert_names": json.dumps(self.expert_names)})
 
     @classmethod
     def load(cls, path: str | Path) -> RetrievalIndex:

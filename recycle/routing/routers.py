@@ -1,34 +1,36 @@
 """Routers: who handles each token at one routed module.
 
-Every router has the same two-method interface, used by :class:`RoutedLoraLinear`:
-
-- ``prepare(layer)``: called once when the layer is installed; precomputes what the router
-  needs at that module (e.g. standardised gate vectors) and stores it on the layer.
-- ``route(layer, x) -> (idx, weight)``: ``x`` is the module input as the model passed it
-  (``[..., d_in]``); returns ``idx`` ``[tokens, k]`` (long, indices into ``layer.expert_names``,
-  ``-1`` = no expert, only from routers with ``may_skip = True``) and ``weight``
-  ``[tokens, k]``, tokens being ``x`` flattened.
+A router is a ``torch.nn.Module`` owned by one :class:`~recycle.routing.RoutedLoraLinear`
+(``layer.router``). It is built from the layer (its experts, factors, device and dtype) and
+called as ``router(x, layer) -> Route`` with ``x`` the module input as the model passed it
+(``[..., d_in]``; the route's tokens are ``x`` flattened). What a router derives from its experts (standardised gate vectors,
+singular vectors) is a non-persistent buffer; what it learns is a parameter, saved and
+loaded with the composition (:meth:`RoutedModel.router_state`).
 
 Token routers score every expert present at the module, keep the top-k and weight them
-(``weighting="softmax"``: softmax over the kept scores / temperature; ``"sigmoid"``:
-``sigmoid(score / temperature)`` per kept expert, non-competitive, not renormalised, SPEC §4).
+(``weighting="softmax"``: softmax over the kept scores / temperature, which equals the
+softmax over all renormalised over the kept; ``"sigmoid"``: ``sigmoid(score / temperature)``
+per kept expert, non-competitive, not renormalised, SPEC §4; ``"uniform"``: 1/k each).
 Example routers (retrieval, oracle, single) give every token of an example the one expert
 chosen for that example, with weight 1.
 
-The merged methods (``uniform``, ``base``) need no router: see :mod:`recycle.routing.engine`.
+Computation-free experts (MoE++) have indices past the LoRA experts (``n_free`` of them,
+named ``free_names``); the layer computes LoRA products only for LoRA indices and hands the
+mixture to :meth:`Router.finish`, where such a router adds what its free experts return.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from recycle.errors import RecycleError
+from recycle.routing.context import Route
 
-WEIGHTINGS = ("softmax", "sigmoid")
+WEIGHTINGS = ("softmax", "sigmoid", "uniform")
 
 
 def select_top_k(
@@ -45,6 +47,8 @@ def select_top_k(
     """
     k = min(top_k, scores.shape[-1])
     top, idx = _top_k(scores, k)
+    if weighting == "uniform":
+        return idx, torch.full_like(top, 1.0 / k)
     if scale is not None:
         top = top * (scale / temperature if temperature != 1.0 else scale)
     elif temperature != 1.0:
@@ -70,7 +74,7 @@ def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([top, top2], -1), torch.cat([idx, idx2], -1)
 
 
-def _check_settings(top_k: int, weighting: str, temperature: float) -> None:
+def check_token_settings(top_k: int, weighting: str, temperature: float) -> None:
     if top_k < 1:
         raise RecycleError(f"top_k must be at least 1, got {top_k}")
     if weighting not in WEIGHTINGS:
@@ -79,67 +83,95 @@ def _check_settings(top_k: int, weighting: str, temperature: float) -> None:
         raise RecycleError(f"temperature must be positive, got {temperature}")
 
 
-class GateRouter:
+class Router(nn.Module):
+    """Base class: the interface :class:`RoutedLoraLinear` calls."""
+
+    name = "router"
+    n_free = 0  # computation-free experts after the LoRA ones
+    free_names: tuple[str, ...] = ()
+    may_skip = False  # may return -1 (no expert)
+    wants_delta = False  # the layer materialises the mixture and calls finish()
+    keeps_logits = False  # the layer stores route.logits in the context for the next layer
+
+    def forward(self, x: torch.Tensor, layer) -> Route:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def finish(self, delta: torch.Tensor, x: torch.Tensor, route: Route, layer) -> torch.Tensor:
+        """The mixture delta [T, d_out] after the computation-free experts (none here)."""
+        return delta
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class TokenRouter(Router):
+    """Scores every expert at the module for every token, keeps the top-k (see module
+    docstring). Subclasses implement ``scores(x) -> (raw [T, N], scale [T, 1] or None)``."""
+
+    def __init__(self, top_k: int = 2, weighting: str = "softmax", temperature: float = 1.0):
+        super().__init__()
+        check_token_settings(top_k, weighting, temperature)
+        self.top_k, self.weighting, self.temperature = top_k, weighting, temperature
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, layer) -> Route:
+        raw, scale = self.scores(x.reshape(-1, x.shape[-1]))
+        idx, weight = select_top_k(raw, self.top_k, self.weighting, self.temperature, scale=scale)
+        return Route(idx, weight, raw, scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, top_k={self.top_k}, weighting={self.weighting}, temperature={self.temperature:g}"
+
+
+class GateRouter(TokenRouter):
     """PHATGOOSE routing (SPEC §1): ``score_i = LN(x) · LN(v_i) / sqrt(d)``, top-k, weighting.
 
     ``vectors`` maps expert name -> {module path -> v_i [d_in]}; LN is LayerNorm without
-    affine parameters. Every expert present at a routed module needs a vector there.
+    affine parameters. Every expert present at the layer needs a vector there.
     """
 
     name = "phatgoose"
 
-    def __init__(
-        self,
-        vectors: dict[str, dict[str, torch.Tensor]],
-        top_k: int = 2,
-        weighting: str = "softmax",
-        temperature: float = 1.0,
-    ):
-        _check_settings(top_k, weighting, temperature)
-        self.vectors, self.top_k, self.weighting, self.temperature = vectors, top_k, weighting, temperature
-
-    def prepare(self, layer) -> None:
-        missing = [n for n in layer.expert_names if layer.path not in self.vectors.get(n, {})]
+    def __init__(self, layer, vectors: dict, top_k: int = 2, weighting: str = "softmax", temperature: float = 1.0):
+        super().__init__(top_k, weighting, temperature)
+        missing = [n for n in layer.expert_names if layer.path not in vectors.get(n, {})]
         if missing:
             raise RecycleError(f"{self.name}: no router vector at {layer.path} for {', '.join(missing)}")
-        v = torch.stack([self.vectors[n][layer.path].float().reshape(-1) for n in layer.expert_names])
+        v = torch.stack([vectors[n][layer.path].float().reshape(-1) for n in layer.expert_names])
         if v.shape[1] != layer.in_features:
             raise RecycleError(f"{self.name}: vectors at {layer.path} have size {v.shape[1]}, need {layer.in_features}")
         keys = F.layer_norm(v, (v.shape[1],)) / math.sqrt(v.shape[1])
         dev, dt = layer.weight.device, torch.promote_types(layer.weight.dtype, torch.float32)  # scores in >= fp32
         # [d, N + 1]: the keys and a column of 1/d, so one matmul gives x·k_i and mean(x)
         proj = torch.cat([keys, torch.full((1, v.shape[1]), 1.0 / v.shape[1])]).T.contiguous()
-        layer.register_buffer("router_proj", proj.to(dev, dt), persistent=False)
+        self.register_buffer("proj", proj.to(dev, dt), persistent=False)
 
-    def route(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw, rstd = self._raw_scores(layer, x)
-        return select_top_k(raw, self.top_k, self.weighting, self.temperature, scale=rstd)
-
-    def scores(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """``LN(x) · k_i`` for every expert i present at ``layer``: ``[tokens, N]``."""
-        raw, rstd = self._raw_scores(layer, x)
-        return raw * rstd
-
-    @staticmethod
-    def _raw_scores(layer, x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x · k_i, 1 / std(x))``: since the keys have zero mean (they are LayerNormed),
         ``LN(x) · k = (x − mean(x)) · k / std(x) = x · k / std(x)``, so LN(x) is never
         materialised; ``var(x) = mean(x²) − mean(x)²`` with ``F.layer_norm``'s eps, in float32
         or wider. That difference loses precision when |mean(x)| ≫ std(x) (relative error
         ~1e-7·mean²/var): a batch with a token where mean² > 1000·var, or any batch off the
-        CPU, is centred first (exact)."""
-        x = x.reshape(-1, x.shape[-1]).to(layer.router_proj.dtype)
-        n = layer.router_proj.shape[1] - 1
+        CPU, or one that needs gradients, is centred first (exact)."""
+        x = x.to(self.proj.dtype)
+        n = self.proj.shape[1] - 1
         # the check costs a device sync on an accelerator, where centring is cheap: always centre
-        if x.device.type == "cpu":
-            raw = x @ layer.router_proj
+        if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            raw = x @ self.proj
             mean = raw[:, n:]
             var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).sub_(mean.square())
             if not bool((mean.square() > 1000 * var).any()):
                 return raw[:, :n], var.clamp_min_(0).add_(eps).rsqrt_()
         xc = x - x.mean(-1, keepdim=True)
-        raw = xc @ layer.router_proj
-        return raw[:, :n], xc.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+        raw = xc @ self.proj
+        return raw[:, :n], xc.square().mean(-1, keepdim=True).add(eps).rsqrt()
+
+    def standardised_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``LN(x) · k_i`` for every expert i at the layer: ``[tokens, N]``."""
+        raw, scale = self.scores(x)
+        return raw * scale
 
 
 class AvgActivationRouter(GateRouter):
@@ -149,7 +181,7 @@ class AvgActivationRouter(GateRouter):
     name = "avg-activation"
 
 
-class ArrowRouter:
+class ArrowRouter(TokenRouter):
     """Arrow (Ostapenko et al., 2024), mirroring PEFT's ``ArrowLoraLinearLayer`` (peft 0.21).
 
     Router vector of expert i = top right-singular vector of ``B_i A_i``, found as PEFT does:
@@ -167,81 +199,65 @@ class ArrowRouter:
 
     name = "arrow"
 
-    def __init__(
-        self,
-        top_k: int = 3,
-        weighting: str = "softmax",
-        temperature: float = 1.0,
-        seed: int | None = 0,
-        iters: int = 15,
-    ):
-        _check_settings(top_k, weighting, temperature)
-        self.top_k, self.weighting, self.temperature = top_k, weighting, temperature
-        self.seed, self.iters = seed, iters
+    def __init__(self, layer, top_k: int = 2, weighting: str = "softmax", temperature: float = 1.0,
+                 seed: int | None = 0, iters: int = 15):
+        super().__init__(top_k, weighting, temperature)
+        protos = [self._top_right_singular(A, B, seed, iters) for A, B in layer.factors()]
+        keys = torch.stack(protos).to(layer.weight.device, layer.weight.dtype)
+        self.register_buffer("keys", keys, persistent=False)  # [N, d_in]
 
-    def _top_right_singular(self, A: torch.Tensor, B: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    @staticmethod
+    def _top_right_singular(A: torch.Tensor, B: torch.Tensor, seed, iters, eps: float = 1e-8) -> torch.Tensor:
         A32, B32 = A.float(), B.float()
         C = B32.T @ B32
         gen = None
-        if self.seed is not None:
+        if seed is not None:
             gen = torch.Generator(device=A32.device.type)
-            gen.manual_seed(int(self.seed))
+            gen.manual_seed(int(seed))
         v = torch.randn(A32.size(1), dtype=A32.dtype, device=A32.device, generator=gen)
         v = v / (v.norm() + eps)
-        for _ in range(self.iters):
+        for _ in range(iters):
             w = A32.T @ (C @ (A32 @ v))
             v = w / (w.norm() + eps)
         return v
 
-    def prepare(self, layer) -> None:
-        protos = [self._top_right_singular(A, B) for A, B in layer.factors()]
-        keys = torch.stack(protos).to(layer.weight.device, layer.weight.dtype)
-        layer.register_buffer("router_keys", keys, persistent=False)
-
-    def route(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.reshape(-1, x.shape[-1]).to(layer.router_keys.dtype)
-        scores = torch.abs(x @ layer.router_keys.T)
-        return select_top_k(scores, self.top_k, self.weighting, self.temperature)
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.abs(x.to(self.keys.dtype) @ self.keys.T), None
 
 
-class ExampleRouter:
+class ExampleRouter(Router):
     """One expert per example, weight 1, for every token of that example (k = 1).
 
     Used by ``retrieval`` (expert chosen from the example's text), ``oracle`` (the expert of
-    the example's task) and ``single`` (``fixed`` set: the same expert for everything).
-    Call :meth:`assign` with one global expert index per example before the forward pass;
-    the batch is the first dimension of the module input (a batch that is a multiple of the
-    assignment, as in beam search, repeats each example's expert). An example whose expert
-    does not adapt a module gets no delta there.
+    the example's task) and ``single`` (``fixed``: the same global expert index for
+    everything). The per-example assignment (one global expert index per example, the
+    number of experts meaning "none") is read from the routing context, set by
+    ``RoutedModel.set_examples`` before the forward pass; the batch is the first dimension of
+    the module input (a batch that is a multiple of the assignment, as in beam search,
+    repeats each example's expert). An example whose expert does not adapt a module gets no
+    delta there.
     """
 
-    top_k = 1
     may_skip = True  # may return -1 (expert absent at a module)
 
     def __init__(self, name: str, fixed: int | None = None):
+        super().__init__()
         self.name, self.fixed = name, fixed
-        self.assignment: torch.Tensor | None = None
 
-    def assign(self, expert_ids: Sequence[int] | torch.Tensor | None) -> None:
-        self.assignment = None if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).reshape(-1)
-
-    def prepare(self, layer) -> None:
-        pass
-
-    def route(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, layer) -> Route:
         lead = x.shape[:-1]
         tokens = math.prod(lead)
         local = layer.local_index.to(x.device)
         if self.fixed is not None:
             idx = local[self.fixed].expand(tokens, 1)
         else:
-            if self.assignment is None:
+            ids = layer.context.assignment
+            if ids is None:
                 raise RecycleError(f"{self.name} routing needs an expert per example: call set_examples() first")
-            ids = self.assignment.to(x.device)
+            ids = ids.to(x.device)
             batch = lead[0] if len(lead) > 1 else tokens
             if batch % ids.numel():
                 raise RecycleError(f"{self.name}: batch of {batch} does not match {ids.numel()} assigned examples")
             ids = ids.repeat_interleave(batch // ids.numel())
             idx = local[ids].repeat_interleave(tokens // batch).unsqueeze(1)
-        weight = (idx >= 0).to(x.dtype)
-        return idx, weight
+        return Route(idx, (idx >= 0).to(x.dtype))

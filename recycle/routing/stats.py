@@ -27,16 +27,15 @@ class _Call:
 class RoutingRecord:
     """Routing decisions of the forward passes run while recording."""
 
-    expert_names: dict[str, list[str]] = field(default_factory=dict)  # module path -> local names
+    expert_names: dict[str, list[str]] = field(default_factory=dict)  # module path -> route names
+    n_lora: dict[str, int] = field(default_factory=dict)  # module path -> LoRA experts there
     calls: dict[str, list[_Call]] = field(default_factory=dict)
 
-    def add(self, layer, shape, idx: torch.Tensor, weight: torch.Tensor) -> None:
-        self.expert_names.setdefault(layer.path, list(layer.expert_names))
-        call = _Call(tuple(shape), idx.detach().cpu(), weight.detach().float().cpu())
+    def add(self, layer, shape, route) -> None:
+        self.expert_names.setdefault(layer.path, list(layer.route_names))
+        self.n_lora.setdefault(layer.path, layer.n_experts)
+        call = _Call(tuple(shape), route.idx.detach().cpu(), route.weight.detach().float().cpu())
         self.calls.setdefault(layer.path, []).append(call)
-
-    def clear(self) -> None:
-        self.calls.clear()
 
     def _selected(self, call: _Call, mask: torch.Tensor | None, example: int | None):
         idx, weight = call.idx, call.weight
@@ -56,9 +55,10 @@ class RoutingRecord:
 
     def stats(self, attention_mask: torch.Tensor | None = None, example: int | None = None) -> dict[str, dict]:
         """Per routed module: ``tokens`` counted; ``load`` = {expert: fraction of tokens that
-        use it} (sums to the effective k); ``entropy`` = entropy (nats) of the load shares
-        (``load / sum``; log N is perfectly balanced); ``token_entropy`` = mean entropy of a
-        token's normalised routing weights (0 for k = 1)."""
+        use it} (sums to the effective k; computation-free experts included by name);
+        ``entropy`` = entropy (nats) of the load shares (``load / sum``; log N is perfectly
+        balanced); ``token_entropy`` = mean entropy of a token's normalised routing weights
+        (0 for k = 1); ``lora_products`` = LoRA expert products computed per token."""
         report = {}
         for path, calls in self.calls.items():
             names = self.expert_names[path]
@@ -81,6 +81,7 @@ class RoutingRecord:
                 "entropy": entropy,
                 "max_entropy": math.log(len(names)) if names else 0.0,
                 "token_entropy": token_entropy / max(tokens, 1),
+                "lora_products": float(load[: self.n_lora[path]].sum()),
             }
         return report
 

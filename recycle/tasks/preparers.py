@@ -16,8 +16,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -212,18 +210,13 @@ def prepare(name: str, path: Path, options: dict | None = None) -> Path:
     out = cache_dir() / "tasks" / "prepared" / f"{name}-{path.name.split('.')[0]}-{key}.jsonl"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".prep-", suffix=".jsonl", dir=out.parent)
+    from recycle.files import atomic_path
+
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in PREPARERS[name](path, options):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in PREPARERS[name](path, options):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
         if n == 0:
             raise RecycleError(f"preparer {name} found no examples in {path}")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out

@@ -1,11 +1,12 @@
-"""Tasks in the registry: add (checked against the data), list, look up."""
+"""Tasks in the registry: add (checked against the data), look up, and their examples."""
 
 from __future__ import annotations
 
-import json
+import random
 
+from recycle.data import SPLIT_NAMES, Example
 from recycle.errors import RecycleError
-from recycle.registry import Registry, now
+from recycle.registry import Registry
 from recycle.tasks.build import build_splits
 from recycle.tasks.spec import TaskSpec, parse_spec
 
@@ -25,53 +26,30 @@ def add_task(registry: Registry, spec: TaskSpec, replace: bool = False) -> dict:
         "n_choices": len(spec.choices) if spec.choices else None,
         **{f"n_{k}": len(v) for k, v in splits.items()},
     }
-    with registry.transaction() as db:
-        old = list(db.query("select * from tasks where name = ?", [spec.name]))
-        if old:
-            old = old[0]
-            if old["spec_sha256"] == row["spec_sha256"]:
-                counts = {k: row[k] for k in ("n_train", "n_validation", "n_test") if row[k] != old[k]}
-                if counts:  # same spec, the data under it changed
-                    db["tasks"].update(old["id"], counts)
-                status = "unchanged"
-            elif not replace:
-                raise RecycleError(
-                    f"task {spec.name!r} already exists with another spec; use --replace to overwrite it"
-                )
-            else:
-                db["tasks"].update(old["id"], {**row, "created": now()})
-                status = "replaced"
-        else:
-            db["tasks"].insert({**row, "created": now()})
-            status = "added"
-    return {**get_task(registry, spec.name), "status": status}
-
-
-def _decode(row: dict) -> dict:
-    row = dict(row)
-    row["spec"] = json.loads(row["spec"])
-    return row
+    status = registry.record_task(row, replace=replace)
+    return {**registry.task(spec.name), "status": status}
 
 
 def get_task(registry: Registry, name: str) -> dict:
-    rows = list(registry.db.query("select * from tasks where name = ?", [name]))
-    if not rows:
-        known = [r["name"] for r in registry.db.query("select name from tasks order by name")]
-        hint = f" (registered: {', '.join(known)})" if known else " (none registered: see recycle tasks catalogue)"
-        raise RecycleError(f"no task named {name!r}{hint}")
-    return _decode(rows[0])
+    return registry.task(name)
 
 
 def list_tasks(registry: Registry) -> list[dict]:
-    return [_decode(r) for r in registry.db.query("select * from tasks order by name")]
+    return registry.tasks()
 
 
 def task_spec(registry: Registry, name: str) -> TaskSpec:
-    return parse_spec(get_task(registry, name)["spec"], origin=f"task {name}")
+    return parse_spec(registry.task(name)["spec"], origin=f"task {name}")
 
 
-def remove_task(registry: Registry, name: str) -> dict:
-    row = get_task(registry, name)
-    with registry.transaction() as db:
-        db["tasks"].delete(row["id"])
-    return row
+def load_examples(registry: Registry, task_name: str, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
+    """Examples of a registered task's split; ``n`` of them sampled by ``seed`` (all if None
+    or more than there are)."""
+    if split not in SPLIT_NAMES:
+        raise RecycleError(f"unknown split {split!r} (use train, validation or test)")
+    if n is not None and n < 0:
+        raise RecycleError(f"cannot take {n} examples")
+    examples = build_splits(task_spec(registry, task_name))[split]
+    if n is None or n >= len(examples):
+        return list(examples)
+    return random.Random(f"{seed}:{task_name}:{split}").sample(examples, n)

@@ -1,0 +1,226 @@
+"""What every composition method is made of (one module per method in this package).
+
+A method is a :class:`Method` subclass with
+
+- ``Settings``: a frozen dataclass validated in ``__post_init__`` (one-line
+  :class:`RecycleError`), stored with a composition and hashed into result keys;
+- the driver side, which reads the registry: :meth:`Method.member` (what each member
+  needs, or why it cannot be one), :meth:`Method.select` (the members by default) and
+  :meth:`Method.gather` (plain data a worker needs, such as a sample of each member's own
+  training data);
+- the worker side, which never sees the registry: :meth:`Method.build` (install the
+  method on a model from loaded experts, settings and artifacts), :meth:`Method.install`
+  (the same from a :class:`Plan`) and, for per-example methods, :meth:`Method.assign`;
+- where the method trains something, ``trainer``: the library entry point that does it.
+
+A :class:`Plan` is the picklable hand-over from driver to worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from recycle.errors import RecycleError
+from recycle.settings import Settings, setting
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs to install a composition, as plain picklable data."""
+
+    label: str  # composition name, or the method (as shown in result tables)
+    method: str
+    base: str  # base model name, for recycle.basemodels.resolve_base
+    settings: dict
+    members: list[dict]  # name, path, sha256, task, and what the method needs (gates...)
+    artifacts_dir: str
+    data: dict = field(default_factory=dict)  # method-specific data gathered by the driver
+    state: dict = field(default_factory=dict)  # trained parts: {key: {path, sha256, ...}}
+
+    @property
+    def member_hashes(self) -> dict[str, str]:
+        return {m["name"]: m["sha256"] for m in self.members}
+
+    @property
+    def settings_hash(self) -> str:
+        """What decides this composition's outputs: method, settings, members' content and
+        anything trained for it."""
+        key = {
+            "method": self.method,
+            "settings": self.settings,
+            "members": sorted((m["name"], m["sha256"], m.get("gates_sha") or "") for m in self.members),
+        }
+        if self.state:
+            key["state"] = {k: v.get("sha256") for k, v in sorted(self.state.items())}
+        if self.data.get("parts"):
+            key["parts"] = {k: Plan(**v).settings_hash for k, v in sorted(self.data["parts"].items())}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def expert_dirs(self) -> dict[str, str]:
+        return {m["name"]: m["path"] for m in self.members}
+
+
+def is_multitask(expert: dict) -> bool:
+    meta = expert.get("meta") or {}
+    return bool(meta.get("multitask")) or "," in (expert.get("task") or "")
+
+
+class Method:
+    """One composition method (see the module docstring). Class attributes describe it to
+    the drivers and the CLI."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line, for help texts and the README
+    Settings: ClassVar[type[Settings]] = Settings
+    needs: ClassVar[str | None] = None  # what each member needs: "gates", "task" or None
+    members: ClassVar[str] = "many"  # "many", "one" (named by settings.expert), "none", "multitask"
+    token_routed: ClassVar[bool] = False  # routes each token (routing is recorded)
+    per_example: ClassVar[bool] = False  # needs assign() before each batch
+    in_default_eval: ClassVar[bool] = True  # one of `recycle eval`'s default methods
+    trainer = None  # the library function that trains what the method needs, if anything
+    trains: ClassVar[str | None] = None  # the CLI command that calls it
+
+    # ---- settings ------------------------------------------------------------------
+
+    def settings(self, values: Mapping[str, Any] | None = None) -> Settings:
+        return self.Settings.from_dict(dict(values or {}), self.name)
+
+    def label(self, settings: Settings) -> str:
+        """How an ad-hoc use of the method is named in result tables."""
+        return self.name
+
+    # ---- driver side ---------------------------------------------------------------
+
+    def select(self, registry, names: list[str] | None, settings: Settings) -> list[dict]:
+        """The member experts: the named ones, or every single-task expert (one base)."""
+        if names:
+            experts = [registry.expert(n) for n in names]
+        elif self.members == "multitask":
+            experts = [e for e in registry.experts() if is_multitask(e)]
+        else:
+            experts = [e for e in registry.experts() if not is_multitask(e)]
+        if not experts and self.members != "none":
+            raise RecycleError("no experts to compose: register some, or name them with --experts")
+        bases = {(e["base_model"], e["base_config_hash"]) for e in experts}
+        if len(bases) > 1:
+            raise RecycleError("the experts are on different base models (" + ", ".join(sorted(b for b, _ in bases))
+                               + "); name the ones to compose with --experts")
+        return experts
+
+    def member(self, registry, expert: dict) -> dict | str:
+        """The member entry for a worker, or why this expert cannot be a member."""
+        m = {"name": expert["name"], "path": expert["path"], "sha256": expert["sha256"], "task": expert.get("task"),
+             "gates": None}
+        if self.needs == "gates":
+            g = registry.latest_gates(expert)
+            if g is None:
+                return "no gates for their current adapter (run recycle train-gates)"
+            m["gates"], m["gates_sha"] = g["path"], g["settings_hash"]
+        elif self.needs == "task" and (not expert.get("task") or is_multitask(expert)):
+            return "no registered single task (their own data is needed)"
+        return m
+
+    def plan_members(self, registry, experts: list[dict]) -> list[dict]:
+        members, missing = [], {}
+        for e in experts:
+            m = self.member(registry, e)
+            if isinstance(m, str):
+                missing.setdefault(m, []).append(e["name"])
+            else:
+                members.append(m)
+        for reason, names in missing.items():
+            raise RecycleError(f"{self.name} needs what these experts lack, {reason}: {', '.join(names)}")
+        return members
+
+    def complete(self, values: dict, experts: list[dict]) -> dict:
+        """The settings values once the members are known (e.g. the one expert's name)."""
+        return values
+
+    def gather(self, registry, plan: Plan, seed: int = 0) -> None:
+        """Add to ``plan.data`` what workers need beyond the members' files (nothing here)."""
+
+    # ---- worker side ---------------------------------------------------------------
+
+    def build(self, model, experts, settings: Settings, **artifacts):
+        """Install on ``model`` from loaded experts (``LoraExpert`` list, global order)."""
+        raise NotImplementedError
+
+    def install(self, plan: Plan, model, tokenizer):
+        """Install the plan's composition on ``model`` (in place); returns the handle."""
+        from recycle.routing import load_expert
+
+        experts = [load_expert(m["path"], m["name"]) for m in plan.members]
+        return self.build(model, experts, self.settings(plan.settings), **self.artifacts(plan, model, tokenizer))
+
+    def artifacts(self, plan: Plan, model, tokenizer) -> dict:
+        """What :meth:`build` needs beyond the experts, read or computed from the plan."""
+        return {}
+
+    def assign(self, handle, plan: Plan, examples: Sequence, tasks: Sequence[str | None]) -> list | None:
+        """Per-example methods: choose (and return) each example's expert; None otherwise."""
+        return None
+
+
+@dataclass(frozen=True)
+class TokenSettings(Settings):
+    """Per-token top-k routing."""
+
+    top_k: int = setting(2, "experts per token")
+    weighting: str = setting("softmax", "softmax (competitive), sigmoid (SPEC 4) or uniform (1/k)")
+    temperature: float = setting(1.0, "router temperature")
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise RecycleError(f"--top-k must be at least 1, not {self.top_k}")
+        if self.weighting not in ("softmax", "sigmoid", "uniform"):
+            raise RecycleError(f"--weighting must be softmax, sigmoid or uniform, not {self.weighting!r}")
+        if not self.temperature > 0:
+            raise RecycleError(f"--temperature must be positive, not {self.temperature}")
+
+
+@dataclass(frozen=True)
+class ExpertSettings(Settings):
+    """One named expert."""
+
+    expert: str = setting("", "the expert")
+
+    def __post_init__(self):
+        if not isinstance(self.expert, str) or not self.expert:
+            raise RecycleError("this method needs one expert: --method 'single NAME' or --experts NAME")
+
+
+def cache_path(plan: Plan, kind: str, key) -> Path:
+    """Where a worker caches what it computed for a plan (keyed by content, so equal keys
+    are equal files): ``<artifacts>/<kind>/<hash>.safetensors``."""
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(plan.artifacts_dir) / kind / f"{h}.safetensors"
+
+
+def own_examples(registry, plan: Plan, n: int, seed: int) -> None:
+    """``plan.data[member] = [[prompt, answer, text], ...]``: up to ``n`` examples of each
+    member's own task's train split (never pooled: each stays with its expert)."""
+    from recycle.tasks import load_examples
+
+    for m in plan.members:
+        exs = load_examples(registry, m["task"], "train", n=n, seed=seed)
+        plan.data[m["name"]] = [[ex.prompt, ex.answer, ex.text] for ex in exs]
+
+
+def per_example_rows(handle, chosen: list | None):
+    """``on_rows`` for :func:`recycle.scoring.score_choices`: sets each row's expert."""
+    if chosen is None:
+        return None
+
+    def on_rows(rows: list[int]) -> None:
+        handle.set_examples([chosen[i] for i in rows])
+
+    return on_rows

@@ -1,0 +1,150 @@
+"""Using a composition: rank classification over answer choices, or generation.
+
+:class:`Predictor` loads the base model once, installs a plan (any method, any stored
+composition) and answers batches of requests; ``recycle predict``, batch prediction on a
+Ray cluster and the HTTP endpoint all go through it. :func:`check_item` is the one place a
+request is validated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from recycle import compose as comp
+from recycle import methods
+from recycle.errors import RecycleError
+from recycle.methods import Plan
+
+
+def resolve(registry, name: str, data_seed: int = 0) -> Plan:
+    """A stored composition by name, else a method over every registered expert."""
+    if registry.composition_or_none(name) is not None:
+        return comp.plan(registry, composition=name, data_seed=data_seed)
+    try:
+        methods.parse(name)
+    except RecycleError:
+        raise RecycleError(f"no composition named {name!r} (and it is not a method name)") from None
+    return comp.plan(registry, method=name, data_seed=data_seed)
+
+
+def check_item(item, where: str = "request") -> dict:
+    """One request: ``{"prompt": str, "choices": [str, ...] (optional), "task": str
+    (optional), "text": str (optional)}``; anything else is refused in one line."""
+    if not isinstance(item, dict):
+        raise RecycleError(f"{where}: must be a JSON object")
+    prompt = item.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RecycleError(f"{where}: needs a non-empty \"prompt\" string")
+    if "choices" in item and item["choices"] is not None:
+        choices = item["choices"]
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise RecycleError(f"{where}: \"choices\" must be a list of strings")
+        if len(choices) < 2:
+            raise RecycleError(f"{where}: \"choices\" needs at least two answers")
+        if any(not c for c in choices):
+            raise RecycleError(f"{where}: an answer choice is empty")
+    for key in ("task", "text"):
+        if key in item and item[key] is not None and not isinstance(item[key], str):
+            raise RecycleError(f"{where}: \"{key}\" must be a string")
+    return item
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Requests from a JSONL file, one per line (blank lines skipped), each checked."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise RecycleError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecycleError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecycleError(f"{path}:{n}: not JSON ({e.msg})") from None
+        items.append(check_item(item, f"{path}:{n}"))
+    if not items:
+        raise RecycleError(f"{path}: no examples")
+    return items
+
+
+def finite(x: float) -> float | None:
+    """A score for JSON: NaN and infinities become null (JSON has no NaN)."""
+    return x if math.isfinite(x) else None
+
+
+class Predictor:
+    """A loaded composition: ``score`` (rank classification) and ``generate``."""
+
+    def __init__(self, plan: Plan, device: str = "cpu", threads: int | None = None):
+        import torch
+
+        from recycle.basemodels import load_base, resolve_base
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.plan = plan
+        self.model, self.tokenizer = load_base(resolve_base(plan.base))
+        self.device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+        self.handle = comp.install(plan, self.model, self.tokenizer)
+        self.method = methods.get(plan.method)
+
+    def close(self) -> None:
+        self.handle.remove()
+
+    def score(self, items: Sequence[dict], batch_size: int = 16, explain: bool = False,
+              max_length: int = 256) -> list[dict]:
+        """Rank classification: per item ``answer``, ``scores`` {choice: mean log-prob of its
+        tokens}, the per-example ``expert`` for per-example methods, and with ``explain``
+        the experts used per routed module."""
+        from recycle.data import Example
+        from recycle.scoring import predict, score_choices
+
+        if not items:
+            return []
+        examples = [Example(it["prompt"], list(it["choices"]), it["choices"][0], None, it.get("text") or it["prompt"])
+                    for it in items]
+        on_rows, chosen = comp.assign_examples(self.handle, self.plan, examples, [it.get("task") for it in items])
+        explained = []
+        if explain:
+            scores = []
+            for i, ex in enumerate(examples):
+                with self.handle.record() as rec:
+                    hook = (lambda rows, i=i: on_rows([i] * len(rows))) if on_rows else None
+                    scores += score_choices(self.model, self.tokenizer, [ex], batch_size=1, on_rows=hook,
+                                            max_length=max_length)
+                explained.append(rec.explain(0))
+        else:
+            scores = score_choices(self.model, self.tokenizer, examples, batch_size=batch_size, on_rows=on_rows,
+                                   max_length=max_length)
+        out = []
+        for i, (it, ex, s, p) in enumerate(zip(items, examples, scores, predict(scores))):
+            r = {**{k: v for k, v in it.items() if k != "choices"}, "answer": ex.choices[p],
+                 "scores": {c: finite(v) for c, v in zip(ex.choices, s)}}
+            if chosen:
+                r["expert"] = chosen[i]
+            if explain:
+                r["experts"] = explained[i]
+            out.append(r)
+        return out
+
+    def generate(self, items: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 8) -> list[dict]:
+        """Greedy generation for each item's prompt."""
+        from recycle.scoring import generate
+
+        if self.method.per_example:
+            raise RecycleError(f"generation with {self.plan.method} is not supported; give choices")
+        if max_new_tokens < 1:
+            raise RecycleError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+        texts = generate(self.model, self.tokenizer, [it["prompt"] for it in items], max_new_tokens=max_new_tokens,
+                         batch_size=batch_size)
+        return [{**it, "answer": t} for it, t in zip(items, texts)]

@@ -1,0 +1,197 @@
+"""The one-method-one-file design: the table of methods, settings, routers as modules with
+saved parameters and cross-layer state, the mixture delta, and SpectR (a router in one file)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from recycle import methods
+from recycle.cli import app
+from recycle.errors import RecycleError
+from recycle.methods import build_routed_model
+from recycle.routing import Route, Router, install_routed, load_expert
+from recycle.settings import parse_cli_settings
+
+from tests.test_routing import adapters, inputs, llama, logits  # noqa: F401  (fixtures)
+
+
+def test_every_method_is_one_module_in_the_table():
+    for name, m in methods.METHODS.items():
+        assert m.name == name and m.summary and m.__module__ == f"recycle.methods.{name.replace('-', '_')}"
+        m.settings({"expert": "x"} if "expert" in m.Settings.names() else {})  # the defaults are valid
+    assert methods.DEFAULT_EVAL == ("base", "uniform", "arrow", "avg-activation", "retrieval", "phatgoose",
+                                    "oracle", "multitask")
+    helped = CliRunner().invoke(app, ["compose", "create", "--help"], env={"COLUMNS": "200"}).stdout
+    for name in methods.METHODS:
+        assert f"{name}: " in helped, name
+    assert "--top-k (2)" in helped and "--iters (15)" in helped
+
+
+def test_settings_are_checked_once_with_one_line_errors():
+    arrow = methods.get("arrow")
+    assert arrow.settings({"top_k": 3}).top_k == 3
+    with pytest.raises(RecycleError, match=r"arrow takes no setting --tau \(its settings: --top-k"):
+        arrow.settings({"tau": 0.5})
+    with pytest.raises(RecycleError, match="--top-k must be int"):
+        arrow.settings({"top_k": "2"})
+    with pytest.raises(RecycleError, match="--top-k must be at least 1"):
+        arrow.settings({"top_k": 0})
+    with pytest.raises(RecycleError, match="--temperature must be float"):
+        arrow.settings({"temperature": float("nan")})
+    assert arrow.settings({}).hash != arrow.settings({"seed": 1}).hash
+    S = arrow.Settings
+    assert parse_cli_settings(S, "arrow", ["--top-k", "3", "--weighting=sigmoid"]) == {"top_k": 3, "weighting": "sigmoid"}
+    with pytest.raises(RecycleError, match="--top-k must be int, not 'x'"):
+        parse_cli_settings(S, "arrow", ["--top-k", "x"])
+    with pytest.raises(RecycleError, match="arrow takes no option --zero"):
+        parse_cli_settings(S, "arrow", ["--zero", "1"])
+    with pytest.raises(RecycleError, match="unexpected argument"):
+        parse_cli_settings(S, "arrow", ["stray"])
+    assert methods.parse("single ea")[1] == {"expert": "ea"}
+    with pytest.raises(RecycleError, match="takes no argument"):
+        methods.parse("uniform ea")
+    with pytest.raises(RecycleError, match="unknown method"):
+        methods.parse("magic")
+
+
+class ScaledGate(Router):
+    """A toy router with a learned parameter and cross-layer state: every token goes to
+    expert 0 with weight ``w`` (a parameter), and records how many earlier layers of its kind
+    it saw in this forward pass."""
+
+    name = "toy"
+    keeps_logits = True
+
+    def __init__(self, layer):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.seen = []
+
+    def forward(self, x, layer):
+        x = x.reshape(-1, x.shape[-1])
+        prev = layer.context.logits.get(layer.kind)
+        self.seen.append(None if prev is None else int(prev[0, 0]))
+        logits = torch.full((x.shape[0], layer.n_experts), 0.0 if prev is None else float(prev[0, 0]) + 1)
+        idx = torch.zeros(x.shape[0], 1, dtype=torch.long)
+        return Route(idx, self.w.expand(x.shape[0], 1), logits)
+
+
+def test_router_parameters_save_and_load_and_context_carries_state(llama, adapters, tmp_path):
+    from recycle.files import load_tensors, save_tensors
+
+    experts = [load_expert(adapters["a"], "a")]
+    batch = inputs()
+    with install_routed(llama, experts, ScaledGate, "toy") as h:
+        ref = logits(llama, batch)
+        q0, q1 = h.layers["model.layers.0.self_attn.q_proj"], h.layers["model.layers.1.self_attn.q_proj"]
+        # layer 1 saw layer 0's logits of the same kind; the context was reset for the next forward
+        assert q0.router.seen == [None] and q1.router.seen == [0]
+        logits(llama, batch)
+        assert q0.router.seen == [None, None] and q1.router.seen == [0, 0]
+        with torch.no_grad():
+            for p in h.router_parameters():
+                p.fill_(0.5)
+        half = logits(llama, batch)
+        save_tensors(tmp_path / "router.safetensors", h.router_state())
+    assert not torch.allclose(half, ref, atol=1e-4)
+    assert h.router_state() == {}  # removed: the layers are gone
+    with install_routed(llama, experts, ScaledGate, "toy") as h2:
+        torch.testing.assert_close(logits(llama, batch), ref)
+        state = load_tensors(tmp_path / "router.safetensors")
+        assert set(state) == {f"{p}/w" for p in h2.layers}
+        h2.load_router_state(state)
+        torch.testing.assert_close(logits(llama, batch), half)
+        bad = dict(state)
+        bad[next(iter(bad))] = torch.ones(2)
+        with pytest.raises(RecycleError, match="has shape"):
+            h2.load_router_state(bad)
+        with pytest.raises(RecycleError, match="does not route"):
+            h2.load_router_state({**state, "model.nowhere/w": torch.ones(1)})
+
+
+def test_the_layer_hands_back_the_mixture_delta(llama, adapters):
+    names = ["a", "b", "d"]
+    gates = {n: {p: torch.randn(llama.get_submodule(p).in_features, generator=torch.Generator().manual_seed(i))
+                 for p in load_expert(adapters[n]).modules} for i, n in enumerate(names)}
+    batch = inputs()
+    with build_routed_model(llama, {n: adapters[n] for n in names}, "phatgoose", top_k=2, gates=gates) as h:
+        plain = logits(llama, batch)
+        h.context.keep_deltas = True
+        seen = {}
+
+        def keep(module, args, out):
+            seen.setdefault(module.path, (args[0], out.clone()))
+
+        for layer in h.layers.values():
+            layer.register_forward_hook(keep)
+        kept = logits(llama, batch)
+        torch.testing.assert_close(kept, plain)
+        q = h.layers["model.layers.1.self_attn.q_proj"]
+        x, out = seen[q.path]
+        x2d = x.reshape(-1, x.shape[-1])
+        route = q.router(x, q)
+        delta = h.context.deltas[q.kind]  # the last layer of that kind in this forward: layer 1
+        torch.testing.assert_close(delta, q.dense_delta(x2d, route.idx, route.weight), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.reshape(-1, out.shape[-1]), q.base_layer(x2d) + delta, atol=1e-5, rtol=1e-5)
+        logits_full = route.logits
+        assert logits_full.shape == (x2d.shape[0], 3)
+        torch.testing.assert_close(logits_full.topk(2).values.softmax(-1), route.weight, atol=1e-5, rtol=1e-5)
+
+
+def test_spectr_scores_are_the_spectral_norms_and_mix_the_deltas(llama, adapters):
+    from recycle.methods.spectr import SpectrRouter
+
+    names = ["a", "b", "c", "e"]
+    batch = inputs()
+    with build_routed_model(llama, {n: adapters[n] for n in names}, "spectr", top_k=2) as h:
+        layer = h.layers["model.layers.0.self_attn.q_proj"]
+        assert isinstance(layer.router, SpectrRouter)
+        x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+        scores, _ = layer.router.scores(x)
+        for j, (A, B) in enumerate(layer.factors()):
+            delta_w = layer.scalings[j] * (B.double() @ A.double())
+            _, S, Vh = torch.linalg.svd(delta_w)
+            V = Vh[S > S.max() * 1e-9]
+            torch.testing.assert_close(scores[:, j].double(), (x.double() @ V.T).norm(dim=-1), atol=1e-4, rtol=1e-4)
+        route = layer.router(x, layer)
+        assert torch.equal(route.weight, torch.full((5, 2), 0.5))  # the authors' 1/k
+        expected = torch.zeros(5, layer.out_features)
+        for t in range(5):
+            for j in route.idx[t].tolist():
+                A, B = list(layer.factors())[j]
+                expected[t] += 0.5 * layer.scalings[j] * (B @ (A @ x[t]))
+        torch.testing.assert_close(layer.sparse_delta(x, route.idx, route.weight), expected, atol=1e-4, rtol=1e-4)
+        routed = logits(llama, batch)
+    assert not torch.allclose(routed, logits(llama, batch), atol=1e-4)
+
+
+def test_spectr_on_rank_one_experts_chooses_as_arrow():
+    """With rank-1 deltas, ‖V_iᵀx‖ = |v_i·x|: SpectR picks what Arrow picks."""
+    from recycle.methods.spectr import SpectrRouter
+    from recycle.routing import ArrowRouter, ExpertModule, RoutedLoraLinear
+
+    g = torch.Generator().manual_seed(4)
+    base = nn.Linear(32, 16)
+    experts = [(i, f"e{i}", ExpertModule(torch.randn(1, 32, generator=g), torch.randn(16, 1, generator=g), 2.0))
+               for i in range(6)]
+    x = torch.randn(40, 32, generator=g)
+    choices = []
+    for make in (lambda lay: SpectrRouter(lay, top_k=2), lambda lay: ArrowRouter(lay, top_k=2, iters=200)):
+        layer = RoutedLoraLinear(base, "lin", experts, 6)
+        layer.set_router(make(layer))
+        choices.append(layer.router(x, layer).idx.sort(1).values)
+    assert torch.equal(choices[0], choices[1])
+
+
+def test_token_routers_refuse_bad_settings_and_top_k_is_capped(llama, adapters):
+    with pytest.raises(RecycleError, match="--weighting"):
+        build_routed_model(llama, {"a": adapters["a"]}, "spectr", weighting="max")
+    with build_routed_model(llama, {"a": adapters["a"], "b": adapters["b"]}, "spectr", top_k=5) as h:
+        layer = next(iter(h.layers.values()))
+        route = layer.router(torch.randn(3, layer.in_features), layer)
+        assert route.idx.shape == (3, 2) and math.isclose(float(route.weight.sum(1)[0]), 1.0)
