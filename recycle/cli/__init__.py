@@ -101,6 +101,7 @@ def _register() -> None:
     from recycle.cli import compose  # noqa: F401
     from recycle.cli import evaluate  # noqa: F401
     from recycle.cli import run  # noqa: F401
+    from recycle.cli import routers  # noqa: F401
 
 
 _register()

@@ -33,6 +33,9 @@ class Route:
     scores: torch.Tensor | None = None  # [T, E] logits, or raw scores to be multiplied by ``scale``
     scale: torch.Tensor | None = None  # [T, 1] positive per-token factor of ``scores``
     aux: dict = field(default_factory=dict)
+    # the weights the layer computes the LoRA products with, when they differ from
+    # ``weight`` (a router whose ``finish`` rescales the LoRA mixture); None: ``weight``
+    dispatch: torch.Tensor | None = None
 
     @property
     def logits(self) -> torch.Tensor | None:

@@ -188,7 +188,8 @@ class RoutedLoraLinear(nn.Module):
     def delta(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         """``Δ_mix`` [tokens, d_out] for ``x`` [tokens, d_in]: the routed LoRA products, then
         whatever the router's computation-free experts add."""
-        delta = self.sparse_delta(x, route.idx, route.weight)
+        weight = route.weight if route.dispatch is None else route.dispatch
+        delta = self.sparse_delta(x, route.idx, weight)
         return self.router.finish(delta, x, route, self)
 
     def sparse_delta(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,7 @@ class RoutedLoraLinear(nn.Module):
         """``weight[i] · (xs[i] A_e^T) B_e^T`` for rows ``xs`` sorted by expert, ``counts[e]``
         rows for expert ``e``: two grouped matmuls, or a loop over the non-empty experts where
         ``grouped_mm`` cannot take the device, dtype or shapes."""
-        if self._use_grouped_mm:
+        if self._use_grouped_mm and inplace:  # grouped_mm has no CPU backward: the loop when training
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             try:
                 z = F.grouped_mm(xs, self.lora_AT, offs=offs)
