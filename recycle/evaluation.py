@@ -124,37 +124,30 @@ def run_eval_job(job: EvalJob) -> dict:
     import torch
 
     from recycle.basemodels import load_base, resolve_base
-    from recycle.scoring import predict, score_choices
+    from recycle.scoring import predict
 
     torch.set_num_threads(max(1, int(job.threads)))
     torch.manual_seed(0)
     t0 = time.time()
     plan = Plan(**job.plan)
+    method = methods.get(plan.method)
     model, tok = load_base(resolve_base(plan.base))
     device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
     model.to(device)
-    handle = comp.install(plan, model, tok)
     examples = job.examples
-    extra: dict = {}
+    scorer = method.scorer(plan, model, tok)
     try:
-        on_rows, chosen = comp.assign_examples(handle, plan, examples, [job.task] * len(examples))
-        usage: dict[str, dict[str, float]] = {}
-        if handle.routed:
-            with handle.record() as rec:
-                scores = score_choices(model, tok, examples, batch_size=job.batch_size,
-                                       max_length=job.max_length, on_rows=on_rows)
-            stats = rec.stats()
-            usage = {path: s["load"] for path, s in stats.items()}  # token-weighted, every forward
-            if methods.get(plan.method).token_routed:
-                extra.update(routing_cost(stats))
-        else:
-            scores = score_choices(model, tok, examples, batch_size=job.batch_size,
-                                   max_length=job.max_length, on_rows=on_rows)
+        out = scorer.score(examples, [job.task] * len(examples), batch_size=job.batch_size,
+                           max_length=job.max_length, record=True)
     finally:
-        handle.remove()
-    if chosen is not None:
-        extra["experts"] = chosen
-    preds = predict(scores)
+        scorer.close()
+    extra: dict = dict(out.extra)
+    usage = {path: s["load"] for path, s in (out.stats or {}).items()}  # token-weighted, every forward
+    if method.token_routed and out.stats:
+        extra.update(routing_cost(out.stats))
+    if out.experts is not None:
+        extra["experts"] = out.experts
+    preds = predict(out.scores)
     correct = sum(int(p == ex.label) for p, ex in zip(preds, examples))
     lo, hi = wilson(correct, len(examples))
     return {
@@ -166,7 +159,7 @@ def run_eval_job(job: EvalJob) -> dict:
         "ci_low": lo,
         "ci_high": hi,
         "predictions": preds,
-        "scores": scores,
+        "scores": out.scores,
         "labels": [ex.label for ex in examples],
         "routing": usage or None,
         "extra": extra or None,

@@ -95,44 +95,44 @@ class Predictor:
         self.model, self.tokenizer = load_base(resolve_base(plan.base))
         self.device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
-        self.handle = comp.install(plan, self.model, self.tokenizer)
         self.method = methods.get(plan.method)
+        self.scorer = self.method.scorer(plan, self.model, self.tokenizer)
 
     def close(self) -> None:
-        self.handle.remove()
+        self.scorer.close()
 
     def score(self, items: Sequence[dict], batch_size: int = 16, explain: bool = False,
               max_length: int = 256) -> list[dict]:
-        """Rank classification: per item ``answer``, ``scores`` {choice: mean log-prob of its
-        tokens}, the per-example ``expert`` for per-example methods, and with ``explain``
-        the experts used per routed module."""
+        """Rank classification: per item ``answer``, ``scores`` {choice: score (mean log-prob of
+        its tokens; for ensembles the log of the combined probability)}, the per-example
+        ``expert`` for per-example methods, method-specific values (``p_seen`` ...), and with
+        ``explain`` the experts used per routed module."""
         from recycle.data import Example
-        from recycle.scoring import predict, score_choices
+        from recycle.scoring import predict
 
         if not items:
             return []
         examples = [Example(it["prompt"], list(it["choices"]), it["choices"][0], None, it.get("text") or it["prompt"])
                     for it in items]
-        on_rows, chosen = comp.assign_examples(self.handle, self.plan, examples, [it.get("task") for it in items])
-        explained = []
+        tasks = [it.get("task") for it in items]
         if explain:
-            scores = []
-            for i, ex in enumerate(examples):
-                with self.handle.record() as rec:
-                    hook = (lambda rows, i=i: on_rows([i] * len(rows))) if on_rows else None
-                    scores += score_choices(self.model, self.tokenizer, [ex], batch_size=1, on_rows=hook,
-                                            max_length=max_length)
-                explained.append(rec.explain(0))
+            pairs = [self.scorer.explain(ex, t, max_length=max_length) for ex, t in zip(examples, tasks)]
+            scores, explained = [p[0] for p in pairs], [p[1] for p in pairs]
+            out_extra, chosen = {}, None
+            if self.method.per_example:
+                chosen = self.scorer.score(examples, tasks, batch_size=batch_size, max_length=max_length).experts
         else:
-            scores = score_choices(self.model, self.tokenizer, examples, batch_size=batch_size, on_rows=on_rows,
-                                   max_length=max_length)
+            scored = self.scorer.score(examples, tasks, batch_size=batch_size, max_length=max_length)
+            scores, chosen, out_extra, explained = scored.scores, scored.experts, scored.extra, None
         out = []
         for i, (it, ex, s, p) in enumerate(zip(items, examples, scores, predict(scores))):
             r = {**{k: v for k, v in it.items() if k != "choices"}, "answer": ex.choices[p],
                  "scores": {c: finite(v) for c, v in zip(ex.choices, s)}}
             if chosen:
                 r["expert"] = chosen[i]
-            if explain:
+            for key, values in out_extra.items():
+                r[key] = values[i]
+            if explained is not None:
                 r["experts"] = explained[i]
             out.append(r)
         return out
@@ -141,7 +141,7 @@ class Predictor:
         """Greedy generation for each item's prompt."""
         from recycle.scoring import generate
 
-        if self.method.per_example:
+        if self.method.per_example or not hasattr(self.scorer, "handle"):
             raise RecycleError(f"generation with {self.plan.method} is not supported; give choices")
         if max_new_tokens < 1:
             raise RecycleError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")

@@ -169,6 +169,61 @@ class Method:
         """Per-example methods: choose (and return) each example's expert; None otherwise."""
         return None
 
+    def scorer(self, plan: Plan, model, tokenizer) -> Scorer:
+        """What scores examples for this plan on a loaded base model (worker side): by
+        default the composition installed once, rank classification through it."""
+        return InstalledScorer(plan, model, tokenizer)
+
+
+@dataclass
+class Scored:
+    """Rank-classification output for a list of examples."""
+
+    scores: list  # per example, every choice's score (higher is better; argmax = the answer)
+    experts: list | None = None  # per-example methods: each example's expert
+    stats: dict | None = None  # routing statistics per module, when recorded
+    extra: dict = field(default_factory=dict)  # method-specific per-example values (lists)
+
+
+class InstalledScorer:
+    """A plan installed on the model once; ``score`` rank-classifies through it."""
+
+    def __init__(self, plan: Plan, model, tokenizer):
+        from recycle.compose import install
+
+        self.plan, self.model, self.tokenizer = plan, model, tokenizer
+        self.handle = install(plan, model, tokenizer)
+
+    def score(self, examples: Sequence, tasks: Sequence[str | None], *, batch_size: int = 16,
+              max_length: int = 256, record: bool = False) -> Scored:
+        from recycle.compose import assign_examples
+        from recycle.scoring import score_choices
+
+        on_rows, chosen = assign_examples(self.handle, self.plan, examples, tasks)
+        if record and self.handle.routed:
+            with self.handle.record() as rec:
+                scores = score_choices(self.model, self.tokenizer, examples, batch_size=batch_size,
+                                       max_length=max_length, on_rows=on_rows)
+            return Scored(scores, chosen, rec.stats())
+        scores = score_choices(self.model, self.tokenizer, examples, batch_size=batch_size, max_length=max_length,
+                               on_rows=on_rows)
+        return Scored(scores, chosen)
+
+    def explain(self, example, task: str | None, max_length: int = 256) -> tuple[list, dict]:
+        """One example's scores and the experts used per routed module."""
+        from recycle.compose import assign_examples
+        from recycle.scoring import score_choices
+
+        on_rows, _ = assign_examples(self.handle, self.plan, [example], [task])
+        hook = (lambda rows: on_rows([0] * len(rows))) if on_rows else None
+        with self.handle.record() as rec:
+            (scores,) = score_choices(self.model, self.tokenizer, [example], batch_size=1, on_rows=hook,
+                                      max_length=max_length)
+        return scores, rec.explain(0)
+
+    def close(self) -> None:
+        self.handle.remove()
+
 
 @dataclass(frozen=True)
 class TokenSettings(Settings):
