@@ -154,3 +154,31 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         out += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]
     return out
+
+
+@torch.no_grad()
+def embed_prompts(model, tokenizer, examples: Sequence[Example], batch_size: int = 16,
+                  max_length: int = 256) -> torch.Tensor:
+    """Per example, the mean over its prompt tokens of the model's last hidden state (after
+    the final norm), the prompt encoded exactly as :func:`score_choices` encodes it:
+    ``[len(examples), d]`` float32."""
+    pad = pad_id_of(tokenizer)
+    prompts = [_encode(tokenizer, ex, max_length)[0] if ex.choices else
+               (_special_prefix(tokenizer) + list(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]))[-max_length:]
+               for ex in examples]
+    device = next(model.parameters()).device
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = _left_pad(prompts[start:start + batch_size], pad)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                        output_hidden_states=True, use_cache=False)
+            h = res.hidden_states[-1].float()
+            m = mask.to(device).unsqueeze(-1).float()
+            out.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)

@@ -1,4 +1,5 @@
-"""``train-router``: train what a stored composition learns on top of its experts (MoE++)."""
+"""``train-router`` (MoE++) and ``train-gate`` (COSMO): train what a stored composition learns
+on top of its experts."""
 
 from __future__ import annotations
 
@@ -52,3 +53,39 @@ def train_router_cmd(
         print_json(out)
     else:
         info(f"{name}: router {out['status']} ({out['path']})")
+
+
+@app.command("train-gate")
+def train_gate_cmd(
+    name: Annotated[str, typer.Argument(help="A stored COSMO composition (recycle compose NAME --method cosmo).")],
+    folds: Annotated[int, typer.Option(help="Folds of held-out experts.")] = 4,
+    examples: Annotated[int, typer.Option("--examples", help="Validation examples per member task.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the folds and the sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if trained with these settings.")] = False,
+    address: AddressOption = None,
+    gpus: Annotated[Optional[float], typer.Option(help="GPUs per fold task (default: 1 if the cluster has GPUs).",
+                                                  show_default=False)] = None,
+    cpus: Annotated[float, typer.Option(help="CPUs per fold task (also its torch threads).")] = 1.0,
+    json_: JsonOption = False,
+    db: DbOption = None,
+):
+    """Train a COSMO composition's seen/unseen gate by leaving experts out: in each fold some
+    members' tasks act as unseen and the seen and unseen sides are rebuilt from the others;
+    one Ray task per fold, on the validation splits of the members' tasks only.
+
+    Examples:
+
+      recycle compose c --method cosmo --all && recycle train-gate c
+
+      recycle compose c2 --method cosmo --all --unseen m && recycle train-gate c2 --folds 4 --examples 100
+    """
+    from recycle.methods.cosmo import GateTrainSettings, train_gate
+
+    settings = GateTrainSettings(folds=folds, examples=examples, seed=seed, batch_size=batch_size)
+    out = train_gate(open_registry(db, create=False), name, settings, force=force, address=address, gpus=gpus,
+                     cpus=cpus)
+    if json_:
+        print_json(out)
+    else:
+        info(f"{name}: gate {out['status']} ({out['path']})")

@@ -16,8 +16,8 @@ from recycle.errors import RecycleError
 from recycle.methods.method import Method, Plan, Settings, is_multitask, per_example_rows
 
 # table order = the order of results tables and of `recycle eval`'s default methods
-_MODULES = ("base", "uniform", "arrow", "spectr", "avg_activation", "retrieval", "phatgoose", "moepp", "oracle",
-            "multitask", "single")
+_MODULES = ("base", "uniform", "arrow", "spectr", "avg_activation", "retrieval", "phatgoose", "moepp", "cosmo",
+            "oracle", "multitask", "single")
 
 METHODS: dict[str, Method] = {}
 for _mod in _MODULES:

@@ -1,0 +1,608 @@
+"""``cosmo``: a COSMO gate (Atzmon & Chechik, 2019; SPEC §3) between a seen side and an
+unseen side, with adaptive confidence smoothing, and a fallback toward the base model for
+inputs no expert fits.
+
+"Seen" means the input belongs to a task one of the members was trained on; "unseen" that it
+does not. Per example, over its answer choices:
+
+- **Task identifier**: a Gaussian classifier over the members with a shared covariance:
+  expert e's prototype is the mean, over a sample of e's own training prompts, of the base
+  model's last hidden state averaged over the prompt's tokens; the covariance is the pooled
+  within-expert scatter (each expert's scatter matrix, a summary of its own data, summed),
+  shrunk toward a multiple of the identity (``SHRINK``). ``D_e(x)`` is the Mahalanobis
+  distance, the posterior ``softmax(−D_e/2)``. Only summary vectors leave an expert's data.
+- **Seen side** ``P_S``: the identified expert's answer distribution (``seen = "top1"``), or
+  the top-3 experts' distributions mixed by the renormalised posterior (``"posterior"``).
+- **Unseen side** ``P_U``: a token-routed composition over the same members, PHATGOOSE top-2
+  by default or any stored composition (``--unseen NAME``), mixed with the base model's
+  distribution by ``q(x)``, a second logistic regression trained (on the folds' pseudo-unseen
+  examples) to tell when routing beats the base model: ``P_U = q P_routed + (1 − q) P_base``
+  (``far = False``: ``q = 1``).
+- **Gate** (COSMO): ``g(x) = P(seen | x)``, a logistic regression (C = 1) on the top-K
+  (K = 5, zero-padded) sorted probabilities of the identifier's posterior, of the seen
+  side's answers at temperature 3 and of the routed side's answers, plus ``log(D_min / d)``
+  (the distance to the nearest prototype: an out-of-distribution score; an addition to
+  COSMO's features); standardised features. ``p_U = σ((θ − g) / T)``.
+- **Combination**: adaptive smoothing ``P = p_U [P_U + (1 − p_U)/n] + (1 − p_U) [P_S + p_U/n]``,
+  renormalised (n = the number of choices). With both sides over the same n choices the
+  smoothing terms add the same amount to every choice: they change the calibration of P,
+  not its argmax (the seen and unseen classes of the paper do not overlap; here they do).
+
+The gate is trained by ``recycle train-gate`` (:func:`train_gate`) by leaving experts out:
+the members are split into folds; in fold f the held-out members' tasks act as unseen, the
+identifier, the seen side and the unseen composition are rebuilt from the other members
+(a trained unseen composition in its untrained form), and features are computed on the
+validation splits of every member's task (never on a task without an expert here). The
+logistic regressions are fitted on all folds' examples, and θ, T are chosen on them to
+maximise H. The per-fold work runs as Ray tasks.
+
+Scores of a COSMO composition are ``log P`` per choice; its evaluations also store per
+example ``p_seen``, the identified expert, ``q`` and every side's scores (so the ablations of
+benchmarks/cosmo.py are computed from one evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from recycle.console import Reporter
+from recycle.errors import RecycleError
+from recycle.methods.method import Method, Plan, Scored, own_examples, setting
+from recycle.settings import Settings
+
+K = 5  # top-K sorted probabilities per feature block (COSMO)
+SEEN_TEMPERATURE = 3.0  # the seen side's answers at T = 3 in the gate features (COSMO)
+SHRINK = 0.1  # covariance shrinkage toward (trace/d) I
+PROTOTYPE_EXAMPLES = 200  # own training prompts per expert for its prototype and scatter
+POSTERIOR_TOP = 3  # experts mixed by the seen side in "posterior" mode
+THETAS = [i / 100 for i in range(0, 101)]
+TEMPERATURES = [0.01, 0.03, 0.1, 0.3, 1.0]
+
+
+@dataclass(frozen=True)
+class CosmoSettings(Settings):
+    unseen: str = setting("", "stored composition for unseen inputs (default: PHATGOOSE top-2 over the members)")
+    seen: str = setting("top1", "seen side: top1 (the identified expert) or posterior (top-3 experts mixed)")
+    far: bool = setting(True, "mix the base model into the unseen side where routing does not help (--no-far: off)")
+    smoothing: str = setting("adaptive", "adaptive (COSMO), constant or none")
+    gate: str = setting("soft", "soft (COSMO) or hard (all to the side the gate prefers)")
+
+    def __post_init__(self):
+        if self.seen not in ("top1", "posterior"):
+            raise RecycleError(f"--seen must be top1 or posterior, not {self.seen!r}")
+        if self.smoothing not in ("adaptive", "constant", "none"):
+            raise RecycleError(f"--smoothing must be adaptive, constant or none, not {self.smoothing!r}")
+        if self.gate not in ("soft", "hard"):
+            raise RecycleError(f"--gate must be soft or hard, not {self.gate!r}")
+
+
+# ---- the pieces, as pure functions -----------------------------------------------------
+
+
+def probs(scores: list[float], temperature: float = 1.0) -> torch.Tensor:
+    """An answer distribution from rank-classification scores (mean log-probs as logits)."""
+    return torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, -1)
+
+
+def top_sorted(p: torch.Tensor, k: int = K) -> torch.Tensor:
+    """The ``k`` largest values of ``p``, descending, zero-padded to ``k``."""
+    v = torch.sort(p, descending=True).values[:k]
+    return torch.cat([v, v.new_zeros(k - v.numel())])
+
+
+def member_stats(h: torch.Tensor) -> dict:
+    """Sufficient statistics of one expert's prompt vectors ``h`` [n, d]: n, mean, scatter."""
+    h = h.double()
+    mean = h.mean(0)
+    c = h - mean
+    return {"n": h.shape[0], "mean": mean, "scatter": c.T @ c}
+
+
+def identifier(stats: dict[str, dict], names: list[str]) -> dict:
+    """The Gaussian classifier over ``names``: prototypes [E, d] and the shrunk shared
+    precision matrix [d, d]."""
+    means = torch.stack([stats[n]["mean"] for n in names])
+    dof = max(1, sum(stats[n]["n"] for n in names) - len(names))
+    cov = sum(stats[n]["scatter"] for n in names) / dof
+    d = cov.shape[0]
+    cov = (1 - SHRINK) * cov + SHRINK * (torch.trace(cov) / d) * torch.eye(d, dtype=cov.dtype)
+    return {"names": list(names), "means": means, "precision": torch.linalg.inv(cov)}
+
+
+def identify(ident: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior over the identifier's experts [n, E] and ``D_min / d`` [n] for vectors ``h``."""
+    diff = h.double().unsqueeze(1) - ident["means"].unsqueeze(0)  # [n, E, d]
+    dist = torch.einsum("ned,df,nef->ne", diff, ident["precision"], diff)
+    return torch.softmax(-dist / 2, -1), dist.min(-1).values / h.shape[-1]
+
+
+def features(posterior: torch.Tensor, p_seen_answers: torch.Tensor, p_routed: torch.Tensor, d_min: float) -> torch.Tensor:
+    """The gate's features for one example (see the module docstring)."""
+    return torch.cat([top_sorted(posterior), top_sorted(p_seen_answers), top_sorted(p_routed),
+                      torch.tensor([math.log(max(d_min, 1e-12))], dtype=torch.float64)])
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0) -> dict:
+    """L2 logistic regression as scikit-learn fits it (``C Σ log-loss + ½‖w‖²``, bias not
+    penalised), on standardised features, by L-BFGS. Returns mean, std, w, b."""
+    x, y = x.double(), y.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    z = (x - mean) / std
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="sum") + 0.5 * w @ w
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return {"mean": mean, "std": std, "w": w.detach(), "b": b.detach()}
+
+
+def predict_logistic(lr: dict, x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(((x.double() - lr["mean"]) / lr["std"]) @ lr["w"] + lr["b"])
+
+
+def combine(p_seen_side: torch.Tensor, p_unseen_side: torch.Tensor, g: float, theta: float, temperature: float,
+            smoothing: str = "adaptive", gate: str = "soft", gamma: float = 0.5) -> tuple[torch.Tensor, float]:
+    """COSMO's combination of the two sides' answer distributions for one example; returns
+    the distribution and ``p_U``."""
+    p_u = 1 / (1 + math.exp(-(theta - g) / temperature))
+    if gate == "hard":
+        p_u = float(p_u > 0.5)
+    n = p_seen_side.numel()
+    if smoothing == "adaptive":
+        p = p_u * (p_unseen_side + (1 - p_u) / n) + (1 - p_u) * (p_seen_side + p_u / n)
+    elif smoothing == "constant":
+        p = p_u * (gamma * p_unseen_side + (1 - gamma) / n) + (1 - p_u) * (gamma * p_seen_side + (1 - gamma) / n)
+    else:
+        p = p_u * p_unseen_side + (1 - p_u) * p_seen_side
+    return p / p.sum(), p_u
+
+
+def suh_of(groups: dict[tuple, list[bool]], seen: dict[tuple, bool]) -> dict:
+    """S, U, H over groups of per-example correctness (a group = a task in a fold)."""
+    from recycle.stats import suh
+
+    s = [sum(v) / len(v) for k, v in groups.items() if seen[k] and v]
+    u = [sum(v) / len(v) for k, v in groups.items() if not seen[k] and v]
+    return suh(s, u)
+
+
+# ---- the method ------------------------------------------------------------------------
+
+
+class Cosmo(Method):
+    name = "cosmo"
+    summary = "COSMO: a seen/unseen gate between the identified expert and a routed composition (needs train-gate)"
+    Settings = CosmoSettings
+    needs = "task"
+    in_default_eval = False
+    trains = "train-gate"
+
+    def plan_members(self, registry, experts):
+        members = super().plan_members(registry, experts)
+        if len(members) < 2:
+            raise RecycleError("cosmo needs at least two members (folds leave experts out)")
+        return members
+
+    def gather(self, registry, plan, seed=0):
+        from recycle import compose
+
+        own_examples(registry, plan, PROTOTYPE_EXAMPLES, seed)
+        s = self.settings(plan.settings)
+        if s.unseen:
+            part = compose.plan(registry, composition=s.unseen, data_seed=seed)
+            if part.method == self.name:
+                raise RecycleError("--unseen: a COSMO composition cannot be the unseen side of another")
+            if sorted(part.member_hashes.items()) != sorted(plan.member_hashes.items()):
+                raise RecycleError(f"--unseen {s.unseen}: its members differ from this composition's")
+        else:
+            part = compose.plan(registry, method="phatgoose", experts=[m["name"] for m in plan.members],
+                                data_seed=seed)
+        plan.data["parts"] = {"unseen": part.to_dict()}
+
+    def scorer(self, plan, model, tokenizer):
+        if not plan.state.get("gate"):
+            raise RecycleError(f"composition {plan.label} has no gate yet: train it with recycle train-gate {plan.label}")
+        return CosmoScorer(plan, model, tokenizer)
+
+    @staticmethod
+    def trainer(*args, **kwargs):
+        return train_gate(*args, **kwargs)
+
+
+METHOD = Cosmo()
+
+
+def _sub_plan(part: dict, keep: list[str] | None = None) -> Plan:
+    p = Plan(**part)
+    if keep is not None:
+        p.members = [m for m in p.members if m["name"] in keep]
+        p.state = {}  # a trained part is rebuilt untrained over a subset of its members
+    return p
+
+
+class Sides:
+    """Every side's scores for a list of examples, computed in turn on one base model."""
+
+    def __init__(self, plan: Plan, model, tokenizer, batch_size: int, max_length: int):
+        self.plan, self.model, self.tok = plan, model, tokenizer
+        self.kw = {"batch_size": batch_size, "max_length": max_length}
+
+    def embed(self, examples) -> torch.Tensor:
+        from recycle.scoring import embed_prompts
+
+        return embed_prompts(self.model, self.tok, examples, **self.kw)
+
+    def member_stats(self) -> dict[str, dict]:
+        from recycle.data import Example
+
+        out = {}
+        for m in self.plan.members:
+            exs = [Example(p, None, a, None, t) for p, a, t in self.plan.data[m["name"]]]
+            out[m["name"]] = member_stats(self.embed(exs))
+        return out
+
+    def experts(self, examples, assignment: list[str], names: list[str]) -> list:
+        """Each example scored by the expert ``assignment[i]`` (one of ``names``)."""
+        from recycle.routing import ExampleRouter, install_routed, load_expert
+        from recycle.scoring import score_choices
+
+        members = {m["name"]: m for m in self.plan.members}
+        experts = [load_expert(members[n]["path"], n) for n in names]
+        with install_routed(self.model, experts, lambda layer: ExampleRouter("cosmo-seen"), "cosmo-seen") as h:
+            def on_rows(rows):
+                h.set_examples([assignment[i] for i in rows])
+
+            return score_choices(self.model, self.tok, examples, on_rows=on_rows, **self.kw)
+
+    def routed(self, examples, tasks, keep: list[str] | None = None, record: bool = False):
+        from recycle import methods
+
+        part = _sub_plan(self.plan.data["parts"]["unseen"], keep)
+        scorer = methods.get(part.method).scorer(part, self.model, self.tok)
+        try:
+            return scorer.score(examples, tasks, record=record, **self.kw)
+        finally:
+            scorer.close()
+
+    def base(self, examples) -> list:
+        from recycle.scoring import score_choices
+
+        return score_choices(self.model, self.tok, examples, **self.kw)
+
+    def seen(self, examples, posterior: torch.Tensor, names: list[str], modes=("top1",)) -> tuple[dict, list[str]]:
+        """The seen side's answer distributions (as log-probs) in each of ``modes`` (top1:
+        the identified expert; posterior: the top experts mixed by the posterior), and the
+        identified experts."""
+        order = torch.argsort(posterior, -1, descending=True)
+        top1 = [names[int(i)] for i in order[:, 0]]
+        first = [probs(s) for s in self.experts(examples, top1, names)]
+        out = {}
+        if "top1" in modes:
+            out["top1"] = [p.log().tolist() for p in first]
+        if "posterior" in modes:
+            weight = [posterior[i, order[i, 0]].item() for i in range(len(examples))]
+            mixed = [w * p for w, p in zip(weight, first)]
+            for r in range(1, min(POSTERIOR_TOP, len(names))):
+                pick = [names[int(i)] for i in order[:, r]]
+                for i, sc in enumerate(self.experts(examples, pick, names)):
+                    w = posterior[i, order[i, r]].item()
+                    mixed[i] = mixed[i] + w * probs(sc)
+                    weight[i] += w
+            out["posterior"] = [(m / w).log().tolist() for m, w in zip(mixed, weight)]
+        return out, top1
+
+
+class CosmoScorer:
+    """Scores with a trained COSMO gate (see the module docstring)."""
+
+    def __init__(self, plan: Plan, model, tokenizer):
+        from recycle.adapters import sha256_file
+        from recycle.files import load_tensors, tensor_metadata
+
+        self.plan, self.model, self.tok = plan, model, tokenizer
+        self.s = CosmoSettings(**plan.settings)
+        gate = plan.state["gate"]
+        try:
+            if sha256_file(gate["path"]) != gate["sha256"]:
+                raise RecycleError(f"COSMO gate {gate['path']} changed since it was trained; train it again "
+                                   f"(recycle train-gate {plan.label})")
+        except OSError:
+            raise RecycleError(f"COSMO gate {gate['path']} is missing; train it again") from None
+        t = load_tensors(gate["path"], "COSMO gate")
+        meta = tensor_metadata(gate["path"])
+        self.ident = {"names": meta["members"], "means": t["means"], "precision": t["precision"]}
+        self.gate = {k: t[f"gate.{k}"] for k in ("mean", "std", "w", "b")}
+        self.far = {k: t[f"far.{k}"] for k in ("mean", "std", "w", "b")} if "far.w" in t else None
+        self.theta, self.temperature = meta["theta"][self.s.seen], meta["temperature"][self.s.seen]
+
+    def close(self) -> None:
+        pass
+
+    def score(self, examples, tasks, *, batch_size: int = 16, max_length: int = 256, record: bool = False) -> Scored:
+        sides = Sides(self.plan, self.model, self.tok, batch_size, max_length)
+        names = self.ident["names"]
+        posterior, d_min = identify(self.ident, sides.embed(examples))
+        seen, chosen = sides.seen(examples, posterior, names, (self.s.seen,))
+        seen_scores = seen[self.s.seen]
+        routed = sides.routed(examples, tasks, record=record)
+        base = sides.base(examples) if (self.s.far and self.far is not None) else None
+        out, p_seen, gs, qs = [], [], [], []
+        for i in range(len(examples)):
+            ps = probs(seen_scores[i])
+            pr = probs(routed.scores[i])
+            x = features(posterior[i], probs(seen_scores[i], SEEN_TEMPERATURE), pr, float(d_min[i]))
+            g = float(predict_logistic(self.gate, x.unsqueeze(0)))
+            q = 1.0
+            if base is not None:
+                q = float(predict_logistic(self.far, far_features(pr, probs(base[i]), float(d_min[i])).unsqueeze(0)))
+                pu = q * pr + (1 - q) * probs(base[i])
+            else:
+                pu = pr
+            p, p_u = combine(ps, pu, g, self.theta, self.temperature, self.s.smoothing, self.s.gate)
+            out.append(p.clamp_min(1e-300).log().tolist())
+            p_seen.append(1 - p_u)
+            gs.append(g)
+            qs.append(q)
+        extra = {"p_seen": p_seen, "g": gs, "q": qs,
+                 "seen_expert": chosen, "d_min": [float(v) for v in d_min],
+                 "seen_scores": seen_scores, "routed_scores": routed.scores}
+        if base is not None:
+            extra["base_scores"] = base
+        return Scored(out, None, routed.stats, extra)
+
+    def explain(self, example, task, max_length: int = 256):
+        scored = self.score([example], [task], batch_size=1, max_length=max_length)
+        e = scored.extra
+        return scored.scores[0], {"p_seen": e["p_seen"][0], "seen_expert": e["seen_expert"][0], "q_routed": e["q"][0]}
+
+
+def far_features(p_routed: torch.Tensor, p_base: torch.Tensor, d_min: float) -> torch.Tensor:
+    """Features of the routed-or-base choice for one example."""
+    return torch.cat([top_sorted(p_routed), top_sorted(p_base),
+                      torch.tensor([math.log(max(d_min, 1e-12))], dtype=torch.float64)])
+
+
+# ---- training the gate by leaving experts out ------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateTrainSettings(Settings):
+    folds: int = setting(4, "folds of held-out experts (at most the number of members)")
+    examples: int = setting(100, "validation examples per member task")
+    seed: int = setting(0, "seed of the folds and the sample")
+    batch_size: int = setting(16, "examples per forward pass")
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise RecycleError(f"--folds must be at least 2, not {self.folds}")
+        if self.examples < 1:
+            raise RecycleError(f"--examples must be at least 1, not {self.examples}")
+        if self.batch_size < 1:
+            raise RecycleError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+
+@dataclass
+class FoldJob:
+    plan: dict
+    fold: int
+    keep: list  # members kept (seen) in this fold
+    held: list  # members held out (their tasks act as unseen)
+    examples: list  # recycle.data.Example
+    tasks: list  # task of each example
+    batch_size: int = 16
+    max_length: int = 256
+    threads: int = 1
+    device: str = "cpu"
+    stats: bool = False  # also return every member's prototype statistics
+
+
+def run_fold_job(job: FoldJob) -> dict:
+    """One fold: every side's scores and the identifier over the kept members, for every
+    validation example of every member task (worker side)."""
+    from recycle.basemodels import load_base, resolve_base
+
+    torch.set_num_threads(max(1, int(job.threads)))
+    t0 = time.time()
+    plan = Plan(**job.plan)
+    model, tok = load_base(resolve_base(plan.base))
+    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
+    model.to(device)
+    sides = Sides(plan, model, tok, job.batch_size, job.max_length)
+    stats = sides.member_stats()
+    ident = identifier(stats, job.keep)
+    posterior, d_min = identify(ident, sides.embed(job.examples))
+    seen, chosen = sides.seen(job.examples, posterior, job.keep, ("top1", "posterior"))
+    routed = sides.routed(job.examples, job.tasks, keep=job.keep).scores
+    base = sides.base(job.examples)
+    out = {"fold": job.fold, "keep": job.keep, "held": job.held, "tasks": job.tasks,
+           "labels": [ex.label for ex in job.examples], "posterior": posterior.tolist(), "d_min": d_min.tolist(),
+           "seen": seen, "chosen": chosen, "routed": routed, "base": base,
+           "seconds": time.time() - t0}
+    if job.stats:
+        out["stats"] = {n: {"n": s["n"], "mean": s["mean"], "scatter": s["scatter"]} for n, s in stats.items()}
+    return out
+
+
+def fold_split(names: list[str], folds: int, seed: int) -> list[list[str]]:
+    import random
+
+    order = list(names)
+    random.Random(seed).shuffle(order)
+    folds = min(folds, len(order))
+    return [order[i::folds] for i in range(folds)]
+
+
+def fit_gate(results: list[dict], member_task: dict[str, str]) -> dict:
+    """Fit the gate (and the far regression) on the folds and choose θ, T per seen mode to
+    maximise H; returns the fitted pieces and the fold metrics."""
+    from recycle.stats import auc, expected_calibration_error
+
+    rows = []  # one per (fold, example)
+    for r in results:
+        kept_tasks = {member_task[n] for n in r["keep"]}
+        for i, task in enumerate(r["tasks"]):
+            rows.append({"fold": r["fold"], "task": task, "seen": task in kept_tasks, "label": r["labels"][i],
+                         "posterior": torch.tensor(r["posterior"][i], dtype=torch.float64), "d_min": r["d_min"][i],
+                         "seen_scores": {m: r["seen"][m][i] for m in r["seen"]}, "routed": r["routed"][i],
+                         "base": r["base"][i]})
+    y = torch.tensor([float(x["seen"]) for x in rows], dtype=torch.float64)
+    out = {"theta": {}, "temperature": {}, "metrics": {}}
+    # the far regression: where routing and the base model disagree on the pseudo-unseen examples
+    far_x, far_y = [], []
+    for x in rows:
+        if x["seen"]:
+            continue
+        pr, pb = probs(x["routed"]), probs(x["base"])
+        r_ok, b_ok = int(pr.argmax()) == x["label"], int(pb.argmax()) == x["label"]
+        if r_ok != b_ok:
+            far_x.append(far_features(pr, pb, x["d_min"]))
+            far_y.append(float(r_ok))
+    far = None
+    if len(far_y) >= 20 and 0 < sum(far_y) < len(far_y):
+        far = fit_logistic(torch.stack(far_x), torch.tensor(far_y, dtype=torch.float64))
+    out["far"] = far
+    out["metrics"]["far_examples"] = len(far_y)
+    for mode in ("top1", "posterior"):
+        x = torch.stack([features(r["posterior"], probs(r["seen_scores"][mode], SEEN_TEMPERATURE), probs(r["routed"]),
+                                  r["d_min"]) for r in rows])
+        lr = fit_logistic(x, y)
+        g = predict_logistic(lr, x)
+        pu_side = []
+        for r in rows:
+            pr = probs(r["routed"])
+            if far is not None:
+                q = float(predict_logistic(far, far_features(pr, probs(r["base"]), r["d_min"]).unsqueeze(0)))
+                pr = q * pr + (1 - q) * probs(r["base"])
+            pu_side.append(pr)
+        best = None
+        keys = {(r["fold"], r["task"]): r["seen"] for r in rows}
+        for temp in TEMPERATURES:
+            for theta in THETAS:
+                groups: dict[tuple, list[bool]] = {}
+                for r, gi, pu in zip(rows, g.tolist(), pu_side):
+                    p, _ = combine(probs(r["seen_scores"][mode]), pu, gi, theta, temp)
+                    groups.setdefault((r["fold"], r["task"]), []).append(int(p.argmax()) == r["label"])
+                h = suh_of(groups, keys)
+                if best is None or h["H"] > best[0]["H"] + 1e-12:
+                    best = (h, theta, temp)
+        (h, theta, temp) = best
+        out["theta"][mode], out["temperature"][mode] = theta, temp
+        out[f"gate_{mode}"] = lr
+        ece = expected_calibration_error(g.tolist(), [bool(v) for v in y.tolist()])
+        out["metrics"][mode] = {"S": h["S"], "U": h["U"], "H": h["H"], "auc": auc(g.tolist(), [bool(v) for v in y]),
+                                "ece": ece["ece"], "theta": theta, "temperature": temp}
+    return out
+
+
+def train_gate(
+    registry,
+    name: str,
+    settings: GateTrainSettings,
+    *,
+    force: bool = False,
+    address: str | None = None,
+    gpus: float | None = None,
+    cpus: float = 1.0,
+    report: Reporter | None = None,
+) -> dict:
+    """Train the COSMO gate of stored composition ``name`` by leaving experts out (one Ray
+    task per fold) and record it with the composition. Found done (and skipped) for the same
+    composition and settings."""
+    import hashlib
+    import json
+
+    from recycle import cluster
+    from recycle import compose as comp
+    from recycle.adapters import sha256_file
+    from recycle.data import Example
+    from recycle.files import save_tensors
+    from recycle.methods import get
+    from recycle.tasks import load_examples
+
+    report = report or Reporter()
+    if cpus <= 0:
+        raise RecycleError(f"--cpus must be positive, not {cpus}")
+    row = registry.composition(name)
+    if get(row["method"]).trains != "train-gate":
+        raise RecycleError(f"composition {name} is {row['method']}: it has no COSMO gate to train")
+    plan = comp.plan(registry, composition=name, data_seed=settings.seed)
+    plan.state = {}
+    key = hashlib.sha256(json.dumps({"composition": plan.settings_hash, "settings": settings.to_dict()},
+                                    sort_keys=True).encode()).hexdigest()
+    old = (row.get("state") or {}).get("gate")
+    if old and old.get("key") == key and not force and sha256_ok(old, sha256_file):
+        report.say(f"skip {name}: gate trained with these settings ({key[:12]}); --force retrains")
+        return {**old, "status": "skipped"}
+    registry.check_writable()
+    names = [m["name"] for m in plan.members]
+    member_task = {m["name"]: m["task"] for m in plan.members}
+    examples, tasks = [], []
+    for task in dict.fromkeys(member_task.values()):
+        for ex in load_examples(registry, task, "validation", n=settings.examples, seed=settings.seed):
+            if ex.choices:
+                examples.append(Example(ex.prompt, ex.choices, ex.answer, ex.label, ex.text))
+                tasks.append(task)
+    if not examples:
+        raise RecycleError(f"{name}: the members' tasks have no validation examples with answer choices")
+    splits = fold_split(names, settings.folds, settings.seed)
+    jobs = [FoldJob(plan.to_dict(), f, [n for n in names if n not in held], held, examples, tasks,
+                    batch_size=settings.batch_size, threads=max(1, math.ceil(cpus)), stats=(f == 0))
+            for f, held in enumerate(splits)]
+    results: list[dict] = []
+    errors: list[str] = []
+    with cluster.connect(address) as where:
+        g = cluster.default_gpus(gpus)
+        cluster.check_fits(cpus, g)
+        for job in jobs:
+            job.device = "cuda" if g > 0 else "cpu"
+        report.say(f"training the COSMO gate of {name} on Ray ({where}): {len(jobs)} folds, "
+                   f"{len(examples)} validation examples of {len(set(tasks))} member tasks")
+        with report.bar("folds", len(jobs)):
+            cluster.run_tasks(run_fold_job, jobs, cluster.Resources(num_cpus=cpus, num_gpus=g),
+                              on_result=lambda j, r: (results.append(r), report.ok(
+                                  f"fold {j.fold} (held out {', '.join(j.held)}): {r['seconds']:.0f} s")),
+                              on_error=lambda j, e: (errors.append(e), report.fail(f"fold {j.fold}: {e}")),
+                              progress=lambda j: report.advance())
+    if errors:
+        raise RecycleError(f"COSMO gate training for {name} failed: {errors[0]}", exit_code=1)
+    results.sort(key=lambda r: r["fold"])
+    fitted = fit_gate(results, member_task)
+    stats = results[0]["stats"]
+    ident = identifier(stats, names)
+    tensors = {"means": ident["means"], "precision": ident["precision"]}
+    mode = CosmoSettings(**plan.settings).seen
+    for k, v in fitted[f"gate_{mode}"].items():
+        tensors[f"gate.{k}"] = v
+    if fitted["far"] is not None:
+        tensors.update({f"far.{k}": v for k, v in fitted["far"].items()})
+    meta = {"composition": name, "key": key, "members": names, "settings": settings.to_dict(),
+            "theta": fitted["theta"], "temperature": fitted["temperature"], "metrics": fitted["metrics"],
+            "folds": [r["held"] for r in results]}
+    out = registry.artifacts_dir / "compositions" / name / f"gate-{key[:16]}.safetensors"
+    save_tensors(out, tensors, meta)
+    state = {"path": str(out), "sha256": sha256_file(out), "key": key, "settings": settings.to_dict(),
+             "folds": meta["folds"], "metrics": fitted["metrics"], "theta": fitted["theta"],
+             "temperature": fitted["temperature"]}
+    registry.set_composition_state(name, "gate", state, expect_settings=row["settings"])
+    m = fitted["metrics"][mode]
+    report.ok(f"{name}: gate on {len(results)} folds: AUC {m['auc']:.3f}, ECE {m['ece']:.3f}, fold S {m['S']:.3f} "
+              f"U {m['U']:.3f} H {m['H']:.3f} (θ {m['theta']:.2f}, T {m['temperature']:g})")
+    return {**state, "status": "trained"}
+
+
+def sha256_ok(part: dict, sha256_file) -> bool:
+    try:
+        return sha256_file(part["path"]) == part["sha256"]
+    except OSError:
+        return False

@@ -1,0 +1,131 @@
+"""COSMO: the smoothing formula by hand, the identifier and the logistic gate, leaving experts
+out (a fold never uses its held-out experts), and train-gate on a real Ray with the gate
+saved, used by eval and predict, and refused when changed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from recycle.methods import cosmo as C
+
+from tests.test_compose import cli, ok, one_line_error, registered, train_real_gates, world  # noqa: F401
+
+
+def test_adaptive_smoothing_by_hand():
+    ps, pu = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64)
+    g, theta, t = 0.3, 0.5, 0.1
+    p_u = 1 / (1 + math.exp(-(0.5 - 0.3) / 0.1))  # σ((θ − g)/T)
+    raw = [p_u * (float(pu[i]) + (1 - p_u) / 3) + (1 - p_u) * (float(ps[i]) + p_u / 3) for i in range(3)]
+    got, got_pu = C.combine(ps, pu, g, theta, t)
+    assert got_pu == pytest.approx(p_u)
+    assert got.tolist() == pytest.approx([r / sum(raw) for r in raw])
+    # over the same choices the smoothing terms are equal for every choice: the argmax is the soft mixture's
+    plain, _ = C.combine(ps, pu, g, theta, t, smoothing="none")
+    assert int(got.argmax()) == int(plain.argmax())
+    hard, hard_pu = C.combine(ps, pu, g, theta, t, gate="hard", smoothing="none")
+    assert hard_pu == 1.0 and hard.tolist() == pytest.approx(pu.tolist())
+    const, _ = C.combine(ps, pu, 0.9, theta, t, smoothing="constant", gamma=0.5)
+    assert const.sum().item() == pytest.approx(1.0)
+
+
+def test_identifier_and_logistic_gate():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 4
+    data = {f"e{i}": centres[i] + torch.randn(50, 8, generator=g) for i in range(3)}
+    stats = {n: C.member_stats(h) for n, h in data.items()}
+    ident = C.identifier(stats, ["e0", "e2"])  # e1 left out
+    post, d_min = C.identify(ident, torch.cat([data["e0"][:5], data["e2"][:5], data["e1"][:5]]))
+    assert post.shape == (15, 2)
+    assert post[:5].argmax(-1).eq(0).all() and post[5:10].argmax(-1).eq(1).all()
+    assert d_min[10:].mean() > 3 * d_min[:10].mean()  # the left-out expert's inputs are far from both
+    x = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).double()
+    lr = C.fit_logistic(x, y)
+    p = C.predict_logistic(lr, x)
+    assert ((p > 0.5).double() == y).double().mean() > 0.95
+    # optimality of C Σ log-loss + ½‖w‖² on the standardised features: zero gradient
+    w = lr["w"].clone().requires_grad_(True)
+    b = lr["b"].clone().requires_grad_(True)
+    z = (x - lr["mean"]) / lr["std"]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="sum") + 0.5 * w @ w
+    loss.backward()
+    assert w.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+    assert C.fold_split(["a", "b", "c", "d", "e"], 2, 0) == C.fold_split(["a", "b", "c", "d", "e"], 2, 0)
+    assert sorted(sum(C.fold_split(["a", "b", "c", "d", "e"], 2, 0), [])) == ["a", "b", "c", "d", "e"]
+
+
+def close(a, b):
+    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_a_fold_never_uses_its_held_out_experts(registered):
+    """Fold 0 holds out ea: its identifier knows eb only, its seen side is eb's own answers
+    and its routed side is PHATGOOSE over eb alone (scores equal to those computed with ea
+    not registered at all)."""
+    from recycle import compose
+    from recycle.basemodels import load_base, resolve_base
+    from recycle.methods import get
+    from recycle.registry import Registry
+    from recycle.scoring import score_choices
+    from recycle.tasks import load_examples
+
+    train_real_gates(["ea", "eb"])
+    ok("compose", "c", "--method", "cosmo", "--all")
+    reg = Registry()
+    plan = compose.plan(reg, composition="c")
+    exs = load_examples(reg, "t_alpha", "validation") + load_examples(reg, "t_beta", "validation")
+    tasks = [None] * len(exs)
+    out = C.run_fold_job(C.FoldJob(plan.to_dict(), 0, ["eb"], ["ea"], exs, tasks, batch_size=4, stats=True))
+    assert all(len(p) == 1 for p in out["posterior"]) and set(out["chosen"]) == {"eb"}
+    model, tok = load_base(resolve_base("tiny-llama"))
+    only_eb = compose.plan(reg, method="single eb")
+    scorer = get("single").scorer(only_eb, model, tok)
+    own = scorer.score(exs, tasks, batch_size=4).scores
+    scorer.close()
+    close(out["seen"]["top1"], [C.probs(s).log().tolist() for s in own])
+    pg_eb = compose.plan(reg, method="phatgoose", experts=["eb"])
+    scorer = get("phatgoose").scorer(pg_eb, model, tok)
+    routed = scorer.score(exs, tasks, batch_size=4).scores
+    scorer.close()
+    close(out["routed"], routed)
+    close(out["base"], score_choices(model, tok, exs, batch_size=4))
+    assert set(out["stats"]) == {"ea", "eb"}  # each expert's own prototype, for the final gate only
+
+
+def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
+    from recycle.registry import Registry
+
+    train_real_gates(["ea", "eb"])
+    ok("compose", "c", "--method", "cosmo", "--all")
+    assert "no gate yet" in one_line_error(cli("predict", "c", "--prompt", "Alpha: x\nAnswer:", "--choices", " a, b"))
+    out = json.loads(ok("train-gate", "c", "--folds", "2", "--examples", "6", "--json").stdout)
+    assert out["status"] == "trained" and len(out["folds"]) == 2
+    m = out["metrics"]["top1"]
+    assert 0 <= m["auc"] <= 1 and 0 <= m["ece"] <= 1
+    assert json.loads(ok("train-gate", "c", "--folds", "2", "--examples", "6", "--json").stdout)["status"] == "skipped"
+    pred = json.loads(ok("predict", "c", "--prompt", "Alpha: t_alpha item 3\nAnswer:", "--choices", " a, b").stdout)
+    assert pred["answer"] in (" a", " b") and 0 <= pred["p_seen"] <= 1 and pred["seen_expert"] in ("ea", "eb")
+    assert sum(math.exp(v) for v in pred["scores"].values()) == pytest.approx(1.0, abs=1e-6)
+    res = json.loads(ok("eval", "--compositions", "c", "--tasks", "all", "--json").stdout)
+    assert {r["label"] for r in res["results"]} == {"c"}
+    state = Registry().composition("c")["state"]["gate"]
+    with open(state["path"], "ab") as f:
+        f.write(b"x")
+    assert "changed since it was trained" in one_line_error(cli("predict", "c", "--prompt", "x", "--choices", "a,b"))
+    assert "no composition named 'nope'" in one_line_error(cli("train-gate", "nope"))
+    ok("compose", "pg", "--method", "phatgoose", "--all")
+    assert "no COSMO gate to train" in one_line_error(cli("train-gate", "pg"))
