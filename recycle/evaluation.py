@@ -327,7 +327,31 @@ def summarise(rows: list[dict]) -> dict:
         if n_in and n_out and len(ins) == n_in and len(outs) == n_out:
             entry.update(suh(ins, outs))
         table[label] = entry
-    return {"tasks": tasks, "held": held, "methods": table}
+    out = {"tasks": tasks, "held": held, "methods": table}
+    gates = gate_quality(rows)
+    if gates:
+        out["gates"] = gates
+    return out
+
+
+def gate_quality(rows: list[dict]) -> dict:
+    """For results with a per-example seen probability (COSMO's ``p_seen``), the gate's
+    seen/unseen AUC, its expected calibration error and its reliability diagram, over every
+    example of the run (truth: the task is held-in)."""
+    from recycle.stats import auc, expected_calibration_error
+
+    out = {}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        conf, truth = [], []
+        for r in rows:
+            ps = (r.get("extra") or {}).get("p_seen")
+            if r["label"] == label and ps:
+                conf += ps
+                truth += [r["held"] == "in"] * len(ps)
+        if conf and any(truth) and not all(truth):
+            ece = expected_calibration_error(conf, truth)
+            out[label] = {"auc": auc(conf, truth), "ece": ece["ece"], "bins": ece["bins"], "n": len(conf)}
+    return out
 
 
 def fmt(x) -> str:
@@ -381,7 +405,9 @@ def routing_matrices(rows: list[dict], label: str | None = None):
             "task_expert": te, "layer_expert": le}
 
 
-def plot_routing(mats: dict, path) -> None:
+def plot_routing(mats: dict | None, path, gates: dict | None = None) -> None:
+    """Routing heatmaps (task × expert, layer × expert) and, for a gated ensemble (COSMO),
+    the gate's reliability diagram, in one PNG (written atomically)."""
     from recycle.files import atomic_path
 
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -391,11 +417,28 @@ def plot_routing(mats: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(6 + 0.5 * len(mats["experts"]), 2 + 0.3 * max(len(mats["tasks"]), len(mats["layers"]) / 2)))
-    for ax, key, rows, title in (
+    gates = gates or {}
+    panels = (2 if mats else 0) + (1 if gates else 0)
+    width = (6 + 0.5 * len(mats["experts"]) if mats else 0) + (4 if gates else 0)
+    height = 2 + 0.3 * max(len(mats["tasks"]), len(mats["layers"]) / 2) if mats else 4
+    fig, axes = plt.subplots(1, panels, figsize=(width, max(height, 4)), squeeze=False)
+    axes = list(axes[0])
+    if gates:
+        ax = axes.pop()
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
+        for label, g in gates.items():
+            xs = [b["confidence"] for b in g["bins"]]
+            ys = [b["frequency"] for b in g["bins"]]
+            ax.plot(xs, ys, marker="o", label=f"{label} (ECE {g['ece']:.3f}, AUC {g['auc']:.3f})")
+        ax.set_xlabel("p(seen) predicted", fontsize=8)
+        ax.set_ylabel("share of inputs from held-in tasks", fontsize=8)
+        ax.set_title("gate reliability", fontsize=9)
+        ax.legend(fontsize=7)
+    heatmaps = [] if not mats else [
         (axes[0], "task_expert", mats["tasks"], "task × expert"),
         (axes[1], "layer_expert", [str(x) for x in mats["layers"]], "layer × expert"),
-    ):
+    ]
+    for ax, key, rows, title in heatmaps:
         im = ax.imshow(mats[key], aspect="auto", cmap="viridis", vmin=0)
         ax.set_xticks(range(len(mats["experts"])), mats["experts"], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -455,6 +498,9 @@ def markdown_table(summary: dict, rows: list[dict]) -> str:
     lines.append("")
     lines.append(f"Accuracy by rank classification; n = {', '.join(map(str, n))} test examples per task "
                  f"(widest 95% Wilson half-interval ±{half * 100:.1f} points).")
+    for label, g in (summary.get("gates") or {}).items():
+        lines.append(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, expected calibration error {g['ece']:.3f} "
+                     f"over {g['n']} examples.")
     return "\n".join(lines) + "\n"
 
 
@@ -485,7 +531,7 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
     write_text(target.with_suffix(".md"), markdown_table(summary, rows))
     out = {"json": str(target.with_suffix(".json")), "markdown": str(target.with_suffix(".md"))}
     mats = routing_matrices(rows, plot_method)
-    if mats:
-        plot_routing(mats, target.with_suffix(".png"))
+    if mats or summary.get("gates"):
+        plot_routing(mats, target.with_suffix(".png"), summary.get("gates"))
         out["plot"] = str(target.with_suffix(".png"))
     return out

@@ -120,8 +120,22 @@ def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     pred = json.loads(ok("predict", "c", "--prompt", "Alpha: t_alpha item 3\nAnswer:", "--choices", " a, b").stdout)
     assert pred["answer"] in (" a", " b") and 0 <= pred["p_seen"] <= 1 and pred["seen_expert"] in ("ea", "eb")
     assert sum(math.exp(v) for v in pred["scores"].values()) == pytest.approx(1.0, abs=1e-6)
+    data = tmp_path / "t_gamma.jsonl"  # a task no member was trained on
+    data.write_text("".join(json.dumps({"text": f"gamma {j} {'q' * (j % 5)}", "label": j % 2}) + "\n"
+                            for j in range(60)))
+    spec = tmp_path / "t_gamma.toml"
+    spec.write_text('name = "t_gamma"\ntemplate = "Gamma: {text}\\nOdd or even?"\nchoices = [" odd", " even"]\n'
+                    f'label_field = "label"\n\n[source]\nbuilder = "json"\ndata_files = "{data.name}"\n')
+    ok("add-task", spec)
     res = json.loads(ok("eval", "--compositions", "c", "--tasks", "all", "--json").stdout)
     assert {r["label"] for r in res["results"]} == {"c"}
+    gate = res["summary"]["gates"]["c"]
+    assert 0 <= gate["auc"] <= 1 and 0 <= gate["ece"] <= 1 and gate["n"] == 18
+    for r in res["results"]:
+        assert len(r["extra"]["p_seen"]) == r["n"] and set(r["extra"]["seen_expert"]) <= {"ea", "eb"}
+    plot = tmp_path / "gate.png"
+    ok("report", str(res["run"]), "--plot", plot)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     state = Registry().composition("c")["state"]["gate"]
     with open(state["path"], "ab") as f:
         f.write(b"x")

@@ -99,6 +99,9 @@ def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool) ->
     for line in body:
         table.add_row(*line)
     console.print(table, markup=False)
+    for label, g in (summary.get("gates") or {}).items():
+        console.print(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, expected calibration error {g['ece']:.3f} "
+                      f"({g['n']} examples)", markup=False, highlight=False)
     info(f"registry: {registry.path}; details: recycle eval show {run_id}; routing plot: recycle report {run_id} --plot routing.png")
 
 
@@ -171,16 +174,20 @@ def report_cmd(
     """
     registry = open_registry(db, create=False)
     registry.run(run)
-    mats = E.routing_matrices(registry.run_results(run), method)
-    if mats is None:
+    rows = registry.run_results(run)
+    mats = E.routing_matrices(rows, method)
+    gates = E.gate_quality(rows)
+    if mats is None and not gates:
         raise RecycleError(f"run {run} has no routed method results (routing is recorded for routed methods)")
     if json_:
-        print_json(mats)
-    else:
+        print_json({**(mats or {}), "gates": gates} if gates else mats)
+    elif mats:
         table = Table("task", *mats["experts"], title=f"{mats['label']}: share of tokens per expert (mean over modules)")
         for t, row in zip(mats["tasks"], mats["task_expert"]):
             table.add_row(t, *[f"{v:.2f}" for v in row])
         console.print(table, markup=False)
+    for label, g in gates.items():
+        console.print(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, ECE {g['ece']:.3f}", markup=False)
     if plot:
-        E.plot_routing(mats, plot)
+        E.plot_routing(mats, plot, gates)
         info(f"wrote {plot}")
