@@ -89,6 +89,7 @@ def csv_file(path: Path, options: dict) -> Iterator[dict]:
     columns = options.get("columns")
     if columns is not None and not isinstance(columns, dict):
         raise RecycleError("preparer csv: options.columns must be a table {old = new}")
+    csv.field_size_limit(2**31 - 1)  # some files carry very long fields (alternate names)
     with _open_text(path) as f:
         reader = csv.DictReader(f, delimiter=options.get("delimiter", ","))
         if columns:
