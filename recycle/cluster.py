@@ -80,10 +80,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         warnings.simplefilter("ignore")
         try:
             if address in (None, "local"):
+                temp = {"_temp_dir": os.environ["RECYCLE_RAY_TMPDIR"]} if os.environ.get("RECYCLE_RAY_TMPDIR") else {}
                 ray.init(
                     address="local",
                     num_cpus=num_cpus or os.cpu_count() or 1,
                     include_dashboard=False,
+                    **temp,
                     **common,
                 )
                 where = "local"
@@ -134,6 +136,15 @@ def check_fits(num_cpus: float, num_gpus: float) -> None:
         f"no node of the cluster has {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s) for one task; "
         "lower --cpus-per-expert / --gpus-per-expert"
     )
+
+
+def has_room(num_cpus: float, num_gpus: float) -> bool:
+    """Whether the cluster has ``num_cpus`` and ``num_gpus`` free right now (in all; a task
+    that does not fit on one node still waits)."""
+    import ray
+
+    free = ray.available_resources()
+    return free.get("CPU", 0) >= num_cpus and free.get("GPU", 0) >= num_gpus
 
 
 def _one_line(e: BaseException) -> str:

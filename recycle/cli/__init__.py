@@ -102,6 +102,7 @@ def _register() -> None:
     from recycle.cli import evaluate  # noqa: F401
     from recycle.cli import run  # noqa: F401
     from recycle.cli import routers  # noqa: F401
+    from recycle.cli import serve  # noqa: F401
 
 
 _register()

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 from recycle import compose as comp
 from recycle import methods
 from recycle.cli import app
-from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json, split
+from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json, split
 from recycle.errors import RecycleError
 from recycle.settings import parse_cli_settings
 
@@ -140,11 +140,29 @@ def predict_cmd(
     explain: Annotated[bool, typer.Option("--explain", help="Add the experts used per routed module.")] = False,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
     output: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of stdout.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Batch prediction on Ray: this many workers, each loading "
+                                                        "the composition once (needs --input and --output).",
+                                                   show_default=False)] = None,
+    address: AddressOption = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker (also its torch threads).")] = 1.0,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(
+        help="GPUs per worker (default: 1 if the cluster has GPUs, else 0).", show_default=False)] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Examples per shard (default: 2 batches).",
+                                                      show_default=False)] = None,
     db: DbOption = None,
 ):
     """Run a composition: rank classification over choices, or generation. JSONL out.
 
-    Example: recycle predict pg --prompt "Review: great!\\nSentiment:" --choices " positive, negative"
+    With --workers or --address the input is cut into shards handled by Ray workers that
+    each load the composition once; output lines come out in input order; an interrupted
+    run resumes from the shards already written (kept beside the output until it is
+    complete); a shard whose worker dies is done by another.
+
+    Examples:
+
+      recycle predict pg --prompt "Review: great!\\nSentiment:" --choices " positive, negative"
+
+      recycle predict pg --input prompts.jsonl --output answers.jsonl --workers 8 --address auto
     """
     from recycle.files import write_text
     from recycle.predict import Predictor, resolve
@@ -153,13 +171,30 @@ def predict_cmd(
         raise RecycleError(f"--batch-size must be at least 1, not {batch_size}")
     if max_new_tokens < 1:
         raise RecycleError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    if shard_size is not None and shard_size < 1:
+        raise RecycleError(f"--shard-size must be at least 1, not {shard_size}")
+    distributed = workers is not None or address is not None
+    if distributed and (input_file is None or output is None):
+        raise RecycleError("batch prediction on Ray (--workers/--address) needs --input and --output")
     items = _read_inputs(prompt, input_file, choices)
     if output is not None:
         if output.is_dir():
             raise RecycleError(f"cannot write {output}: it is a folder")
         if not output.absolute().parent.is_dir():
             raise RecycleError(f"cannot write {output}: its folder does not exist")
-    predictor = Predictor(resolve(open_registry(db, create=False), name))
+    registry = open_registry(db, create=False)
+    if distributed:
+        from recycle.serving import predict_batch
+
+        kind = "score" if items[0].get("choices") else "generate"
+        options = {"batch_size": batch_size, "explain": explain, "max_new_tokens": max_new_tokens}
+        res = predict_batch(resolve(registry, name), items, output, kind=kind, options=options,
+                            workers=workers or 1, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                            shard_size=shard_size, address=address)
+        info(f"wrote {res.examples} predictions to {output} ({res.shards} shards, {res.resumed} resumed, "
+             f"{res.retried} retried; {res.examples_per_second:.1f} examples/s)")
+        return
+    predictor = Predictor(resolve(registry, name))
     try:
         if items[0].get("choices"):
             results = predictor.score(items, batch_size=batch_size, explain=explain)

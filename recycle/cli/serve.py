@@ -1,0 +1,62 @@
+"""``serve``: compositions over HTTP on Ray Serve."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from recycle.cli import app
+from recycle.cli.common import AddressOption, DbOption, open_registry
+from recycle.errors import RecycleError
+
+
+@app.command("serve")
+def serve_cmd(
+    names: Annotated[list[str], typer.Argument(help="Stored compositions (or methods over every expert) to serve.",
+                                               show_default=False)],
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    replicas: Annotated[int, typer.Option(help="Copies of the deployment (each holds every composition).")] = 1,
+    cpus_per_replica: Annotated[float, typer.Option(help="CPUs per replica (also its torch threads).")] = 1.0,
+    gpus_per_replica: Annotated[Optional[float], typer.Option(
+        help="GPUs per replica (default: 1 if the cluster has GPUs, else 0).", show_default=False)] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Requests scored together at most.")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 10.0,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Dynamic request batching.")] = True,
+    max_length: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens (longer: HTTP 400).")] = 512,
+    address: AddressOption = None,
+    db: DbOption = None,
+):
+    """Serve compositions over HTTP on Ray Serve until Ctrl-C.
+
+    POST /v1/score {"composition", "prompt", "choices", "explain"?} and POST /v1/generate
+    {"composition", "prompt", "max_new_tokens"?}; GET /healthz and GET /v1/compositions.
+    Bad requests get 400/404 with a one-line JSON error.
+
+    Examples:
+
+      recycle serve pg --port 8000
+
+      curl -s localhost:8000/v1/score -d '{"composition": "pg", "prompt": "Review: great!\\nSentiment:", "choices": [" positive", " negative"]}'
+
+      recycle serve pg moe --address auto --replicas 4 --gpus-per-replica 0.5 --host 0.0.0.0
+    """
+    from recycle import cluster
+    from recycle.predict import resolve
+    from recycle.serving import serve
+
+    for value, flag in ((replicas, "--replicas"), (max_batch_size, "--max-batch-size"), (max_length, "--max-length")):
+        if value < 1:
+            raise RecycleError(f"{flag} must be at least 1, not {value}")
+    if not 1 <= port <= 65535:
+        raise RecycleError(f"--port must be from 1 to 65535, not {port}")
+    if cpus_per_replica <= 0 or batch_wait_ms < 0:
+        raise RecycleError("--cpus-per-replica must be positive and --batch-wait-ms not negative")
+    registry = open_registry(db, create=False)
+    plans = {n: resolve(registry, n).to_dict() for n in dict.fromkeys(names)}
+    with cluster.connect(address):
+        gpus = cluster.default_gpus(gpus_per_replica)
+        cluster.check_fits(cpus_per_replica, gpus)
+        serve(plans, host=host, port=port, address=address, replicas=replicas, cpus=cpus_per_replica, gpus=gpus,
+              max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, batching=batching, max_length=max_length)

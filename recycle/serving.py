@@ -1,0 +1,424 @@
+"""Inference at scale on Ray: batch prediction over a cluster, and an HTTP endpoint on Ray Serve.
+
+Batch prediction (:func:`predict_batch`, ``recycle predict NAME --input F --output F
+--workers N``) uses Ray actors and ``ray.wait`` rather than Ray Data's ``map_batches``: each
+actor loads the composition once (a :class:`~recycle.predict.Predictor`), the input is cut
+into shards that the driver hands out (two in flight per actor) and writes back, each shard
+atomically, into a folder beside the output; the output file is written, in input order,
+only when every shard is there. So a run that is interrupted (or whose driver dies) resumes
+from the shards already written, and a shard whose actor dies (its node killed) goes back to
+the queue for the actors left, with a replacement actor started where the cluster has room.
+Ray Data would give the actor pool, but resuming a killed run and keeping the input order
+are then extra machinery (and it needs its own dependencies).
+
+Serving (:func:`serve`, ``recycle serve NAME [NAME ...]``) is one Ray Serve deployment
+(``--replicas`` copies, CPUs/GPUs per replica) holding a Predictor per composition, with a
+JSON API:
+
+- ``POST /v1/score`` ``{"composition", "prompt", "choices": [...], "task"?, "explain"?}`` →
+  ``{"answer", "scores": {choice: score}, ...}`` (``experts`` with ``explain``);
+- ``POST /v1/generate`` ``{"composition", "prompt", "max_new_tokens"? (1-256)}`` → ``{"text"}``;
+- ``GET /healthz`` and ``GET /v1/compositions``.
+
+Requests for one composition that arrive together are scored as one batch (``serve.batch``;
+``--max-batch-size``, ``--batch-wait-ms``; ``--no-batching`` turns it off). A request is
+checked before it is queued: bad JSON or fields are HTTP 400, an unknown composition or
+path 404, a wrong method 405, each with a one-line JSON ``{"error": ...}``; a prompt longer
+than ``--max-length`` tokens (default 512) is refused with 400, never cut silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from recycle.console import Reporter
+from recycle.errors import RecycleError
+
+MAX_NEW_TOKENS = 256
+
+
+# ---- batch prediction ----------------------------------------------------------------
+
+
+class PredictorActor:
+    """A Ray actor holding one loaded composition."""
+
+    def __init__(self, plan: dict, device: str = "cpu", threads: int = 1):
+        from recycle.methods import Plan
+        from recycle.predict import Predictor
+
+        self.predictor = Predictor(Plan(**plan), device=device, threads=threads)
+
+    def run(self, shard: int, items: list[dict], kind: str, options: dict) -> tuple[int, list[dict], float]:
+        t0 = time.perf_counter()
+        if kind == "score":
+            out = self.predictor.score(items, batch_size=options["batch_size"], explain=options.get("explain", False))
+        else:
+            out = self.predictor.generate(items, max_new_tokens=options["max_new_tokens"],
+                                          batch_size=options["batch_size"])
+        return shard, out, time.perf_counter() - t0
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+@dataclass
+class BatchResult:
+    output: str
+    examples: int
+    shards: int
+    resumed: int  # shards found written by an earlier, interrupted run
+    retried: int  # shards sent again after their actor died
+    seconds: float
+    examples_per_second: float
+
+
+def _state_dir(output: Path) -> Path:
+    return output.with_name(f".{output.name}.shards")
+
+
+def predict_batch(
+    plan,
+    items: list[dict],
+    output: str | Path,
+    *,
+    kind: str = "score",
+    options: dict | None = None,
+    workers: int = 1,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float | None = None,
+    shard_size: int | None = None,
+    address: str | None = None,
+    report: Reporter | None = None,
+) -> BatchResult:
+    """Predict ``items`` (checked requests) with ``plan`` on ``workers`` Ray actors and write
+    JSONL to ``output`` in input order (see the module docstring)."""
+    import ray
+
+    from recycle import cluster
+    from recycle.files import write_text
+
+    report = report or Reporter()
+    options = dict(options or {})
+    output = Path(output)
+    if workers < 1:
+        raise RecycleError(f"--workers must be at least 1, not {workers}")
+    if cpus_per_worker <= 0:
+        raise RecycleError(f"--cpus-per-worker must be positive, not {cpus_per_worker}")
+    shard_size = shard_size or max(8, options.get("batch_size", 16) * 2)
+    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    key = hashlib.sha256(json.dumps({"items": items, "plan": plan.settings_hash, "kind": kind, "options": options,
+                                     "shard_size": shard_size}, sort_keys=True).encode()).hexdigest()
+    state = _state_dir(output)
+    manifest = state / "manifest.json"
+    if state.is_dir():
+        try:
+            old = json.loads(manifest.read_text()).get("key")
+        except (OSError, ValueError):
+            old = None
+        if old != key:
+            import shutil
+
+            report.say(f"{state} holds shards of another run (other input or settings): starting over")
+            shutil.rmtree(state)
+    state.mkdir(parents=True, exist_ok=True)
+    write_text(manifest, json.dumps({"key": key, "shards": len(shards), "examples": len(items)}) + "\n")
+
+    def shard_path(i: int) -> Path:
+        return state / f"shard-{i:06d}.jsonl"
+
+    todo = [i for i in range(len(shards)) if not shard_path(i).is_file()]
+    resumed = len(shards) - len(todo)
+    if resumed:
+        report.say(f"resuming: {resumed} of {len(shards)} shards already written")
+    t0 = time.time()
+    retried = 0
+    done_examples = sum(len(shards[i]) for i in range(len(shards)) if i not in set(todo))
+    if todo:
+        with cluster.connect(address) as where:
+            gpus = cluster.default_gpus(gpus_per_worker)
+            cluster.check_fits(cpus_per_worker, gpus)
+            actor_cls = ray.remote(PredictorActor).options(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=0,
+                                                           runtime_env={"env_vars": cluster.worker_env()})
+            device = "cuda" if gpus > 0 else "cpu"
+            threads = max(1, math.ceil(cpus_per_worker))
+
+            def start():
+                return actor_cls.remote(plan.to_dict(), device, threads)
+
+            n_workers = min(workers, len(todo))
+            actors = [start() for _ in range(n_workers)]
+            report.say(f"predicting {len(items)} example(s) in {len(shards)} shard(s) on {n_workers} Ray worker(s) "
+                       f"({where}): {cpus_per_worker:g} CPU, {gpus:g} GPU each")
+            queue = list(todo)
+            pending: dict = {}  # run ref -> (actor, shard)
+            starting: dict = {}  # readiness ref -> replacement actor not yet placed
+            load = {a: 0 for a in actors}
+
+            def submit(actor):
+                while queue and load[actor] < 2:
+                    i = queue.pop(0)
+                    pending[actor.run.remote(i, shards[i], kind, options)] = (actor, i)
+                    load[actor] += 1
+
+            for a in actors:
+                submit(a)
+            new_done = 0
+            try:
+                with report.bar("predict", len(items)):
+                    report.advance(done_examples)
+                    while pending or (queue and starting):
+                        ready, _ = ray.wait(list(pending) + list(starting), num_returns=1)
+                        ref = ready[0]
+                        if ref in starting:  # a replacement is up: give it work
+                            actor = starting.pop(ref)
+                            try:
+                                ray.get(ref)
+                            except ray.exceptions.RayActorError:
+                                continue
+                            load[actor] = 0
+                            submit(actor)
+                            continue
+                        actor, i = pending.pop(ref)
+                        load[actor] = load.get(actor, 1) - 1
+                        try:
+                            _, out, _ = ray.get(ref)
+                        except ray.exceptions.RayActorError:
+                            retried += 1
+                            queue.insert(0, i)
+                            if actor in load:  # the actor is gone: drop it; its other shards come back too
+                                del load[actor]
+                                for r2, (a2, j) in list(pending.items()):
+                                    if a2 is actor:
+                                        pending.pop(r2)
+                                        queue.insert(0, j)
+                                report.fail(f"a prediction worker died; shard {i} goes to another")
+                                if cluster.has_room(cpus_per_worker, gpus):
+                                    replacement = start()
+                                    starting[replacement.node.remote()] = replacement
+                            if not load and not starting:
+                                raise RecycleError("every prediction worker died; run the command again to resume",
+                                                   exit_code=1) from None
+                            for a in list(load):
+                                submit(a)
+                            continue
+                        except ray.exceptions.RayTaskError as e:
+                            raise RecycleError(f"shard {i} failed: {cluster.describe_error(e)}", exit_code=1) from None
+                        write_text(shard_path(i), "".join(json.dumps(r, allow_nan=False) + "\n" for r in out))
+                        new_done += len(shards[i])
+                        report.advance(len(shards[i]))
+                        submit(actor)
+            finally:
+                for a in list(load) + list(starting.values()):
+                    ray.kill(a)
+            elapsed = time.time() - t0
+            report.say(f"{new_done} example(s) in {elapsed:.1f} s: {new_done / max(elapsed, 1e-9):.1f} examples/s")
+    with open_output(output) as f:
+        for i in range(len(shards)):
+            f.write(shard_path(i).read_text())
+    import shutil
+
+    shutil.rmtree(state, ignore_errors=True)
+    elapsed = time.time() - t0
+    computed = sum(len(shards[i]) for i in todo)
+    return BatchResult(str(output), len(items), len(shards), resumed, retried, elapsed,
+                       computed / max(elapsed, 1e-9))
+
+
+class open_output:
+    """The output file, written through a temporary name and renamed when complete."""
+
+    def __init__(self, path: Path):
+        from recycle.files import atomic_path
+
+        self._ctx = atomic_path(path, make_parents=False)
+
+    def __enter__(self):
+        self._tmp = self._ctx.__enter__()
+        self._f = open(self._tmp, "w", encoding="utf-8")
+        return self._f
+
+    def __exit__(self, *exc):
+        self._f.close()
+        return self._ctx.__exit__(*exc)
+
+
+# ---- serving -------------------------------------------------------------------------
+
+
+class Rejected(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, " ".join(str(message).split())
+
+
+def check_request(body, served: dict, kind: str, tokenizer_of, max_length: int) -> dict:
+    """A request's fields, checked; raises :class:`Rejected` (400/404) with one line."""
+    from recycle.predict import check_item
+
+    if not isinstance(body, dict):
+        raise Rejected(400, "the body must be a JSON object")
+    name = body.get("composition")
+    if not isinstance(name, str) or not name:
+        raise Rejected(400, "needs a \"composition\" (one of: " + ", ".join(served) + ")")
+    if name not in served:
+        raise Rejected(404, f"no composition {name!r} is served here (served: {', '.join(served)})")
+    item = {k: body[k] for k in ("prompt", "choices", "task", "text") if k in body}
+    if kind == "score" and not body.get("choices"):
+        raise Rejected(400, "needs \"choices\": a list of at least two answer strings")
+    try:
+        check_item(item)
+    except RecycleError as e:
+        raise Rejected(400, str(e).removeprefix("request: ")) from None
+    unknown = sorted(set(body) - {"composition", "prompt", "choices", "task", "text", "explain", "max_new_tokens"})
+    if unknown:
+        raise Rejected(400, f"unknown field {unknown[0]!r}")
+    if "explain" in body and not isinstance(body["explain"], bool):
+        raise Rejected(400, "\"explain\" must be true or false")
+    if kind == "generate":
+        n = body.get("max_new_tokens", 32)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS:
+            raise Rejected(400, f"\"max_new_tokens\" must be an integer from 1 to {MAX_NEW_TOKENS}")
+    tokens = len(tokenizer_of(name)(item["prompt"], add_special_tokens=False)["input_ids"])
+    if tokens > max_length:
+        raise Rejected(400, f"the prompt is {tokens} tokens; this server takes at most {max_length} (--max-length)")
+    return {"name": name, "item": item, "explain": bool(body.get("explain")), "max_new_tokens": body.get("max_new_tokens", 32)}
+
+
+def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gpus: float = 0.0,
+             max_batch_size: int = 16, batch_wait_ms: float = 10.0, batching: bool = True, max_length: int = 512):
+    """The Ray Serve application serving ``plans`` (name -> Plan as a dict)."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    threads = max(1, math.ceil(cpus))
+
+    @serve.deployment(name="recycle", num_replicas=replicas,
+                      ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+                      max_ongoing_requests=max(64, 4 * max_batch_size))
+    class RecycleServer:
+        def __init__(self):
+            import torch
+
+            from recycle.methods import Plan
+            from recycle.predict import Predictor
+
+            torch.set_num_threads(threads)
+            device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+            self.predictors = {n: Predictor(Plan(**p), device=device) for n, p in plans.items()}
+            self.info = [{"name": n, "method": p["method"], "members": [m["name"] for m in p["members"]],
+                          "settings": p["settings"]} for n, p in plans.items()]
+            self.score_batch.set_max_batch_size(max_batch_size)
+            self.score_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+            self.generate_batch.set_max_batch_size(max_batch_size)
+            self.generate_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+        def _score(self, reqs: list[dict]) -> list:
+            out = [None] * len(reqs)
+            by_name: dict[str, list[int]] = {}
+            for i, r in enumerate(reqs):
+                by_name.setdefault(r["name"], []).append(i)
+            for name, idx in by_name.items():
+                p = self.predictors[name]
+                plain = [i for i in idx if not reqs[i]["explain"]]
+                try:
+                    if plain:
+                        for i, res in zip(plain, p.score([reqs[i]["item"] for i in plain], batch_size=len(plain))):
+                            out[i] = res
+                    for i in idx:
+                        if reqs[i]["explain"]:
+                            out[i] = p.score([reqs[i]["item"]], explain=True)[0]
+                except RecycleError as e:
+                    for i in idx:
+                        out[i] = Rejected(400, str(e))
+            return out
+
+        def _generate(self, reqs: list[dict]) -> list:
+            out = [None] * len(reqs)
+            groups: dict[tuple, list[int]] = {}
+            for i, r in enumerate(reqs):
+                groups.setdefault((r["name"], r["max_new_tokens"]), []).append(i)
+            for (name, n), idx in groups.items():
+                try:
+                    res = self.predictors[name].generate([reqs[i]["item"] for i in idx], max_new_tokens=n,
+                                                         batch_size=len(idx))
+                    for i, r in zip(idx, res):
+                        out[i] = {"text": r["answer"]}
+                except RecycleError as e:
+                    for i in idx:
+                        out[i] = Rejected(400, str(e))
+            return out
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+        async def score_batch(self, reqs: list[dict]) -> list:
+            return self._score(reqs)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+        async def generate_batch(self, reqs: list[dict]) -> list:
+            return self._generate(reqs)
+
+        def _tokenizer(self, name):
+            return self.predictors[name].tokenizer
+
+        async def __call__(self, request: Request):
+            try:
+                path, method = request.url.path.rstrip("/") or "/", request.method
+                if path in ("/healthz", "/v1/compositions"):
+                    if method != "GET":
+                        raise Rejected(405, f"{path} takes GET")
+                    if path == "/healthz":
+                        return JSONResponse({"status": "ok", "compositions": list(self.predictors)})
+                    return JSONResponse({"compositions": self.info})
+                if path not in ("/v1/score", "/v1/generate"):
+                    raise Rejected(404, f"no endpoint {path} (endpoints: /v1/score, /v1/generate, /v1/compositions, "
+                                        "/healthz)")
+                if method != "POST":
+                    raise Rejected(405, f"{path} takes POST with a JSON body")
+                try:
+                    body = json.loads(await request.body())
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise Rejected(400, f"the body is not JSON ({e})") from None
+                kind = "score" if path == "/v1/score" else "generate"
+                req = check_request(body, self.predictors, kind, self._tokenizer, max_length)
+                if kind == "score":
+                    res = await self.score_batch(req) if batching else self._score([req])[0]
+                else:
+                    res = await self.generate_batch(req) if batching else self._generate([req])[0]
+                if isinstance(res, Rejected):
+                    raise res
+                return JSONResponse(res)
+            except Rejected as e:
+                return JSONResponse({"error": e.message}, status_code=e.status)
+            except Exception as e:  # noqa: BLE001 - a bug: still one line, never a traceback
+                return JSONResponse({"error": f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"},
+                                    status_code=500)
+
+    return RecycleServer.bind()
+
+
+def serve(plans: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+          report: Reporter | None = None, block: bool = True, **app_options) -> None:
+    """Run the endpoint (see the module docstring) until interrupted (``block``), then
+    shut Serve down; on a local Ray, Ray too."""
+    from ray import serve as rserve
+
+    from recycle import cluster
+
+    report = report or Reporter()
+    with cluster.connect(address) as where:
+        rserve.start(http_options={"host": host, "port": port})
+        try:
+            rserve.run(make_app(plans, **app_options), name="recycle", route_prefix="/")
+            report.say(f"serving {', '.join(plans)} on http://{host}:{port} (Ray: {where}); Ctrl-C stops")
+            while block:
+                time.sleep(3600)
+        finally:
+            rserve.shutdown()

@@ -1,0 +1,209 @@
+"""Inference at scale: batch prediction on Ray (resume after an interrupt, a worker node
+killed mid-run on the loopback 2-node cluster) and the HTTP endpoint on Ray Serve, queried
+by a real HTTP client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+psutil = pytest.importorskip("psutil")
+requests = pytest.importorskip("requests")
+
+from tests.raycluster import _kill_tree, _raylet, loopback  # noqa: E402
+from tests.test_compose import ok, registered, world  # noqa: E402,F401
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_inputs(path: Path, n: int) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            task = "t_alpha" if i % 2 else "t_beta"
+            prompt = f"Alpha: item {i}\nAnswer:" if i % 2 else f"Beta: item {i}\nPick one:"
+            choices = [" a", " b"] if i % 2 else [" c", " d e"]
+            f.write(json.dumps({"id": i, "prompt": prompt, "choices": choices, "task": task}) + "\n")
+    return path
+
+
+def env_for(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def ours(root: str) -> list:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(root in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_batch_prediction_resumes_after_an_interrupt(registered, tmp_path):
+    ok("compose", "u", "--method", "uniform", "--all")
+    inp = write_inputs(tmp_path / "in.jsonl", 120)
+    single = tmp_path / "single.jsonl"
+    ok("predict", "u", "--input", inp, "--output", single)
+    expected = [json.loads(x) for x in single.read_text().splitlines()]
+    out = tmp_path / "out.jsonl"
+    ray_tmp = tempfile.mkdtemp(prefix="rbp", dir="/tmp")
+    env = env_for(RECYCLE_RAY_TMPDIR=ray_tmp)
+    cmd = [sys.executable, "-m", "recycle", "predict", "u", "--input", str(inp), "--output", str(out),
+           "--workers", "1", "--shard-size", "2", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / ".out.jsonl.shards"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list(state.glob("shard-*.jsonl"))) < 5:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    written = len(list(state.glob("shard-*.jsonl")))
+    assert proc.returncode == 130, err
+    assert 5 <= written < 60 and not out.exists()  # interrupted: shards kept, no partial output
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming: {written} of 60 shards already written" in r.stderr
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == list(range(120))
+    assert [g["answer"] for g in got] == [e["answer"] for e in expected]
+    assert not state.exists()
+    deadline = time.time() + 30
+    while ours(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ours(ray_tmp), "a Ray process of this test outlived it"
+
+
+def test_batch_prediction_survives_a_killed_worker_node(registered, tmp_path):
+    ok("compose", "u", "--method", "uniform", "--all")
+    inp = write_inputs(tmp_path / "in.jsonl", 400)
+    out = tmp_path / "out.jsonl"
+    with loopback() as cluster:
+        env = env_for(**{k: v for k, v in cluster["env"].items() if k.startswith("RAY")})
+        env["RECYCLE_DB"] = os.environ["RECYCLE_DB"]
+        cmd = [sys.executable, "-m", "recycle", "predict", "u", "--input", str(inp), "--output", str(out),
+               "--workers", "2", "--shard-size", "2", "--batch-size", "2", "--address", cluster["address"]]
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        state = tmp_path / ".out.jsonl.shards"
+        killed = None
+        try:
+            deadline = time.time() + 240
+            while killed is None and time.time() < deadline and proc.poll() is None:
+                raylet = _raylet(cluster["worker_nm"])
+                assert raylet is not None, "the worker node's raylet is not running"
+                running = any("PredictorActor" in " ".join(c.cmdline()) for c in raylet.children(recursive=True)
+                              if c.is_running())
+                if running and len(list(state.glob("shard-*.jsonl"))) >= 4:
+                    killed = raylet.pid
+                    _kill_tree(raylet)
+                time.sleep(0.05)
+            assert killed, "no prediction ran on the worker node"
+            _, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    assert "a prediction worker died" in err
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == list(range(400))
+    assert all(g["answer"] in ([" a", " b"] if g["id"] % 2 else [" c", " d e"]) for g in got)
+
+
+def test_serving_over_http(registered, tmp_path):
+    ok("compose", "u", "--method", "uniform", "--all")
+    port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rsv", dir="/tmp")
+    env = env_for(RECYCLE_RAY_TMPDIR=ray_tmp)
+    proc = subprocess.Popen([sys.executable, "-m", "recycle", "serve", "u", "--port", str(port), "--max-length", "64"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        health = requests.get(f"{url}/healthz", timeout=10).json()
+        assert health == {"status": "ok", "compositions": ["u"]}
+        comps = requests.get(f"{url}/v1/compositions", timeout=10).json()["compositions"]
+        assert comps[0]["name"] == "u" and comps[0]["method"] == "uniform" and sorted(comps[0]["members"]) == ["ea", "eb"]
+        results = {}
+
+        def ask(i):
+            body = {"composition": "u", "prompt": f"Alpha: item {i}\nAnswer:", "choices": [" a", " b"]}
+            results[i] = requests.post(f"{url}/v1/score", json=body, timeout=120)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, r in results.items():
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["answer"] in (" a", " b") and set(body["scores"]) == {" a", " b"}
+        # the same answers as predict
+        direct = json.loads(ok("predict", "u", "--prompt", "Alpha: item 3\nAnswer:", "--choices", " a, b").stdout)
+        assert results[3].json()["answer"] == direct["answer"]
+        assert results[3].json()["scores"] == pytest.approx(direct["scores"], abs=1e-5)
+        explained = requests.post(f"{url}/v1/score", json={"composition": "u", "prompt": "Beta: x\nPick one:",
+                                                           "choices": [" c", " d e"], "explain": True}, timeout=60)
+        assert explained.status_code == 200 and "experts" in explained.json()
+        gen = requests.post(f"{url}/v1/generate", json={"composition": "u", "prompt": "Hello", "max_new_tokens": 3},
+                            timeout=60)
+        assert gen.status_code == 200 and isinstance(gen.json()["text"], str)
+
+        def error(r, status, words):
+            assert r.status_code == status, (r.status_code, r.text)
+            body = r.json()
+            assert set(body) == {"error"} and "\n" not in body["error"] and words in body["error"], body
+            assert "Traceback" not in r.text
+
+        error(requests.post(f"{url}/v1/score", data="{not json", timeout=10), 400, "not JSON")
+        error(requests.post(f"{url}/v1/score", json={"composition": "nope", "prompt": "x", "choices": ["a", "b"]},
+                            timeout=10), 404, "no composition 'nope'")
+        error(requests.post(f"{url}/v1/score", json={"composition": "u", "prompt": "x"}, timeout=10), 400, "choices")
+        error(requests.post(f"{url}/v1/score", json={"composition": "u", "prompt": "x", "choices": ["a"]}, timeout=10),
+              400, "at least two")
+        error(requests.post(f"{url}/v1/score", json={"composition": "u", "prompt": "x " * 200,
+                                                     "choices": ["a", "b"]}, timeout=10), 400, "at most 64")
+        error(requests.post(f"{url}/v1/generate", json={"composition": "u", "prompt": "x", "max_new_tokens": 0},
+                            timeout=10), 400, "max_new_tokens")
+        error(requests.get(f"{url}/v1/score", timeout=10), 405, "takes POST")
+        error(requests.get(f"{url}/nowhere", timeout=10), 404, "no endpoint")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    deadline = time.time() + 60
+    while ours(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ours(ray_tmp), "a Ray process of this test outlived the server"
