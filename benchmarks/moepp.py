@@ -22,7 +22,6 @@ Results: benchmarks/results/moepp.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex

@@ -169,7 +169,7 @@ class Method:
         """Per-example methods: choose (and return) each example's expert; None otherwise."""
         return None
 
-    def scorer(self, plan: Plan, model, tokenizer) -> Scorer:
+    def scorer(self, plan: Plan, model, tokenizer) -> InstalledScorer:
         """What scores examples for this plan on a loaded base model (worker side): by
         default the composition installed once, rank classification through it."""
         return InstalledScorer(plan, model, tokenizer)
