@@ -7,6 +7,8 @@ adapters are written by plain PEFT ``save_pretrained``.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["NO_COLOR"] = "1"
+# Every process this test run starts (Ray's included) inherits this marker; at the end no
+# process may still carry it.
+os.environ["RECYCLE_TEST_SESSION"] = uuid.uuid4().hex
 os.environ["COLUMNS"] = "200"
 os.environ["TERM"] = "dumb"
 
@@ -65,3 +70,31 @@ def make_adapter(tiny_base):
         return Path(folder)
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_running():
+    """Fail the run if a process it started (a Ray node, worker, dashboard, server) is still
+    alive at the end: found by the session's marker in the environment, not by name."""
+    yield
+    import psutil
+
+    from tests.raycluster import marked
+
+    me = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
+    deadline = time.time() + 30
+    left = []
+    while time.time() < deadline:
+        left = [p for p in marked("RECYCLE_TEST_SESSION", os.environ["RECYCLE_TEST_SESSION"]) if p.pid not in me]
+        if not left:
+            return
+        time.sleep(1)
+    described = []
+    for p in left:
+        try:
+            listening = [f"{c.laddr.ip}:{c.laddr.port}" for c in p.net_connections() if c.status == "LISTEN"]
+            described.append(f"{p.pid} {' '.join(p.cmdline())[:120]} listening on {listening}")
+            p.kill()
+        except psutil.Error:
+            pass
+    pytest.fail("processes of this test run outlived it:\n" + "\n".join(described))

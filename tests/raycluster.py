@@ -1,7 +1,15 @@
-"""A real Ray cluster on loopback for tests: a head and a worker node, token auth on.
+"""A real Ray cluster for tests: a head and a worker node on this machine, token auth on.
 
-Each cluster has its own temp dir, ports and token, and :func:`loopback` stops exactly the
-processes it started (never ``ray stop``, which would stop every Ray on the machine).
+Each cluster has its own temp dir, ports, token and a marker in the environment of every
+process it starts (``RECYCLE_TEST_CLUSTER``); :func:`loopback` stops exactly the processes
+that carry it (never ``ray stop``, which would stop every Ray on the machine).
+
+Ray 2.60 turns ``--node-ip-address=127.0.0.1`` into the machine's own address
+(``ray._private.services.resolve_ip_for_localhost``) and its servers listen on every
+interface, so while the cluster runs it is reachable beyond loopback. ``ray start --head``
+also starts a Ray Client server, detached (parent 1) and with no temp dir in its command
+line: before the marker, the clean-up matched command lines and left it running. Afterwards
+nothing of the cluster is left.
 """
 
 from __future__ import annotations
@@ -58,16 +66,31 @@ def _node_args(temp_dir: Path) -> tuple[list[str], int]:
     ], nm
 
 
-def _ours(root: Path) -> list:
-    """Every process whose command line names our temp root (both nodes' processes)."""
+def marked(name: str, value: str) -> list:
+    """Every process (but this one) whose environment has ``name=value``."""
     out = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if p.environ().get(name) == value:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            pass
+    return out
+
+
+def _ours(root: Path, marker: str) -> list:
+    """Every process of this cluster: its marker in the environment, or our temp root in
+    the command line."""
+    out = {p.pid: p for p in marked("RECYCLE_TEST_CLUSTER", marker)}
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             if any(str(root) in part for part in (p.info["cmdline"] or [])):
-                out.append(p)
+                out.setdefault(p.pid, p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return out
+    return list(out.values())
 
 
 def _raylet(node_manager_port: int):
@@ -96,8 +119,10 @@ def loopback(dashboard: bool = False):
     """Start a head node (with the dashboard and job server when ``dashboard``) and one
     worker node; yields address, env (with the token), root, worker_nm, dashboard_url."""
     root = Path(tempfile.mkdtemp(prefix="rgt", dir="/tmp"))  # short: Ray's socket paths
+    marker = uuid.uuid4().hex
     env = dict(os.environ)
     env.update(
+        RECYCLE_TEST_CLUSTER=marker,
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=uuid.uuid4().hex,  # this cluster's own token, not ~/.ray/auth_token
         RAY_USAGE_STATS_ENABLED="0",
@@ -129,17 +154,19 @@ def loopback(dashboard: bool = False):
                 if worker.returncode == 0:
                     break
                 head = worker
-            for p in _ours(root):
+            for p in _ours(root, marker):
                 _kill_tree(p)
             if attempt == 2:
                 raise RuntimeError(f"ray start failed 3 times; last output:\n{head.stdout[-2000:]}\n{head.stderr[-2000:]}")
-        yield {"address": address, "env": env, "root": root, "worker_nm": worker_nm,
+        yield {"address": address, "env": env, "root": root, "worker_nm": worker_nm, "marker": marker,
                "dashboard_url": f"http://127.0.0.1:{dash_port}" if dashboard else None}
     finally:
-        procs = _ours(root)
-        raylet = _raylet(worker_nm) if worker_nm else None
-        if raylet is not None:
-            procs.append(raylet)
-        for p in procs:
-            _kill_tree(p)
+        for _ in range(3):  # processes may start while others are being killed
+            procs = _ours(root, marker)
+            raylet = _raylet(worker_nm) if worker_nm else None
+            if raylet is not None:
+                procs.append(raylet)
+            for p in procs:
+                _kill_tree(p)
+            psutil.wait_procs(procs, timeout=10)
         shutil.rmtree(root, ignore_errors=True)

@@ -127,11 +127,12 @@ def test_builtin_pipelines_parse():
 
 
 def test_pipeline_through_ray_job_submit(tmp_path, tiny_base, cache_root):
-    """A real 2-node cluster with the job server; the pipeline runs as a Ray job and the
-    registry it names is filled."""
-    from tests.raycluster import loopback
+    """A real 2-node cluster with the job server; the pipeline runs as a Ray job, the
+    registry it names is filled, every gate and evaluation task ran on the cluster's own
+    nodes, and the job started no Ray of its own (one GCS: the head's)."""
+    from tests.raycluster import loopback, marked
 
-    pipe = write_tiny_pipeline(tmp_path, n_test=4)
+    write_tiny_pipeline(tmp_path, n_test=4)
     db = tmp_path / "job-registry.db"
     ray_bin = str(Path(sys.executable).with_name("ray"))
     with loopback(dashboard=True) as cluster:
@@ -142,8 +143,23 @@ def test_pipeline_through_ray_job_submit(tmp_path, tiny_base, cache_root):
                "--runtime-env-json", json.dumps(runtime_env), "--",
                sys.executable, "-m", "recycle", "run", "tiny.toml"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        gcs = [p for p in marked("RECYCLE_TEST_CLUSTER", cluster["marker"]) if p.name() == "gcs_server"]
+
+        def state(*what):
+            r = subprocess.run([ray_bin, "list", *what, "--address", cluster["dashboard_url"], "--format", "json",
+                                "--limit", "10000"], env=env, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr[-2000:]
+            return json.loads(r.stdout)
+
+        nodes = {n["node_id"] for n in state("nodes")}
+        tasks = [t for t in state("tasks", "--detail") if t["name"] in ("run_gate_job", "run_eval_job")]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pipeline tiny: done" in proc.stdout + proc.stderr
+    assert len(gcs) == 1, [p.cmdline()[:2] for p in gcs]
+    assert len(nodes) == 2
+    ran = {t["name"] for t in tasks if t["state"] == "FINISHED"}
+    assert ran == {"run_gate_job", "run_eval_job"}
+    assert {t["node_id"] for t in tasks} <= nodes
     conn = sqlite3.connect(db)
     assert conn.execute("select count(*) from experts").fetchone()[0] == 3
     assert conn.execute("select count(*) from gates").fetchone()[0] == 2
