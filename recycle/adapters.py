@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # LoRA factors are floating point
+
+
 def read_safetensors_header(path: Path) -> dict:
-    """The header of a safetensors file, checked against the file's real size."""
+    """The header of a safetensors file, checked entry by entry against the file's real
+    size before any tensor is read: known dtypes, integer shapes and offsets, tensors that
+    tile the data exactly (no gaps, no overlaps, nothing past the end or after it)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -69,32 +75,62 @@ def read_safetensors_header(path: Path) -> dict:
             if n > size - 8 or n > 100_000_000:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: safetensors header unreadable ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterError(f"{path}: safetensors header unreadable ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: safetensors header unreadable (not a JSON object)")
     header.pop("__metadata__", None)
     data_len = size - 8 - n
-    end = 0
+    spans = []
     for key, t in header.items():
-        try:
-            start, stop = t["data_offsets"]
-            shape, dtype = t["shape"], t["dtype"]
-        except (KeyError, TypeError, ValueError):
-            raise AdapterError(f"{path}: safetensors header unreadable (bad entry {key!r})") from None
+        bad = AdapterError(f"{path}: safetensors entry {key!r} is malformed (dtype, shape and data_offsets needed)")
+        if not isinstance(t, dict):
+            raise bad
+        offsets, shape, dtype = t.get("data_offsets"), t.get("shape"), t.get("dtype")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)
+                or not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape)
+                or not isinstance(dtype, str)):
+            raise bad
+        if dtype not in _DTYPE_BYTES:
+            raise AdapterError(f"{path}: safetensors entry {key!r} has unknown dtype {dtype!r}")
+        start, stop = offsets
         count = 1
-        for s in shape:
-            count *= s
-        if dtype in _DTYPE_BYTES and stop - start != count * _DTYPE_BYTES[dtype]:
+        for d in shape:
+            count *= d
+        if stop < start or stop - start != count * _DTYPE_BYTES[dtype]:
             raise AdapterError(f"{path}: safetensors entry {key!r} has the wrong byte size")
-        end = max(end, stop)
-    if end > data_len:
-        raise AdapterError(
-            f"{path}: safetensors file is truncated ({data_len} data bytes, header needs {end})"
-        )
-    if end < data_len:
-        raise AdapterError(f"{path}: safetensors file has {data_len - end} trailing bytes")
+        spans.append((start, stop, key))
+    pos = 0
+    for start, stop, key in sorted(spans):
+        if start != pos:
+            what = "overlaps the one before it" if start < pos else "leaves a gap before it"
+            raise AdapterError(f"{path}: safetensors entry {key!r} {what}")
+        pos = stop
+    if pos > data_len:
+        raise AdapterError(f"{path}: safetensors file is truncated ({data_len} data bytes, header needs {pos})")
+    if pos < data_len:
+        raise AdapterError(f"{path}: safetensors file has {data_len - pos} trailing bytes")
     return header
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_tensors(path: Path) -> None:
+    """Every tensor of a (header-checked) safetensors file read with ``safetensors`` and
+    found finite: NaN or infinite LoRA weights are refused here, not met in a prediction."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise AdapterError(f"{path}: tensor {key} has NaN or infinite values")
+    except SafetensorError as e:
+        raise AdapterError(f"{path}: safetensors file unreadable ({' '.join(str(e).split())[:150]})") from None
 
 
 def _pattern_value(patterns: dict, module: str, default, where: str):
@@ -103,11 +139,12 @@ def _pattern_value(patterns: dict, module: str, default, where: str):
     return default if key is None else patterns[key]
 
 
-def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | None = None) -> AdapterInfo:
+def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | None = None, *,
+                    check_values: bool = True) -> AdapterInfo:
     """Validate an adapter folder; raise :class:`AdapterError` naming the first problem.
 
     ``base_shapes`` (``{module: (out, in)}`` of the base model's Linear layers) enables
-    the checks against the base model.
+    the checks against the base model; ``check_values`` reads every tensor (finite).
     """
     folder = Path(path).expanduser()
     if not folder.exists():
@@ -127,11 +164,13 @@ def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | 
             )
         raise AdapterError(f"{folder}: missing file {WEIGHTS}")
     try:
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(cfg_path.read_text(), parse_constant=_no_constant)
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
+    except RecursionError:
+        raise AdapterError(f"{folder}: {CONFIG} is nested too deeply to be an adapter config") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{folder}: {CONFIG} is unparsable ({e})") from None
+        raise AdapterError(f"{folder}: {CONFIG} is unparsable ({' '.join(str(e).split())[:150]})") from None
 
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
@@ -145,13 +184,26 @@ def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | 
             f"{folder}: unsupported: modules_to_save {config['modules_to_save']} "
             "(fully trained modules cannot be recycled as LoRA experts)"
         )
-    try:
-        r = int(config["r"])
-        alpha = float(config.get("lora_alpha", r))
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{folder}: {CONFIG} has no valid 'r'") from None
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(f"{folder}: unsupported: fan_in_fan_out (Conv1D) targets cannot be routed")
+    r = config.get("r")
+    if not _is_int(r):
+        raise AdapterError(f"{folder}: {CONFIG} has r={r!r}; it must be a whole number")
     if r <= 0:
         raise AdapterError(f"{folder}: {CONFIG} has rank r={r}; it must be positive")
+    alpha = config.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{folder}: {CONFIG} has lora_alpha={alpha!r}; it must be a positive number")
+    alpha = float(alpha)
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{folder}: {CONFIG} {key} must be an object of pattern: value")
+        for pat, value in patterns.items():
+            ok = _is_int(value) and value > 0 if key == "rank_pattern" else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0)
+            if not ok:
+                raise AdapterError(f"{folder}: {CONFIG} {key}[{pat!r}] = {value!r} is not a positive number")
 
     header = read_safetensors_header(weights)
     a_shapes: dict[str, tuple[int, int]] = {}
@@ -165,6 +217,8 @@ def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | 
         if not m:
             raise AdapterError(f"{folder}: unexpected tensor {key} in {WEIGHTS}")
         shape = tuple(t["shape"])
+        if t["dtype"] not in FLOAT_DTYPES:
+            raise AdapterError(f"{folder}: {key} has dtype {t['dtype']}; LoRA weights must be floating point")
         if len(shape) != 2:
             raise AdapterError(f"{folder}: {key} has shape {list(shape)}; expected a matrix")
         (a_shapes if m["which"] == "A" else b_shapes)[m["path"]] = shape
@@ -202,6 +256,8 @@ def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | 
                     f"{folder}: {module} is {d_in}->{d_out} in the adapter but "
                     f"{in_f}->{out_f} in the base model"
                 )
+    if check_values:
+        check_tensors(weights)
     return AdapterInfo(
         path=folder,
         weights=weights,
@@ -216,6 +272,10 @@ def inspect_adapter(path: str | Path, base_shapes: dict[str, tuple[int, int]] | 
         n_params=n_params,
         target_modules=sorted(ranks),
     )
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _numel(shape) -> int:

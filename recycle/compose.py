@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from recycle import methods
 from recycle.errors import RecycleError
+from recycle.experts import check_files
 from recycle.methods import Plan
 from recycle.names import check_name
 from recycle.registry import Registry, encode_json, now
@@ -30,14 +31,14 @@ def create(
     check_name("composition", name)
     m, values = methods.parse(method)
     values.update(settings or {})
-    chosen = m.select(registry, experts, values)
+    chosen = [check_files(registry, e) for e in m.select(registry, experts, values)]
     members = m.plan_members(registry, chosen)
     s = m.settings(m.complete(values, chosen))
     row = {
         "name": name,
         "method": m.name,
         "settings": encode_json(s.to_dict()),
-        "members": encode_json([{k: mem[k] for k in ("name", "sha256")} for mem in members]),
+        "members": encode_json([{k: mem[k] for k in ("name", "sha256", "config_sha256")} for mem in members]),
         "base_model": chosen[0]["base_model"] if chosen else registry.first_base_name(),
         "created": now(),
     }
@@ -74,7 +75,7 @@ def plan(
             e = registry.expert_or_none(mem["name"])
             if e is None:
                 raise RecycleError(f"composition {composition}: member {mem['name']} is no longer registered")
-            if e["sha256"] != mem["sha256"]:
+            if e["sha256"] != mem["sha256"] or mem.get("config_sha256") not in (None, e.get("config_sha256")):
                 raise RecycleError(f"composition {composition}: member {mem['name']} has changed since it was "
                                    "composed; compose it again with --replace")
             chosen.append(e)
@@ -86,6 +87,7 @@ def plan(
         values = m.complete(values, chosen)
         label, state = m.label(m.settings(values)), {}
     s = m.settings(values)
+    chosen = [check_files(registry, e) for e in chosen]
     members = m.plan_members(registry, chosen)
     base = chosen[0]["base_model"] if chosen else registry.first_base_name()
     if base is None:

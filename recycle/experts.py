@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recycle.adapters import AdapterError, AdapterInfo, find_adapter_folders, inspect_adapter, sha256_file
+from recycle.adapters import CONFIG, WEIGHTS, AdapterError, AdapterInfo, find_adapter_folders, inspect_adapter, sha256_file
 from recycle.basemodels import BaseRef, module_shapes, resolve_base
 from recycle.errors import RecycleError
 from recycle.names import check_name
@@ -67,20 +67,22 @@ def add_expert(
     ``group_base`` is the base of the other adapters added in the same call: an
     adapter on another base is refused.
     """
+    registry.check_writable()
     cache = cache or BaseCache()
     folder = Path(path).expanduser()
-    info = inspect_adapter(folder)  # structure, header, ranks, before touching the base
+    info = inspect_adapter(folder, check_values=False)  # structure, header, ranks, before touching the base
     ref = _check_base(info, base, group_base, cache)
     shapes = cache.module_shapes(ref)
     if shapes is not None:
         info = inspect_adapter(folder, base_shapes=shapes)
+    explicit_name = name is not None
     name = name if name is not None else info.path.name
     try:
         check_name("expert", name)
     except RecycleError as e:
         raise AdapterError(f"{info.path}: {e}" + ("" if name != info.path.name else "; give one with --name")) from None
     sha = sha256_file(info.weights)
-    return _record(registry, info, ref, sha, name, task, dataset, meta or {}, replace)
+    return _record(registry, info, ref, sha, name, task, dataset, meta or {}, replace, explicit_name)
 
 
 def _check_base(info: AdapterInfo, base: str | None, group_base: BaseRef | None, cache: BaseCache) -> BaseRef:
@@ -111,11 +113,20 @@ def _check_base(info: AdapterInfo, base: str | None, group_base: BaseRef | None,
     return ref
 
 
-def _record(registry, info, ref, sha, name, task, dataset, meta, replace) -> dict:
+def file_stamps(folder: Path) -> dict:
+    """Size and mtime of an adapter's two files (the cheap "unchanged?" check)."""
+    w, c = (Path(folder) / WEIGHTS).stat(), (Path(folder) / CONFIG).stat()
+    return {"weights_size": w.st_size, "weights_mtime_ns": w.st_mtime_ns,
+            "config_size": c.st_size, "config_mtime_ns": c.st_mtime_ns}
+
+
+def _record(registry, info, ref, sha, name, task, dataset, meta, replace, explicit_name=False) -> dict:
     row = {
         "name": name,
         "path": str(info.path),
         "sha256": sha,
+        "config_sha256": sha256_file(info.path / CONFIG),
+        **file_stamps(info.path),
         "peft_type": info.peft_type,
         "rank": info.rank,
         "ranks": encode_json(info.rank_overrides) if info.rank_overrides else None,
@@ -127,7 +138,39 @@ def _record(registry, info, ref, sha, name, task, dataset, meta, replace) -> dic
         "dataset": dataset,
         "meta": encode_json(meta) if meta else None,
     }
-    return registry.record_expert(row, base=(ref.name, ref.kind, ref.config_hash), replace=replace)
+    return registry.record_expert(row, base=(ref.name, ref.kind, ref.config_hash), replace=replace,
+                                  explicit_name=explicit_name)
+
+
+def file_problem(registry: Registry, expert: dict) -> str | None:
+    """Why an expert's adapter folder no longer holds what was registered (missing files,
+    other weights, another config), or None. Cheap when nothing changed: the files' sizes
+    and mtimes are compared first, the hashes only when those differ (and then recorded,
+    if the content is unchanged)."""
+    folder = Path(expert["path"])
+    if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
+        return (f"adapter of expert {expert['name']} is missing at {folder} "
+                "(moved? see: recycle experts verify --search FOLDER --fix)")
+    stamps = file_stamps(folder)
+    if all(expert.get(k) == v for k, v in stamps.items()) and expert.get("config_sha256"):
+        return None
+    if sha256_file(folder / WEIGHTS) != expert["sha256"]:
+        what = "weights"
+    elif expert.get("config_sha256") and sha256_file(folder / CONFIG) != expert["config_sha256"]:
+        what = "adapter_config.json"
+    else:
+        registry.set_expert_files(expert["id"], {"config_sha256": sha256_file(folder / CONFIG), **stamps})
+        return None
+    return (f"the {what} of expert {expert['name']} changed on disk since it was registered; "
+            f"re-register it with: recycle add-expert {folder} --name {expert['name']} --replace")
+
+
+def check_files(registry: Registry, expert: dict) -> dict:
+    """The expert's row, refused in one line if its files changed (see :func:`file_problem`)."""
+    problem = file_problem(registry, expert)
+    if problem:
+        raise RecycleError(problem)
+    return registry.expert(expert["name"]) if not expert.get("config_sha256") else expert
 
 
 def remove_expert(registry: Registry, name: str) -> dict:
@@ -135,7 +178,7 @@ def remove_expert(registry: Registry, name: str) -> dict:
 
 
 def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bool = False) -> list[dict]:
-    """Re-hash every expert's weights: ``ok``, ``modified``, ``missing`` or ``moved``.
+    """Re-hash every expert's weights and config: ``ok``, ``modified``, ``missing`` or ``moved``.
 
     ``search`` folders are scanned for adapters whose weights hash matches a missing
     expert's (``moved``, with the new path); ``fix`` records the new path.
@@ -149,6 +192,10 @@ def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bo
         if weights.is_file():
             if sha256_file(weights) != e["sha256"]:
                 entry.update(status="modified", detail="weights differ from the registered sha256")
+            elif not (folder / CONFIG).is_file():
+                entry.update(status="missing", detail="adapter_config.json not found")
+            elif e.get("config_sha256") and sha256_file(folder / CONFIG) != e["config_sha256"]:
+                entry.update(status="modified", detail="adapter_config.json differs from the registered one")
         else:
             if found is None:
                 found = _index_by_hash(search or [])

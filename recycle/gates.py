@@ -342,19 +342,6 @@ def select_experts(registry, names: list[str] | None = None, all_: bool = False,
     return experts
 
 
-def adapter_problem(expert: dict) -> str | None:
-    """Why this expert's adapter cannot be used as registered, or None."""
-    from recycle.adapters import sha256_file
-
-    weights = Path(expert["path"]) / "adapter_model.safetensors"
-    if not weights.is_file():
-        return f"adapter weights {weights} are missing (moved? see: recycle experts verify)"
-    if sha256_file(weights) != expert["sha256"]:
-        return (f"adapter {weights} changed on disk since it was registered; "
-                f"re-register it with: recycle add-expert {expert['path']} --replace")
-    return None
-
-
 def _numbers(row: dict) -> dict:
     return {k: row.get(k) for k in ("steps", "loss_start", "loss_end", "seconds", "path")}
 
@@ -375,6 +362,7 @@ def train(
     Experts whose gates exist for the same settings and adapter content are skipped unless
     ``force``. An interrupt (KeyboardInterrupt) leaves no gates file without its row."""
     from recycle import cluster
+    from recycle.experts import file_problem
     from recycle.tasks import load_examples
 
     report = report or Reporter()
@@ -386,7 +374,7 @@ def train(
     examples_cache: dict[str, list] = {}
     for e in experts:
         name = e["name"]
-        problem = adapter_problem(e)
+        problem = file_problem(registry, e)
         if problem:
             outcomes[name] = {"status": "failed", "reason": problem}
             continue

@@ -169,3 +169,13 @@ def m006_scores_and_state(db):
     db["eval_runs"].add_column("host", str)
     # Trained parts of a composition (router parameters, a gate): {key: {path, sha256, ...}}.
     db["compositions"].add_column("state", str)
+
+
+@migrations()
+def m007_expert_files(db):
+    # The adapter's config is part of its content (lora_alpha, rank_pattern change what it
+    # computes): its hash, and both files' size and mtime for a cheap "unchanged" check
+    # before hashing again.
+    db["experts"].add_column("config_sha256", str)
+    for column in ("weights_size", "weights_mtime_ns", "config_size", "config_mtime_ns"):
+        db["experts"].add_column(column, int)

@@ -124,9 +124,22 @@ class Registry:
         return self.path.with_name(self.path.stem + ".artifacts")
 
     def check_writable(self) -> None:
-        """Refuse, at once, a registry this process cannot write."""
+        """Refuse, at once, a registry this process cannot write (permissions, an immutable
+        file, a read-only file system): an empty write transaction is tried and rolled back."""
         if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
             raise RecycleError(f"registry {self.path} is read-only")
+        conn = self.db.conn
+        if conn.in_transaction:
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if "readonly" in str(e) or "read-only" in str(e):
+                raise RecycleError(f"registry {self.path} is read-only") from None
+            raise
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
@@ -200,7 +213,8 @@ class Registry:
             raise RecycleError(f"no expert named {name!r} in {self.path}")
         return row
 
-    def record_expert(self, row: dict, *, base: tuple[str, str, str | None], replace: bool) -> dict:
+    def record_expert(self, row: dict, *, base: tuple[str, str, str | None], replace: bool,
+                      explicit_name: bool = False) -> dict:
         """Insert or update an expert (``row``: the experts columns, JSON values already
         encoded; ``base``: name, kind, config hash). Returns the stored row plus ``status``:
         ``added``, ``unchanged`` (same content under that name, or under another name),
@@ -210,15 +224,19 @@ class Registry:
             row = {**row, "base_model_id": base_id}
             old = self._one("experts", "select * from experts where name = ?", [row["name"]])
             if old:
-                if old["sha256"] == row["sha256"] and old["base_model_id"] == base_id:
+                same_config = old.get("config_sha256") in (None, row.get("config_sha256"))
+                if old["sha256"] == row["sha256"] and old["base_model_id"] == base_id and same_config:
                     updates = {k: row[k] for k in ("task", "dataset") if row.get(k) and row[k] != old[k]}
-                    if row["path"] != old["path"]:
-                        updates["path"] = row["path"]
+                    for k in ("path", "config_sha256", "weights_size", "weights_mtime_ns", "config_size",
+                              "config_mtime_ns"):
+                        if row.get(k) is not None and row[k] != old.get(k):
+                            updates[k] = row[k]
                     if updates:
                         db["experts"].update(old["id"], updates)
                     status = "unchanged"
                 elif not replace:
-                    what = "other content" if old["sha256"] != row["sha256"] else "another base model"
+                    what = ("other weights" if old["sha256"] != row["sha256"] else
+                            "another base model" if old["base_model_id"] != base_id else "another adapter_config.json")
                     raise RecycleError(
                         f"expert {row['name']!r} already exists with {what} "
                         f"(sha256 {old['sha256'][:12]}); use --replace to overwrite it")
@@ -227,8 +245,12 @@ class Registry:
                     self._drop_dependents(old["id"])
                     status = "replaced"
             else:
-                twin = self._one("experts", "select name from experts where sha256 = ? and base_model_id = ?",
-                                 [row["sha256"], base_id])
+                twin = self._one("experts", "select name from experts where sha256 = ? and base_model_id = ? "
+                                 "and (config_sha256 is null or config_sha256 = ?)",
+                                 [row["sha256"], base_id, row.get("config_sha256")])
+                if twin and explicit_name:
+                    raise RecycleError(f"the same adapter (weights and config) is already registered as expert "
+                                       f"{twin['name']!r}; use that name")
                 if twin:
                     return {**self.expert(twin["name"]), "status": "unchanged", "twin_of": twin["name"]}
                 db["experts"].insert({**row, "created": now()})
@@ -238,6 +260,13 @@ class Registry:
     def set_expert_path(self, expert_id: int, path: str) -> None:
         with self.transaction() as db:
             db["experts"].update(expert_id, {"path": path})
+
+    def set_expert_files(self, expert_id: int, values: dict) -> None:
+        """Record the config hash and the files' sizes and mtimes of an unchanged adapter."""
+        if not os.access(self.path, os.W_OK):
+            return  # a read-only registry: the check still holds, it is just not remembered
+        with self.transaction() as db:
+            db["experts"].update(expert_id, values)
 
     def _dependent_tables(self) -> list[tuple[str, str]]:
         return [(t, fk.column) for t in self.db.table_names() if not t.startswith("_")

@@ -194,7 +194,7 @@ BAD = {
     "one choice": (sub('[" positive", " negative"]', '[" positive"]'), "at least 2 answers"),
     "label outside the choices": (sub('["pos", "neg"]', '["pos", "meh"]'), "label 'neg', not one of label_values"),
     "fractions over one": (add("\n[split]\ntrain = 0.8\nvalidation = 0.2\ntest = 0.2\n"), "add up to 1.2"),
-    "empty split": (add("\n[split]\ntrain = 0.99\nvalidation = 0.0\ntest = 0.001\n"), "split 'test' is empty"),
+    "empty split": (add("\n[split]\ntrain = 0.999\nvalidation = 0.0\ntest = 0.001\n"), "split 'test' is empty"),
     "unknown preparer": (sub('builder = "json"\ndata_files = "reviews.jsonl"', 'preparer = "nope"\nfile = "reviews.jsonl"'),
                          "unknown preparer 'nope'"),
     "missing data file": (sub('"reviews.jsonl"', '"absent.jsonl"'), "absent.jsonl does not exist"),

@@ -53,7 +53,8 @@ class Plan:
         key = {
             "method": self.method,
             "settings": self.settings,
-            "members": sorted((m["name"], m["sha256"], m.get("gates_sha") or "") for m in self.members),
+            "members": sorted((m["name"], m["sha256"], m.get("config_sha256") or "", m.get("gates_sha") or "")
+                              for m in self.members),
         }
         if self.state:
             key["state"] = {k: v.get("sha256") for k, v in sorted(self.state.items())}
@@ -118,8 +119,8 @@ class Method:
 
     def member(self, registry, expert: dict) -> dict | str:
         """The member entry for a worker, or why this expert cannot be a member."""
-        m = {"name": expert["name"], "path": expert["path"], "sha256": expert["sha256"], "task": expert.get("task"),
-             "gates": None}
+        m = {"name": expert["name"], "path": expert["path"], "sha256": expert["sha256"],
+             "config_sha256": expert.get("config_sha256"), "task": expert.get("task"), "gates": None}
         if self.needs == "gates":
             g = registry.latest_gates(expert)
             if g is None:

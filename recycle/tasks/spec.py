@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import string
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from recycle.errors import RecycleError
+from recycle.names import check_name
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
@@ -139,9 +141,13 @@ def template_fields(template: str) -> list[str]:
     except ValueError as e:
         raise RecycleError(f"template is not a valid format string: {e}") from None
     out = []
-    for _, name, _, _ in parsed:
+    for _, name, spec, conversion in parsed:
         if name is None:
             continue
+        if spec or conversion:
+            raise RecycleError(f"template field {{{name}{'!' + conversion if conversion else ''}"
+                               f"{':' + spec if spec else ''}}} must be a plain field like {{{name}}} "
+                               "(no conversion or format spec)")
         if name == "" or name.isdigit():
             raise RecycleError("template fields must be named, like {text}, not {} or {0}")
         if not name.isidentifier():
@@ -184,8 +190,10 @@ def parse_spec(raw: dict, base_dir: Path | None = None, origin: str = "task spec
     name = need_str("name")
     if not name:
         raise RecycleError(f"{origin}: missing required key 'name'")
-    if not all(c.isalnum() or c in "_-." for c in name):
-        raise RecycleError(f"{origin}: task name {name!r} may use only letters, digits, _ - .")
+    try:
+        check_name("task", name)
+    except RecycleError as e:
+        raise RecycleError(f"{origin}: {e}") from None
     template = need_str("template")
     if not template:
         raise RecycleError(f"{origin}: missing required key 'template' (the prompt, e.g. \"Text: {{text}}\\nAnswer:\")")
@@ -393,10 +401,11 @@ def _parse_split(split: Any, origin: str) -> dict:
         raise RecycleError(f"{origin}: split.validation_fraction goes with named splits")
     fr = dict(DEFAULT_FRACTIONS) if not values else {k: values.get(k, 0.0) for k in SPLITS}
     for k, v in fr.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise RecycleError(f"{origin}: split.{k} must be a fraction >= 0 or a source split name")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise RecycleError(f"{origin}: split.{k} must be a fraction >= 0 or a source split name, not {v!r}")
     if fr["train"] <= 0 or fr["test"] <= 0:
         raise RecycleError(f"{origin}: split.train and split.test must be > 0")
-    if sum(fr.values()) > 1 + 1e-9:
-        raise RecycleError(f"{origin}: split fractions add up to {sum(fr.values()):g}, more than 1")
+    if abs(sum(fr.values()) - 1) > 1e-9:
+        raise RecycleError(f"{origin}: split fractions add up to {sum(fr.values()):g}; they must add up to 1 "
+                           "(every example goes to one split)")
     return {**{k: float(v) for k, v in fr.items()}, "seed": seed}

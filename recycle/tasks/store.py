@@ -14,6 +14,7 @@ from recycle.tasks.spec import TaskSpec, parse_spec
 def add_task(registry: Registry, spec: TaskSpec, replace: bool = False) -> dict:
     """Check a spec against its data (every example renders, no split is empty) and
     record it. Returns the row plus ``status``: added, unchanged or replaced."""
+    registry.check_writable()
     splits = build_splits(spec)
     row = {
         "name": spec.name,
