@@ -5,7 +5,8 @@ A base model is named by
   package, dequantised once and cached as safetensors) or ``tiny-llama`` (a tiny random
   Llama built from a config with a fixed seed, for tests);
 - a local Hugging Face folder (``config.json`` inside);
-- a hub id (for real users with network access; resolved by transformers when loaded).
+- a hub id (``org/name``): from the user's Hugging Face cache, or the hub when online
+  (:mod:`recycle.hub`; its config alone when only its shapes are needed).
 
 The identity recorded in the registry is ``name`` (alias, absolute path or hub id) plus a
 sha256 of the model's config, so experts on different bases never mix even if two
@@ -67,6 +68,10 @@ class BaseRef:
 
     @property
     def load_target(self) -> str:
+        if self.kind == "hub":  # the whole model (weights, tokenizer), from the cache or the hub
+            from recycle import hub
+
+            return str(hub.fetch_model(self.name)[0])
         return str(self.path) if self.path is not None else self.name
 
     def matches(self, other_name: str | None) -> bool:
@@ -215,7 +220,16 @@ def resolve_base(spec: str, *, materialise: bool = True) -> BaseRef:
         return BaseRef(str(p), "local", p, config_hash(p))
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise RecycleError(f"base model folder {spec} does not exist")
-    return BaseRef(spec, "hub", None, None)
+    for alias, ids in ALIAS_HUB_IDS.items():  # the hub id of a built-in alias: the local copy
+        if spec in ids:
+            return resolve_base(alias, materialise=materialise)
+    from recycle import hub
+
+    if materialise:
+        folder, _ = hub.fetch_model(spec)
+    else:  # the config is enough to know the base and check shapes against it
+        folder, _ = hub.fetch(spec, files=["config.json"], required=["config.json"], what="base model")
+    return BaseRef(spec, "hub", folder, config_hash(folder))
 
 
 def quiet_transformers() -> None:
@@ -231,7 +245,7 @@ def load_config(ref: BaseRef):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(ref.load_target)
+        return AutoConfig.from_pretrained(str(ref.path) if ref.path is not None else ref.load_target)
     except OSError as e:
         raise RecycleError(f"cannot load the config of base model {ref.name}: {e}") from None
 

@@ -60,6 +60,7 @@ def add_expert(
     replace: bool = False,
     group_base: BaseRef | None = None,
     cache: BaseCache | None = None,
+    default_name: str | None = None,
 ) -> dict:
     """Validate and register one adapter folder; returns its row plus ``status``:
     ``added``, ``unchanged`` (same content already registered) or ``replaced``.
@@ -76,13 +77,30 @@ def add_expert(
     if shapes is not None:
         info = inspect_adapter(folder, base_shapes=shapes)
     explicit_name = name is not None
-    name = name if name is not None else info.path.name
+    name = name if name is not None else (default_name or info.path.name)
     try:
         check_name("expert", name)
     except RecycleError as e:
         raise AdapterError(f"{info.path}: {e}" + ("" if name != info.path.name else "; give one with --name")) from None
     sha = sha256_file(info.weights)
     return _record(registry, info, ref, sha, name, task, dataset, meta or {}, replace, explicit_name)
+
+
+def add_from_hub(registry: Registry, repo_id: str, revision: str | None = None, *, name: str | None = None,
+                 meta: dict | None = None, **kw) -> dict:
+    """Register an adapter from the Hugging Face Hub (or the user's HF cache): fetched as
+    safetensors only, validated exactly as a folder, recorded with the commit it resolved
+    to. An expert already registered from that repository at that commit is left as it is."""
+    from recycle import hub
+
+    folder, commit = hub.fetch_adapter(repo_id, revision)
+    for e in registry.experts():
+        h = (e.get("meta") or {}).get("hub") or {}
+        if h.get("repo") == repo_id and h.get("commit") == commit and name in (None, e["name"]):
+            return {**e, "status": "unchanged"}
+    source = {"repo": repo_id, "revision": revision or "main", "commit": commit}
+    return add_expert(registry, folder, name=name, default_name=repo_id.split("/", 1)[1],
+                      meta={**(meta or {}), "hub": source}, **kw)
 
 
 def _check_base(info: AdapterInfo, base: str | None, group_base: BaseRef | None, cache: BaseCache) -> BaseRef:
@@ -181,16 +199,31 @@ def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bo
     """Re-hash every expert's weights and config: ``ok``, ``modified``, ``missing`` or ``moved``.
 
     ``search`` folders are scanned for adapters whose weights hash matches a missing
-    expert's (``moved``, with the new path); ``fix`` records the new path.
+    expert's (``moved``, with the new path); ``fix`` records the new path, and fetches a
+    hub expert whose cache entry is gone again at its recorded commit. A hub expert must be
+    the snapshot of its recorded commit.
     """
     found: dict[str, Path] | None = None
     report = []
     for e in registry.experts():
         folder = Path(e["path"])
-        weights = folder / "adapter_model.safetensors"
         entry = {"name": e["name"], "path": e["path"], "status": "ok", "detail": ""}
-        if weights.is_file():
-            if sha256_file(weights) != e["sha256"]:
+        source = (e.get("meta") or {}).get("hub")
+        if source and not (folder / WEIGHTS).is_file() and fix:
+            from recycle import hub
+
+            try:
+                folder, _ = hub.fetch_adapter(source["repo"], source["commit"])
+            except RecycleError as err:
+                entry.update(status="missing", detail=str(err))
+                report.append(entry)
+                continue
+            registry.set_expert_path(e["id"], str(folder))
+            entry.update(status="moved", detail=f"fetched again at {folder} (path updated)", new_path=str(folder))
+        if source and folder.name != source["commit"]:
+            entry.update(status="modified", detail=f"not the snapshot of {source['repo']} commit {source['commit']}")
+        elif (folder / WEIGHTS).is_file():
+            if sha256_file(folder / WEIGHTS) != e["sha256"]:
                 entry.update(status="modified", detail="weights differ from the registered sha256")
             elif not (folder / CONFIG).is_file():
                 entry.update(status="missing", detail="adapter_config.json not found")
@@ -222,13 +255,21 @@ def _index_by_hash(roots: list[Path]) -> dict[str, Path]:
     return out
 
 
+def source_of(expert: dict) -> str:
+    """Where an expert came from: a hub repository at a commit, or a folder."""
+    h = (expert.get("meta") or {}).get("hub")
+    if h:
+        return f"hub {h['repo']} revision {h['revision']} (commit {h['commit']})"
+    return f"folder {expert['path']}"
+
+
 def describe(expert: dict) -> dict:
     """A JSON-friendly view of an expert row."""
     keep = (
-        "name", "path", "sha256", "base_model", "base_config_hash", "peft_type", "rank", "ranks",
+        "name", "path", "sha256", "config_sha256", "base_model", "base_config_hash", "peft_type", "rank", "ranks",
         "alpha", "use_rslora", "target_modules", "n_params", "task", "dataset", "created", "meta",
     )
-    return {k: expert.get(k) for k in keep}
+    return {"source": source_of(expert), **{k: expert.get(k) for k in keep}}
 
 
 __all__ = [

@@ -12,7 +12,7 @@ from recycle.adapters import find_adapter_folders
 from recycle.cli import app
 from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json, progress
 from recycle.errors import RecycleError
-from recycle.experts import BaseCache, add_expert, describe, parse_meta, remove_expert, verify_experts
+from recycle.experts import BaseCache, add_expert, add_from_hub, describe, parse_meta, remove_expert, verify_experts
 
 experts_app = typer.Typer(no_args_is_help=True, help="Inspect and manage registered experts.")
 db_app = typer.Typer(no_args_is_help=True, help="The registry database.")
@@ -22,14 +22,18 @@ app.add_typer(db_app, name="db")
 
 @app.command("add-expert")
 def add_expert_cmd(
-    paths: Annotated[list[Path], typer.Argument(help="PEFT LoRA adapter folders.", show_default=False)],
-    name: Annotated[Optional[str], typer.Option(help="Expert name (default: the folder name).")] = None,
+    paths: Annotated[Optional[list[str]], typer.Argument(
+        help="PEFT LoRA adapter folders, or hub ids (org/name).", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Expert name (default: the folder or repository name).")] = None,
     task: Annotated[Optional[str], typer.Option(help="The task the expert was trained on.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="The data set it was trained on.")] = None,
     base: Annotated[
         Optional[str],
         typer.Option(help="Base model: alias (smollm2-135m, tiny-llama), local folder or hub id."),
     ] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub ids: the branch, tag or commit (default main).")] = None,
+    from_file: Annotated[Optional[Path], typer.Option(
+        "--from-file", help="A collection: one 'org/name [revision]' per line.")] = None,
     meta: Annotated[Optional[list[str]], typer.Option(help="Free-form KEY=VALUE, repeatable.")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite an expert of the same name.")] = False,
     recursive: Annotated[
@@ -37,52 +41,78 @@ def add_expert_cmd(
     ] = False,
     db: DbOption = None,
 ):
-    """Register PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors).
+    """Register PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), from
+    folders or from the Hugging Face Hub.
 
     Each adapter is validated (files, config, safetensors header, ranks, shapes, base model)
-    and recorded with its sha256. Adding the same content again is a no-op.
+    and recorded with its sha256. Adding the same content again is a no-op. A hub id is
+    fetched into the user's HF cache (safetensors only, never a pickle), works offline from
+    that cache (HF_HUB_OFFLINE=1), and is recorded with the commit it resolved to.
 
-    Example: recycle add-expert ./adapters/rt --task rt_sentiment --base smollm2-135m
+    Examples:
+
+      recycle add-expert ./adapters/rt --task rt_sentiment --base smollm2-135m
+
+      recycle add-expert some-org/sentiment-lora --revision v1.0
+
+      recycle add-expert --from-file collection.txt --base smollm2-135m
     """
-    folders: list[Path] = []
-    for p in paths:
-        if recursive and p.is_dir() and not (p / "adapter_config.json").is_file():
-            found = find_adapter_folders(p)
-            if not found:
-                raise RecycleError(f"{p}: no adapter folders found under it")
-            folders.extend(found)
+    from recycle import hub
+
+    sources: list[tuple[str, object]] = []  # ("folder", Path) or ("hub", (id, revision))
+    for p in paths or []:
+        path = Path(p).expanduser()
+        if path.exists():
+            if recursive and path.is_dir() and not (path / "adapter_config.json").is_file():
+                found = find_adapter_folders(path)
+                if not found:
+                    raise RecycleError(f"{path}: no adapter folders found under it")
+                sources += [("folder", f) for f in found]
+            else:
+                sources.append(("folder", path))
+        elif hub.is_hub_id(p):
+            sources.append(("hub", (p, revision)))
         else:
-            folders.append(p)
-    if name and len(folders) > 1:
+            raise RecycleError(f"{p}: no such folder, and not a hub id (org/name)")
+    if from_file is not None:
+        sources += [("hub", item) for item in hub.read_list(from_file)]
+    if not sources:
+        raise RecycleError("give adapter folders, hub ids, or --from-file LIST")
+    if revision and not any(kind == "hub" for kind, _ in sources):
+        raise RecycleError("--revision goes with hub ids")
+    if name and len(sources) > 1:
         raise RecycleError("--name can only be given when adding a single adapter")
     meta_d = parse_meta(meta)
     registry = open_registry(db)
     cache = BaseCache()
     group = cache.ref(base) if base else None
 
-    if len(folders) == 1:
-        row = add_expert(registry, folders[0], name=name, task=task, dataset=dataset, base=base,
-                         meta=meta_d, replace=replace, cache=cache)
-        _say(row)
+    def add(kind, src, **kw):
+        common = dict(task=task, dataset=dataset, base=base, meta=meta_d, replace=replace, cache=cache, **kw)
+        if kind == "hub":
+            return add_from_hub(registry, src[0], src[1], **common)
+        return add_expert(registry, src, **common)
+
+    if len(sources) == 1:
+        _say(add(*sources[0], name=name))
         return
 
     results, failures = [], []
     with progress() as bar:
-        job = bar.add_task("adding experts", total=len(folders))
-        for folder in folders:
+        job = bar.add_task("adding experts", total=len(sources))
+        for kind, src in sources:
             try:
-                row = add_expert(registry, folder, task=task, dataset=dataset, base=base, meta=meta_d,
-                                 replace=replace, group_base=group, cache=cache)
+                row = add(kind, src, group_base=group)
                 if group is None:  # the first adapter sets the base the others must share
                     group = cache.ref(row["base_model"])
                 results.append(row)
             except RecycleError as e:
-                failures.append((folder, str(e)))
+                failures.append((src, str(e)))
             bar.advance(job)
     counts = {s: sum(r["status"] == s for r in results) for s in ("added", "unchanged", "replaced")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     info(f"{summary or 'nothing added'}; {len(failures)} failed")
-    for folder, msg in failures:
+    for src, msg in failures:
         info(f"  failed: {msg}")
     if failures:
         raise typer.Exit(2)
