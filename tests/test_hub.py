@@ -84,7 +84,7 @@ def test_offline_from_the_cache(hub_cache, make_adapter, tmp_path, tiny_base):
                                                        "base_model_name_or_path": "tiny-llama"}))
     put_in_cache(hub_cache, "org/lora-b", b, commit_of("b1"))
     listing = tmp_path / "collection.txt"
-    listing.write_text(f"# the team's adapters\norg/lora-a v1\norg/lora-b\norg/nowhere main\n")
+    listing.write_text("# the team's adapters\norg/lora-a v1\norg/lora-b\norg/nowhere main\n")
     r = cli("add-expert", "--from-file", listing)
     assert r.exit_code == 2 and "1 added, 1 unchanged; 1 failed" in r.stderr and "org/nowhere" in r.stderr
     assert sorted(x["name"] for x in rows()) == ["lora-a", "lora-b"]
