@@ -3,9 +3,11 @@ classification, one Ray task per (method or composition, task).
 
 The driver (:func:`evaluate`) plans jobs from the registry, reuses stored results with the
 same key, runs the rest on Ray and records each result as it arrives; it returns the run
-id. Workers (:func:`run_eval_job`) get plain data (plans, examples), load the base model,
-install each method, rank-classify and return plain numbers, every choice's score of every
-example included. Only the driver writes the registry.
+id. Workers (:func:`run_eval_group`, one per task) get plain data (plans, examples), load the
+base model once, install each method in turn, rank-classify and return plain numbers, every
+choice's score of every example included; the layers below every member's adapters run once
+per example for all the methods of the task (:class:`~recycle.scoring.Trunk`: the same
+scores, computed once). Only the driver writes the registry.
 
 Held-in tasks have a registered single-task expert, held-out ones have none. For a mix
 the generalised zero-shot numbers are S (mean accuracy over held-in tasks), U (over
@@ -21,12 +23,14 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from recycle import compose as comp
 from recycle import methods
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods import Plan
+from recycle.methods.method import InstalledScorer
 from recycle.registry import Registry
 from recycle.stats import mcnemar, paired_bootstrap, suh, wilson
 
@@ -48,6 +52,7 @@ class EvalRequest:
     gpus_per_task: float | None = None
     force: bool = False
     address: str | None = None
+    share: bool = True  # one worker per task: one model load, the layers below the experts computed once
 
     def __post_init__(self):
         if self.n is not None and self.n < 1:
@@ -88,6 +93,19 @@ class EvalJob:
 
 
 @dataclass
+class EvalGroup:
+    """The (method, task) jobs of one task, run by one worker: one model load, one set of
+    examples, and the layers below every member's adapters computed once (a shared
+    :class:`~recycle.scoring.Trunk`)."""
+
+    task: str
+    jobs: list  # EvalJob, all of this task
+    threads: int = 1
+    device: str = "cpu"
+    share: bool = True  # share the lower layers across the jobs
+
+
+@dataclass
 class EvalOutcome:
     run_id: int
     failures: list[str]
@@ -120,25 +138,34 @@ def routing_cost(stats: dict) -> dict:
     return {"lora_products": products, "kinds": kinds}
 
 
-def run_eval_job(job: EvalJob) -> dict:
-    import torch
+def lowest_adapted_layer(plan: Plan) -> int | None:
+    """The lowest decoder layer any member of ``plan`` adapts (0 when unknown)."""
+    from recycle.adapters import read_safetensors_header
+    from recycle.routing.experts import LORA_KEY
 
-    from recycle.basemodels import load_base, resolve_base
+    lowest = None
+    for m in plan.members:
+        for key in read_safetensors_header(Path(m["path"]) / "adapter_model.safetensors"):
+            found = LORA_KEY.match(key)
+            layer = layer_of(found["path"] + ".") if found else None
+            if layer is None:
+                return 0
+            lowest = layer if lowest is None else min(lowest, layer)
+    return lowest
+
+
+def _score_job(job: EvalJob, model, tok, trunk=None) -> dict:
     from recycle.scoring import predict
 
-    torch.set_num_threads(max(1, int(job.threads)))
-    torch.manual_seed(0)
     t0 = time.time()
     plan = Plan(**job.plan)
     method = methods.get(plan.method)
-    model, tok = load_base(resolve_base(plan.base))
-    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
-    model.to(device)
     examples = job.examples
     scorer = method.scorer(plan, model, tok)
     try:
+        kw = {"trunk": trunk} if trunk is not None and isinstance(scorer, InstalledScorer) else {}
         out = scorer.score(examples, [job.task] * len(examples), batch_size=job.batch_size,
-                           max_length=job.max_length, record=True)
+                           max_length=job.max_length, record=True, **kw)
     finally:
         scorer.close()
     extra: dict = dict(out.extra)
@@ -165,6 +192,37 @@ def run_eval_job(job: EvalJob) -> dict:
         "extra": extra or None,
         "seconds": time.time() - t0,
     }
+
+
+def run_eval_group(group: EvalGroup) -> dict:
+    """Every job of one task on one loaded base model (worker side). A job that fails is
+    reported, the others go on: ``{"results": [{"result": ...} | {"error": line}]}``."""
+    import torch
+
+    from recycle.basemodels import load_base, resolve_base
+    from recycle.scoring import Trunk
+
+    torch.set_num_threads(max(1, int(group.threads)))
+    torch.manual_seed(0)
+    t0 = time.time()
+    first = Plan(**group.jobs[0].plan)
+    model, tok = load_base(resolve_base(first.base))
+    device = group.device if group.device != "cuda" or torch.cuda.is_available() else "cpu"
+    model.to(device)
+    trunk = None
+    shared = [j for j in group.jobs if type(methods.get(j.plan["method"])).scorer is methods.Method.scorer]
+    if group.share and len(shared) > 1:
+        starts = [lowest_adapted_layer(Plan(**j.plan)) for j in shared]
+        trunk = Trunk.for_model(model, min((s for s in starts if s is not None), default=None))
+    out = []
+    for job in group.jobs:
+        try:
+            out.append({"result": _score_job(job, model, tok, trunk if job in shared else None)})
+        except RecycleError as e:
+            out.append({"error": str(e)})
+        except Exception as e:  # noqa: BLE001 - one job's failure is reported; the others go on
+            out.append({"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
+    return {"results": out, "seconds": time.time() - t0, "trunk": trunk.start if trunk else None}
 
 
 # ---- the driver ---------------------------------------------------------------------
@@ -277,25 +335,39 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
             with cluster.connect(request.address) as where:
                 gpus = cluster.default_gpus(request.gpus_per_task)
                 cluster.check_fits(request.cpus_per_task, gpus)
+                by_task: dict[str, list[EvalJob]] = {}
                 for job in todo:
-                    job.device = "cuda" if gpus > 0 else "cpu"
-                report.say(f"evaluating {len(todo)} (method, task) job(s) on Ray ({where}): "
-                           f"{request.cpus_per_task:g} CPU, {gpus:g} GPU each")
+                    by_task.setdefault(job.task, []).append(job)
+                groups = [EvalGroup(task, jobs, threads=threads, device="cuda" if gpus > 0 else "cpu",
+                                    share=request.share) for task, jobs in by_task.items()]
+                groups.sort(key=lambda g: -sum(j.n for j in g.jobs))  # the longest first
+                report.say(f"evaluating {len(todo)} (method, task) job(s) in {len(groups)} task group(s) on Ray "
+                           f"({where}): {request.cpus_per_task:g} CPU, {gpus:g} GPU each")
 
-                def on_result(job, result):
-                    registry.record_result(_row(run_id, job, result))
-                    report.ok(f"{job.label} on {job.task}: {result['accuracy']:.3f} "
-                              f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] n={result['n']}, "
-                              f"{result['seconds']:.1f} s")
-
-                def on_error(job, reason):
+                def fail(job, reason):
                     failures.append(f"{job.label} on {job.task}: {reason}")
                     report.fail(f"{job.label} on {job.task}: {reason}")
 
+                def on_result(group, res):
+                    for job, entry in zip(group.jobs, res["results"]):
+                        if "error" in entry:
+                            fail(job, entry["error"])
+                            continue
+                        result = entry["result"]
+                        registry.record_result(_row(run_id, job, result))
+                        report.ok(f"{job.label} on {job.task}: {result['accuracy']:.3f} "
+                                  f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] n={result['n']}, "
+                                  f"{result['seconds']:.1f} s")
+
+                def on_error(group, reason):
+                    for job in group.jobs:
+                        fail(job, reason)
+
                 with report.bar("eval", len(todo)):
-                    cluster.run_tasks(run_eval_job, todo,
+                    cluster.run_tasks(run_eval_group, groups,
                                       cluster.Resources(num_cpus=request.cpus_per_task, num_gpus=gpus),
-                                      on_result=on_result, on_error=on_error, progress=lambda job: report.advance())
+                                      on_result=on_result, on_error=on_error,
+                                      progress=lambda group: report.advance(len(group.jobs)))
     except KeyboardInterrupt:
         registry.finish_run(run_id, "interrupted", time.time() - t0)
         raise

@@ -6,7 +6,9 @@ For every module ``y = W x`` that carries the expert's LoRA, a gate vector
 input: a forward pre-hook on ``lora_A`` scales ``x`` by ``σ(vᵀx)`` (``Δ`` is linear, so
 ``Δ(σ·x) = σ·Δ(x)``). LoRA dropout is off (the model stays in eval mode). Everything
 but the gates is frozen. AdamW, weight decay 0, linear warm-up over ``warmup`` of the
-steps then constant, LM loss on the target tokens of the expert's own training data.
+steps then constant, LM loss on the target tokens of the expert's own training data
+(:func:`recycle.training.answer_loss`, the experts' own loss: the LM head runs only where
+an answer token is predicted).
 
 Gates are stored as safetensors, one float32 tensor per routed module named by its
 path in the base model (``model.layers.3.self_attn.q_proj``), with the settings, their
@@ -35,6 +37,7 @@ from recycle.errors import RecycleError
 from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
 from recycle.schedule import lr_at, set_lr
 from recycle.settings import Settings, setting
+from recycle.training import answer_loss
 
 ALGORITHM = "phatgoose-gates/1"
 ADAPTER_NAME = "default"
@@ -168,18 +171,9 @@ class Gates:
         self.remove()
 
 
-def lm_loss(model, batch: dict) -> torch.Tensor:
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        labels=batch["labels"],
-    )
-    return out.loss
-
-
 @torch.no_grad()
 def mean_loss(model, batches: Iterable[dict]) -> float:
-    losses = [lm_loss(model, b).item() for b in batches]
+    losses = [answer_loss(model, b).item() for b in batches]
     return sum(losses) / len(losses)
 
 
@@ -219,7 +213,7 @@ def train_gates(
         for step in range(settings.steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             set_lr(opt, lr_at(step, settings.steps, settings.warmup_steps, settings.lr, decay=False))
-            loss = lm_loss(model, batch)
+            loss = answer_loss(model, batch)
             if not torch.isfinite(loss):
                 raise RecycleError(f"gate training diverged at step {step} (loss {loss.item()})")
             opt.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ prompt is never recomputed per choice. ``predict`` is the argmax.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
@@ -55,6 +56,100 @@ def _encode(tokenizer, ex: Example, max_length: int) -> tuple[list[int], list[li
     return ids, choices
 
 
+def decoder_layers(model):
+    """The model's list of decoder layers where it has the usual layout
+    (``model.model.layers``: Llama, Mistral, Qwen, ...), else None."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
+class _Replay(torch.nn.Module):
+    """Stands for decoder layer ``index`` below the shared trunk's top: it records a place
+    holder in the cache (so lengths and masks are those of the real run) and, as the
+    trunk's last layer, returns the recorded hidden states."""
+
+    def __init__(self, trunk, index: int):
+        super().__init__()
+        self.trunk, self.index = trunk, index
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            b, t = hidden_states.shape[:2]
+            tiny = hidden_states.new_zeros(b, 1, t, 1)
+            cache.update(tiny, tiny, self.index)
+        if self.index == self.trunk.start - 1:
+            return self.trunk.next()
+        return hidden_states
+
+
+class Trunk:
+    """The layers below ``start``, run once for every method of a group on the same
+    examples. Every method there adapts only layers ``>= start``, so what enters layer
+    ``start`` is the same for all of them: the first :func:`score_choices` run (any method)
+    records it, forward pass by forward pass; later runs over the same examples and batches
+    replay it instead of computing those layers (exactly the same tensors, so the same
+    scores)."""
+
+    def __init__(self, model, start: int):
+        self.layers, self.start = decoder_layers(model), start
+        self.records: list[torch.Tensor] = []
+        self._at = 0
+
+    @classmethod
+    def for_model(cls, model, start: int | None):
+        """A trunk below ``start``, or None where there is nothing to share."""
+        if not start or decoder_layers(model) is None:
+            return None
+        return cls(model, start)
+
+    def next(self) -> torch.Tensor:
+        if self._at >= len(self.records):
+            raise RuntimeError("the trunk was replayed on other examples than it recorded")
+        h = self.records[self._at]
+        self._at += 1
+        return h
+
+    @contextmanager
+    def run(self):
+        """Record (the first time) or replay (every later time) inside the block."""
+        if not self.records:
+            handle = self.layers[self.start].register_forward_pre_hook(
+                lambda module, args, kwargs=None: self.records.append(args[0].detach()), with_kwargs=False)
+            try:
+                yield
+            except BaseException:
+                self.records.clear()  # a run that failed half-way recorded half: the next one records again
+                raise
+            finally:
+                handle.remove()
+            return
+        originals = list(self.layers[: self.start])
+        self._at = 0
+        for i in range(self.start):
+            self.layers[i] = _Replay(self, i)
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+            if self._at != len(self.records):
+                raise RuntimeError("the trunk was replayed on other examples than it recorded")
+
+
+def _forward_last(model, ids, mask, pos, cache_kw):
+    """The prompt pass: the LM head runs on the last position only (``logits_to_keep=1``;
+    a model without that argument computes them all)."""
+    from transformers import DynamicCache
+
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    try:
+        return model(**kw, logits_to_keep=1, **{cache_kw: DynamicCache()})
+    except TypeError:
+        return model(**kw, **{cache_kw: DynamicCache()})
+
+
 @torch.no_grad()
 def score_choices(
     model,
@@ -63,13 +158,18 @@ def score_choices(
     batch_size: int = 16,
     max_length: int = 256,
     on_rows: Callable[[list[int]], None] | None = None,
+    trunk: Trunk | None = None,
 ) -> list[list[float]]:
     """Per example, the mean log-prob of each choice's tokens given the prompt.
 
     ``on_rows`` (if given) is called before every forward pass with the example index of
-    each row in it: prompt batches first, then the choice rows continuing them.
+    each row in it: prompt batches first, then the choice rows continuing them. ``trunk``
+    shares the lower layers' work with other runs over the same examples (see
+    :class:`Trunk`).
     """
-    from transformers import DynamicCache
+    if trunk is not None:
+        with trunk.run():
+            return score_choices(model, tokenizer, examples, batch_size, max_length, on_rows)
 
     pad = pad_id_of(tokenizer)
     cache_kw = _cache_kw(model)
@@ -90,8 +190,7 @@ def score_choices(
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             if on_rows:
                 on_rows(list(group))
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                        use_cache=True, **{cache_kw: DynamicCache()})
+            out = _forward_last(model, ids, mask, pos, cache_kw)  # only the last position's logits
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts choice token 1
             cache = out.cache if "cache" in out else out.past_key_values
             # 2. every choice continues its prompt's cache

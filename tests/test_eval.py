@@ -177,3 +177,26 @@ def test_every_choice_score_is_stored_and_methods_compare_paired(registered, ray
     assert same["diff"] == 0 and same["p"] == 1.0
     better = paired_bootstrap([([1] * 40, [0] * 20 + [1] * 20)], reps=500)
     assert better["diff"] == 0.5 and better["ci_low"] > 0.3 and better["p"] < 0.01
+
+
+def test_a_task_group_shares_the_layers_below_the_experts_exactly(registered, make_adapter):
+    """Every method of a task on one worker, with experts on the top two layers only: layers
+    0-1 run once (recorded by the first method) and are replayed for the others, giving the
+    very same scores as each method computed alone."""
+    from recycle import evaluation as E
+    from recycle.methods import Plan
+    from recycle.registry import Registry
+
+    ok("experts", "remove", "ea", "--yes")
+    for name, task, seed in (("ta", "t_alpha", 21), ("tb", "t_beta", 22)):
+        folder = make_adapter(registered["root"] / name, seed=seed, targets=("q_proj", "v_proj", "up_proj"),
+                              layers_to_transform=[2, 3])
+        ok("add-expert", folder, "--task", task, "--base", "tiny-llama", "--name", name)
+    reg = Registry()
+    jobs, _ = E.plan_eval(reg, E.EvalRequest(methods=("base", "uniform", "arrow", "spectr", "oracle"), tasks="t_alpha"))
+    assert {E.lowest_adapted_layer(Plan(**j.plan)) for j in jobs} == {2}
+    shared = E.run_eval_group(E.EvalGroup("t_alpha", jobs))
+    alone = E.run_eval_group(E.EvalGroup("t_alpha", jobs, share=False))
+    assert not [r for r in shared["results"] + alone["results"] if "error" in r], shared["results"]
+    assert shared["trunk"] == 2 and alone["trunk"] is None
+    assert [r["result"]["scores"] for r in shared["results"]] == [r["result"]["scores"] for r in alone["results"]]

@@ -65,7 +65,7 @@ def train_lora(base, tok, task, out_dir, steps=100):
     model.train()
     it = batches(tok, task, seed=1)
     for _ in range(steps):
-        loss = G.lm_loss(model, next(it))
+        loss = G.answer_loss(model, next(it))
         opt.zero_grad()
         loss.backward()
         opt.step()

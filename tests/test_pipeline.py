@@ -152,13 +152,13 @@ def test_pipeline_through_ray_job_submit(tmp_path, tiny_base, cache_root):
             return json.loads(r.stdout)
 
         nodes = {n["node_id"] for n in state("nodes")}
-        tasks = [t for t in state("tasks", "--detail") if t["name"] in ("run_gate_job", "run_eval_job")]
+        tasks = [t for t in state("tasks", "--detail") if t["name"] in ("run_gate_job", "run_eval_group")]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pipeline tiny: done" in proc.stdout + proc.stderr
     assert len(gcs) == 1, [p.cmdline()[:2] for p in gcs]
     assert len(nodes) == 2
     ran = {t["name"] for t in tasks if t["state"] == "FINISHED"}
-    assert ran == {"run_gate_job", "run_eval_job"}
+    assert ran == {"run_gate_job", "run_eval_group"}
     assert {t["node_id"] for t in tasks} <= nodes
     conn = sqlite3.connect(db)
     assert conn.execute("select count(*) from experts").fetchone()[0] == 3

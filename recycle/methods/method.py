@@ -196,19 +196,19 @@ class InstalledScorer:
         self.handle = install(plan, model, tokenizer)
 
     def score(self, examples: Sequence, tasks: Sequence[str | None], *, batch_size: int = 16,
-              max_length: int = 256, record: bool = False) -> Scored:
+              max_length: int = 256, record: bool = False, trunk=None) -> Scored:
+        """``trunk``: lower layers shared with other scorers over the same examples
+        (:class:`recycle.scoring.Trunk`)."""
         from recycle.compose import assign_examples
         from recycle.scoring import score_choices
 
         on_rows, chosen = assign_examples(self.handle, self.plan, examples, tasks)
+        kw = dict(batch_size=batch_size, max_length=max_length, on_rows=on_rows, trunk=trunk)
         if record and self.handle.routed:
             with self.handle.record() as rec:
-                scores = score_choices(self.model, self.tokenizer, examples, batch_size=batch_size,
-                                       max_length=max_length, on_rows=on_rows)
+                scores = score_choices(self.model, self.tokenizer, examples, **kw)
             return Scored(scores, chosen, rec.stats())
-        scores = score_choices(self.model, self.tokenizer, examples, batch_size=batch_size, max_length=max_length,
-                               on_rows=on_rows)
-        return Scored(scores, chosen)
+        return Scored(score_choices(self.model, self.tokenizer, examples, **kw), chosen)
 
     def explain(self, example, task: str | None, max_length: int = 256) -> tuple[list, dict]:
         """One example's scores and the experts used per routed module."""
