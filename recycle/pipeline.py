@@ -15,6 +15,7 @@ never turned into command lines.
     specs = ["my_task.toml"]                      # user specs, relative to this file
 
     [train]                       # defaults for every trained expert (train-expert options)
+    cpus_per_task = 1             # experts train as Ray tasks, in parallel where there is room
     rank = 8
     layers = "top8"
     steps = 80
@@ -71,6 +72,8 @@ class Pipeline:
     train: dict = field(default_factory=dict)
     experts: list[dict] = field(default_factory=list)
     gates: dict | None = None
+    cpus_per_task: float = 1.0  # per expert being trained
+    gpus_per_task: float | None = None
     compositions: list[dict] = field(default_factory=list)
     evaluations: list[dict] = field(default_factory=list)
 
@@ -110,7 +113,14 @@ def load(path: str | Path) -> Pipeline:
     p.tasks_catalogue = _str_list(path, "tasks.catalogue", tasks.get("catalogue", []))
     p.task_specs = [(path.parent / s).resolve() for s in _str_list(path, "tasks.specs", tasks.get("specs", []))]
     p.train = _train_values(path, "train", raw.get("train", {}))
-    _check_keys(path, "train", p.train, TRAIN_KEYS)
+    _check_keys(path, "train", p.train, TRAIN_KEYS | {"cpus_per_task", "gpus_per_task"})
+    for key in ("cpus_per_task", "gpus_per_task"):
+        if key in p.train:
+            value = p.train.pop(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or (
+                    key == "cpus_per_task" and not value > 0):
+                raise _bad(path, f"[train] {key} must be a positive number")
+            setattr(p, key, float(value))
     _checked(path, "[train]", lambda: TrainSettings.from_dict(p.train, "[train]"))
     for i, e in enumerate(_table_list(path, "experts", raw.get("experts", []))):
         _check_keys(path, f"experts {i + 1}", e, EXPERT_KEYS)
@@ -221,11 +231,13 @@ class Runner:
         p = self.p
         t0 = time.time()
         self.step("tasks", lambda: self.tasks(registry))
-        self.step("experts", lambda: self.experts(registry))
         outputs = []
-        needs_ray = p.gates is not None or p.evaluations
+        to_train = [e for e in p.experts if "adapter" not in e
+                    and registry.expert_or_none(e.get("name") or e.get("task")) is None]
+        needs_ray = p.gates is not None or p.evaluations or to_train
         ctx = cluster.connect(self.address) if needs_ray else _null()
         with ctx:
+            self.step("experts", lambda: self.experts(registry))
             if p.gates is not None:
                 self.step("gates", lambda: self.train_gates(registry))
             self.step("compositions", lambda: self.compose(registry))
@@ -254,9 +266,12 @@ class Runner:
             self.say(f"{row['status']}: task {row['name']} ({row['kind']}, train/validation/test {counts})")
 
     def experts(self, registry) -> None:
+        """Adapters are added; experts not yet registered are trained as Ray tasks, in
+        parallel where the cluster has room (``[train] cpus_per_task``, default 1)."""
         from recycle.experts import add_expert
-        from recycle.training import train_expert
+        from recycle.training import plan_expert, train_experts
 
+        jobs = []
         for e in self.p.experts:
             if "adapter" in e:
                 row = add_expert(registry, (self.p.path.parent / e["adapter"]).resolve(), name=e.get("name"),
@@ -270,11 +285,15 @@ class Runner:
             values = {**self.p.train, **{k: v for k, v in e.items() if k in TRAIN_KEYS}}
             settings = TrainSettings.from_dict(values, f"expert {name}")
             tasks = e["multitask"] if "multitask" in e else [e["task"]]
-            row = train_expert(registry, tasks, self.p.base, settings, name=e.get("name"),
-                               multitask="multitask" in e)
-            t = row.get("training", {})
-            self.say(f"   expert {row['name']}: {row['status']} (final loss {t.get('final_loss', float('nan')):.3f}, "
-                     f"{t.get('train_seconds', 0):.0f} s)")
+            jobs.append(plan_expert(registry, tasks, self.p.base, settings, name=e.get("name"),
+                                    multitask="multitask" in e))
+        if jobs:
+            outcomes = train_experts(registry, jobs, address=self.address, cpus_per_task=self.p.cpus_per_task,
+                                     gpus_per_task=self.p.gpus_per_task, report=self.report)
+            failed = [o for o in outcomes if o["status"] == "failed"]
+            if failed:
+                raise RecycleError(f"{len(failed)} expert(s) failed: "
+                                   + "; ".join(f"{o['name']}: {o['reason']}" for o in failed))
 
     def train_gates(self, registry) -> None:
         from recycle import gates

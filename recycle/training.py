@@ -9,11 +9,15 @@ the cost of K layers' backward.
 
 The adapter is written to a temporary folder under the registry's artifact folder,
 renamed into ``experts/<name>`` and registered through :func:`recycle.experts.add_expert`.
+:func:`train_expert` trains in this process; :func:`train_experts` trains several as Ray
+tasks (``--address``, CPUs and GPUs per task), as pipelines do; a worker
+(:func:`run_expert_job`) gets plain data and never touches the registry.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -158,46 +162,39 @@ def _n_layers(config) -> int | None:
     return None
 
 
-def train_expert(
-    registry,
-    tasks: list[str],
-    base: str,
-    settings: TrainSettings | None = None,
-    *,
-    name: str | None = None,
-    multitask: bool = False,
-    replace: bool = False,
-    progress: bool = True,
-    meta: dict | None = None,
-) -> dict:
-    """Train, save and register one LoRA expert; returns the expert row (with ``status``
-    and a ``training`` summary)."""
+@dataclass
+class ExpertJob:
+    """Everything a worker needs to train one expert, as plain data (no registry)."""
+
+    name: str
+    tasks: list
+    base: str
+    settings: dict  # TrainSettings fields
+    examples: list  # recycle.data.Example of the tasks' train splits
+    out_dir: str  # the adapter folder to write (atomically)
+    multitask: bool = False
+    threads: int | None = None  # torch threads (None: every core)
+    device: str = "cpu"
+    progress: bool = False
+
+
+def run_expert_job(job: ExpertJob) -> dict:
+    """Train one LoRA expert and write its PEFT folder (plus training.json) to
+    ``job.out_dir``; returns the training summary (what a Ray task returns)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from recycle.basemodels import load_base, resolve_base
     from recycle.data import lm_batches
-    from recycle.experts import add_expert
-    from recycle.tasks import get_task, load_examples
+    from recycle.files import replace_dir
 
-    settings = settings or TrainSettings()
-    if not tasks:
-        raise RecycleError("no task to train on")
-    if len(tasks) > 1 and not multitask:
-        raise RecycleError("several tasks need --multitask")
-    name = check_name("expert", name if name is not None else ("multitask" if multitask else tasks[0]))
-    if registry.expert_or_none(name) is not None and not replace:
-        raise RecycleError(f"expert {name!r} already exists; use --name or --replace")
-    task_rows = [get_task(registry, t) for t in tasks]
-    examples = [ex for t in tasks for ex in load_examples(registry, t, "train")]
-    if not examples:
-        raise RecycleError(f"task {tasks[0]} has no training examples")
-
-    ref = resolve_base(base)  # an alias or a local folder; a hub id loads through transformers
-    if torch.get_num_threads() < _cores():
-        torch.set_num_threads(_cores())
+    settings = TrainSettings(**job.settings)
+    ref = resolve_base(job.base)
+    torch.set_num_threads(job.threads or _cores())
     torch.manual_seed(settings.seed)
     model, tokenizer = load_base(ref)
+    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
+    model.to(device)
     layers = parse_layers(settings.layers, _n_layers(model.config))
     targets = _targets(model, settings.targets)
     config = LoraConfig(
@@ -216,54 +213,170 @@ def train_expert(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup_steps = int(round(settings.warmup * settings.steps))
-    batches = lm_batches(examples, tokenizer, settings.batch_size, settings.max_length, settings.seed)
+    batches = lm_batches(job.examples, tokenizer, settings.batch_size, settings.max_length, settings.seed)
 
     losses: list[float] = []
     started, cpu_started = time.perf_counter(), time.process_time()
-    bar = _progress(progress)
-    with bar:
-        job = bar.add_task(f"training {name}", total=settings.steps, loss=float("nan"))
+    with _progress(job.progress) as bar:
+        task = bar.add_task(f"training {job.name}", total=settings.steps, loss=float("nan"))
         for step in range(settings.steps):
             set_lr(opt, lr_at(step, settings.steps, warmup_steps, settings.lr))
-            loss = answer_loss(model, next(batches))
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = answer_loss(model, batch)
             if not torch.isfinite(loss):
-                raise RecycleError(f"training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
+                raise RecycleError(f"training {job.name} diverged at step {step + 1} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(round(loss.item(), 5))
             recent = losses[-10:]
-            bar.update(job, advance=1, loss=sum(recent) / len(recent))
-    seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time() - cpu_started
-
+            bar.update(task, advance=1, loss=sum(recent) / len(recent))
     summary = {
-        "tasks": tasks,
-        "multitask": multitask,
+        "tasks": job.tasks,
+        "multitask": job.multitask,
         "base": {"name": ref.name, "kind": ref.kind, "config_hash": ref.config_hash},
         "settings": {**asdict(settings), "targets": targets, "layers_to_transform": layers,
                      "warmup_steps": warmup_steps, "schedule": "linear warm-up, linear decay",
                      "threads": torch.get_num_threads()},
-        "n_train_examples": len(examples),
+        "n_train_examples": len(job.examples),
         "n_trainable_params": sum(p.numel() for p in params),
         "losses": losses,
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "train_seconds": round(seconds, 2),
-        "train_cpu_seconds": round(cpu_seconds, 2),  # all threads; wall time on a busy machine overstates cost
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "train_cpu_seconds": round(time.process_time() - cpu_started, 2),  # all threads
+        "node": os.uname().nodename,
     }
-    folder = _save(registry, name, model, summary, base_name=ref.name)
-    dataset = "; ".join(r["dataset"] or r["source"] for r in task_rows)
+
+    def build(tmp: Path) -> None:
+        # saved while the config still names the local folder: PEFT then checks the
+        # vocabulary there instead of asking the hub
+        model.save_pretrained(str(tmp), save_embedding_layers=False)
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = ref.name  # the base as the user named it
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    replace_dir(build, job.out_dir)
+    return summary
+
+
+def plan_expert(registry, tasks: list[str], base: str, settings: TrainSettings, *, name: str | None = None,
+                multitask: bool = False, replace: bool = False) -> ExpertJob:
+    """Check a training request against the registry and gather what a worker needs."""
+    from recycle.basemodels import resolve_base
+    from recycle.tasks import load_examples
+
+    if not tasks:
+        raise RecycleError("no task to train on")
+    if len(tasks) > 1 and not multitask:
+        raise RecycleError("several tasks need --multitask")
+    name = check_name("expert", name if name is not None else ("multitask" if multitask else tasks[0]))
+    if registry.expert_or_none(name) is not None and not replace:
+        raise RecycleError(f"expert {name!r} already exists; use --name or --replace")
+    registry.check_writable()
+    for t in tasks:
+        registry.task(t)
+    examples = [ex for t in tasks for ex in load_examples(registry, t, "train")]
+    if not examples:
+        raise RecycleError(f"task {tasks[0]} has no training examples")
+    resolve_base(base)  # an unknown base is refused before any work
+    parse_layers(settings.layers, None)
+    return ExpertJob(name, list(tasks), base, asdict(settings), examples,
+                     str(registry.artifacts_dir / "experts" / name), multitask=multitask)
+
+
+def register_trained(registry, job: ExpertJob, summary: dict, *, replace: bool = False, meta: dict | None = None) -> dict:
+    """Register a trained expert's folder (removed again if that fails)."""
+    from recycle.experts import add_expert
+
+    rows = [registry.task(t) for t in job.tasks]
+    dataset = "; ".join(r["dataset"] or r["source"] for r in rows)
     try:
         row = add_expert(
-            registry, folder, name=name, task=",".join(tasks), dataset=dataset, base=base,
-            meta={"trained_by": "recycle train-expert", "steps": settings.steps, **(meta or {})},
+            registry, job.out_dir, name=job.name, task=",".join(job.tasks), dataset=dataset, base=job.base,
+            meta={"trained_by": "recycle train-expert", "steps": job.settings["steps"], **(meta or {})},
             replace=replace,
         )
     except BaseException:
-        if registry.expert_or_none(name) is None or registry.expert(name)["path"] != str(folder):
-            shutil.rmtree(folder, ignore_errors=True)
+        existing = registry.expert_or_none(job.name)
+        if existing is None or existing["path"] != job.out_dir:
+            shutil.rmtree(job.out_dir, ignore_errors=True)
         raise
     return {**row, "training": {k: summary[k] for k in ("final_loss", "train_seconds", "n_train_examples")}}
+
+
+def train_expert(
+    registry,
+    tasks: list[str],
+    base: str,
+    settings: TrainSettings | None = None,
+    *,
+    name: str | None = None,
+    multitask: bool = False,
+    replace: bool = False,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> dict:
+    """Train, save and register one LoRA expert in this process; returns the expert row
+    (with ``status`` and a ``training`` summary)."""
+    job = plan_expert(registry, tasks, base, settings or TrainSettings(), name=name, multitask=multitask,
+                      replace=replace)
+    job.progress = progress
+    return register_trained(registry, job, run_expert_job(job), replace=replace, meta=meta)
+
+
+def train_experts(
+    registry,
+    jobs: list[ExpertJob],
+    *,
+    address: str | None = None,
+    cpus_per_task: float = 1.0,
+    gpus_per_task: float | None = None,
+    replace: bool = False,
+    report=None,
+) -> list[dict]:
+    """Train several experts as Ray tasks (one each, in parallel where the cluster has
+    room), registering each as it arrives; returns one outcome per job (``status``: the
+    expert row's status, or ``failed`` with ``reason``)."""
+    from recycle import cluster
+    from recycle.console import Reporter
+    from recycle.files import remove_temps
+
+    report = report or Reporter()
+    if cpus_per_task <= 0:
+        raise RecycleError(f"--cpus-per-task must be positive, not {cpus_per_task}")
+    outcomes: dict[str, dict] = {}
+    with cluster.connect(address) as where:
+        gpus = cluster.default_gpus(gpus_per_task)
+        cluster.check_fits(cpus_per_task, gpus)
+        for job in jobs:
+            job.threads, job.device = max(1, math.ceil(cpus_per_task)), "cuda" if gpus > 0 else "cpu"
+        report.say(f"training {len(jobs)} expert(s) on Ray ({where}): {cpus_per_task:g} CPU, {gpus:g} GPU each")
+
+        def on_result(job, summary):
+            try:
+                row = register_trained(registry, job, summary, replace=replace)
+            except RecycleError as e:
+                outcomes[job.name] = {"name": job.name, "status": "failed", "reason": str(e)}
+                report.fail(f"{job.name}: {e}")
+                return
+            outcomes[job.name] = {"name": job.name, "status": row["status"], **row["training"]}
+            report.ok(f"{job.name}: final loss {summary['final_loss']:.3f}, {summary['train_seconds']:.0f} s "
+                      f"({summary['settings']['threads']} thread(s))")
+
+        def on_error(job, reason):
+            outcomes[job.name] = {"name": job.name, "status": "failed", "reason": reason}
+            report.fail(f"{job.name}: {reason}")
+
+        with report.bar("experts", len(jobs)):
+            try:
+                cluster.run_tasks(run_expert_job, jobs, cluster.Resources(num_cpus=cpus_per_task, num_gpus=gpus),
+                                  on_result=on_result, on_error=on_error, progress=lambda job: report.advance())
+            finally:
+                for job in jobs:
+                    remove_temps(job.out_dir)
+    return [outcomes.get(j.name, {"name": j.name, "status": "failed", "reason": "not run"}) for j in jobs]
 
 
 def _progress(enabled: bool):
@@ -272,21 +385,3 @@ def _progress(enabled: bool):
     from recycle.console import progress
 
     return progress(TextColumn("loss {task.fields[loss]:.4f}"), enabled=enabled)
-
-
-def _save(registry, name: str, model, summary: dict, base_name: str) -> Path:
-    """Write the adapter and training.json to a temp folder, then rename into place.
-    The adapter names its base as the user did (alias, folder or hub id)."""
-    from recycle.files import replace_dir
-
-    def build(tmp: Path) -> None:
-        # saved while the config still names the local folder: PEFT then checks the
-        # vocabulary there instead of asking the hub
-        model.save_pretrained(str(tmp), save_embedding_layers=False)
-        cfg_path = tmp / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = base_name
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-    return replace_dir(build, registry.artifacts_dir / "experts" / name)

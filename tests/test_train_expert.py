@@ -80,6 +80,23 @@ def test_train_expert_writes_a_loadable_registered_adapter(toy, tiny_base):
     assert again.exit_code == 2 and "--replace" in again.stderr
 
 
+def test_train_expert_as_a_ray_task(toy):
+    """--cpus-per-task: the same training as a Ray task (one thread), registered by the driver."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    result = cli("train-expert", "--task", "toy", "--base", "tiny-llama", "--steps", "2", "--batch-size", "4",
+                 "--layers", "top2", "--rank", "4", "--name", "remote", "--cpus-per-task", "1", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["status"] == "added" and out["name"] == "remote"
+    training = json.loads((Path(out["path"]) / "training.json").read_text())
+    assert training["settings"]["threads"] == 1 and len(training["losses"]) == 2
+    bad = cli("train-expert", "--task", "nope", "--base", "tiny-llama", "--cpus-per-task", "1")
+    assert bad.exit_code == 2 and "no task named 'nope'" in bad.stderr
+
+
 def test_multitask_trains_on_the_union(toy):
     add_toy_task(toy, "toy2", "thing")
     result = cli("train-expert", "--multitask", "toy,toy2", "--base", "tiny-llama", "--steps", "2",

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from recycle.cli import app
-from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json
+from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json
 from recycle.errors import RecycleError
 
 tasks_app = typer.Typer(no_args_is_help=True, help="Registered tasks and the built-in catalogue.")
@@ -199,17 +199,27 @@ def train_expert_cmd(
     warmup: Annotated[float, typer.Option(help="Warm-up, as a fraction of the steps.")] = 0.06,
     seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite an expert of the same name.")] = False,
+    address: AddressOption = None,
+    cpus_per_task: Annotated[Optional[float], typer.Option(
+        help="Train as a Ray task with this many CPUs (also its torch threads).", show_default=False)] = None,
+    gpus_per_task: Annotated[Optional[float], typer.Option(
+        help="GPUs for the Ray task (default: 1 if the cluster has GPUs, else 0).", show_default=False)] = None,
     json_: JsonOption = False,
     db: DbOption = None,
 ):
     """Train a LoRA expert on a task (loss on the answer tokens only) and register it.
 
     The adapter is a standard PEFT folder (plus training.json with the settings and
-    losses) under the registry's artifact folder.
+    losses) under the registry's artifact folder. With --address, --cpus-per-task or
+    --gpus-per-task it trains as a Ray task (a local Ray, or the cluster named).
 
-    Example: recycle train-expert --task vader_tweets --base smollm2-135m --layers top8 --steps 80
+    Examples:
+
+      recycle train-expert --task vader_tweets --base smollm2-135m --layers top8 --steps 80
+
+      recycle train-expert --task trec_coarse --address auto --gpus-per-task 1
     """
-    from recycle.training import TrainSettings, parse_layers, train_expert
+    from recycle.training import TrainSettings, parse_layers, plan_expert, train_expert, train_experts
 
     if bool(task) == bool(multitask):
         raise RecycleError("give exactly one of --task or --multitask")
@@ -223,10 +233,17 @@ def train_expert_cmd(
         warmup=warmup, seed=seed,
     )
     parse_layers(layers, None)  # syntax check before loading anything
-    row = train_expert(
-        open_registry(db), task_names, base, settings, name=name, multitask=bool(multitask),
-        replace=replace, progress=True,
-    )
+    registry = open_registry(db)
+    if address is None and cpus_per_task is None and gpus_per_task is None:
+        row = train_expert(registry, task_names, base, settings, name=name, multitask=bool(multitask),
+                           replace=replace, progress=True)
+    else:
+        job = plan_expert(registry, task_names, base, settings, name=name, multitask=bool(multitask), replace=replace)
+        (out,) = train_experts(registry, [job], address=address, cpus_per_task=cpus_per_task or 1.0,
+                               gpus_per_task=gpus_per_task, replace=replace)
+        if out["status"] == "failed":
+            raise RecycleError(out["reason"], exit_code=1)
+        row = {**registry.expert(job.name), "status": out["status"], "training": out}
     if json_:
         from recycle.experts import describe
 
