@@ -1,5 +1,6 @@
-"""Gate-training cost: one gate step against one LoRA training step (same model, same
-batch), and the wall time of training N experts' gates on Ray with 1 vs 2 workers.
+"""Training cost against its anchors: a train-expert step and a gate step against the plain
+PEFT loop a user would write (same model, batch and threads), and the wall time of training
+N experts' gates on Ray with 1 vs 2 workers.
 
     RECYCLE_CACHE=/tmp/rc-cache python benchmarks/gates.py --quick
 
@@ -25,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from recycle import cluster  # noqa: E402
 from recycle import gates as G  # noqa: E402
@@ -68,43 +70,66 @@ def timed(fn, warm: int, n: int) -> list[float]:
     return out
 
 
-def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int) -> dict:
-    from peft import PeftModel
+def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int, layers: list[int] | None) -> dict:
+    """Median seconds of one optimiser step, on the same model, batch and threads, of:
+    the plain loop a user would write (``get_peft_model``, transformers' forward with
+    ``labels`` and ``.loss``, AdamW), recycle's ``train-expert`` step (the LM head run only
+    where an answer token is predicted), and recycle's gate step (the adapter frozen, one
+    gate per LoRA module trainable). The three take turns within each repetition."""
+    from peft import LoraConfig, get_peft_model
 
-    # LoRA training step: the adapter's weights trainable (dropout off, like the gates)
-    model, _ = load_base(resolve_base(base))
-    lora = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    lora.eval()
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+    from recycle.training import answer_loss
 
-    def lora_step():
-        loss = G.lm_loss(lora, batch)
-        opt.zero_grad(set_to_none=True)
+    def lora_model():
+        model, _ = load_base(resolve_base(base))
+        torch.manual_seed(0)
+        peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
+                                                layers_to_transform=layers))
+        peft.train()
+        return peft, torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
+
+    plain, plain_opt = lora_model()
+    ours, ours_opt = lora_model()
+    gated, _ = G.load_expert(base, adapter)
+    gates = G.Gates(gated)
+    gate_opt = torch.optim.AdamW(gates.parameters(), lr=5e-3, weight_decay=0.0)
+
+    def plain_step():
+        loss = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        plain_opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        plain_opt.step()
 
-    lora_t = timed(lora_step, warm, n)
-    del lora, model, opt
-
-    # gate step: same adapter frozen, one gate per LoRA module trainable
-    model, _ = G.load_expert(base, adapter)
-    gates = G.Gates(model)
-    gopt = torch.optim.AdamW(gates.parameters(), lr=5e-3, weight_decay=0.0)
+    def ours_step():
+        loss = answer_loss(ours, batch)
+        ours_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ours_opt.step()
 
     def gate_step():
-        loss = G.lm_loss(model, batch)
-        gopt.zero_grad(set_to_none=True)
+        loss = answer_loss(gated, batch)
+        gate_opt.zero_grad(set_to_none=True)
         loss.backward()
-        gopt.step()
+        gate_opt.step()
 
-    gate_t = timed(gate_step, warm, n)
+    steps = {"plain PEFT loop": plain_step, "train-expert": ours_step, "gates": gate_step}
+    for fn in steps.values():
+        for _ in range(warm):
+            fn()
+    times = {k: [] for k in steps}
+    for _ in range(n):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
     gates.remove()
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "lora_step_s": statistics.median(lora_t),
-        "gate_step_s": statistics.median(gate_t),
-        "gate_over_lora": statistics.median(gate_t) / statistics.median(lora_t),
-        "lora_steps_s": lora_t,
-        "gate_steps_s": gate_t,
+        "median_s": med,
+        "train_expert_over_plain": med["train-expert"] / med["plain PEFT loop"],
+        "gate_over_train_expert": med["gates"] / med["train-expert"],
+        "gate_over_plain": med["gates"] / med["plain PEFT loop"],
+        "times_s": times,
     }
 
 
@@ -157,9 +182,9 @@ def main() -> None:
         adapters = [make_adapter(args.base, tmp / f"a{i}", i, layers) for i in range(args.experts)]
         _, tok = load_base(resolve_base(args.base))
         batch = next(lm_batches(data, tok, args.batch_size, args.max_length, 0))
-        steps = step_times(args.base, adapters[0], batch, warm=1, n=args.step_repeats)
-        print(f"LoRA step {steps['lora_step_s']:.3f} s, gate step {steps['gate_step_s']:.3f} s, "
-              f"ratio {steps['gate_over_lora']:.2f}", file=sys.stderr)
+        steps = step_times(args.base, adapters[0], batch, warm=1, n=args.step_repeats, layers=layers)
+        print(f"step medians {steps['median_s']}; train-expert/plain {steps['train_expert_over_plain']:.2f}, "
+              f"gate/train-expert {steps['gate_over_train_expert']:.2f}", file=sys.stderr)
         runs = []
         for workers in (1, 2):
             r = ray_wall(args.base, adapters, data, args.steps, args.batch_size, args.max_length, workers, tmp)
@@ -182,22 +207,30 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "gates.json").write_text(json.dumps(result, indent=2) + "\n")
+    from moepp import cpu_name
+
+    result["cpu"] = cpu_name()
+    med = steps["median_s"]
     (out / "gates.md").write_text(
         "# Gate training benchmark\n\n"
-        f"Command: `RECYCLE_CACHE=/tmp/rc-cache {result['command']}`\n\n"
-        f"Machine: {os.cpu_count()} CPUs (shared with other work while measured), torch {torch.__version__}.\n"
+        f"Command: `{result['command']}` on {result['cpu']}, torch {torch.__version__}, "
+        f"{threads} threads for the step timings.\n"
         f"Base {args.base}, LoRA r=8 on {', '.join(TARGETS)} ({'all layers' if not layers else 'layers ' + args.layers}), "
         f"batch {list(batch['input_ids'].shape)} tokens.\n\n"
         "| what | value |\n| --- | --- |\n"
-        f"| LoRA training step (median of {args.step_repeats}) | {steps['lora_step_s']:.3f} s |\n"
-        f"| gate training step (median of {args.step_repeats}) | {steps['gate_step_s']:.3f} s |\n"
-        f"| gate step / LoRA step | {steps['gate_over_lora']:.2f} |\n"
+        f"| plain PEFT loop step (get_peft_model, forward with labels, AdamW; median of {args.step_repeats}) | "
+        f"{med['plain PEFT loop']:.3f} s |\n"
+        f"| train-expert step (median) | {med['train-expert']:.3f} s |\n"
+        f"| gate step (median) | {med['gates']:.3f} s |\n"
+        f"| train-expert step / plain loop step | {steps['train_expert_over_plain']:.2f} |\n"
+        f"| gate step / train-expert (LoRA) step | {steps['gate_over_train_expert']:.2f} |\n"
+        f"| gate step / plain loop step | {steps['gate_over_plain']:.2f} |\n"
         f"| {args.experts} experts × {args.steps} gate steps, 1 Ray worker | {runs[0]['wall_s']:.1f} s |\n"
         f"| same, 2 Ray workers | {runs[1]['wall_s']:.1f} s |\n"
         f"| speed-up 2 vs 1 workers | {result['ray']['speedup_2_over_1']:.2f}× |\n\n"
-        "Wall times include each task loading the base model and the adapter; Ray's own start "
-        "and worker start-up are excluded (a warm-up task per worker runs first). Each task "
-        "uses 1 torch thread.\n"
+        "The three steps take turns in each repetition. Wall times include each task loading the base model and "
+        "the adapter; Ray's own start and worker start-up are excluded (a warm-up task per worker runs first). "
+        "Each Ray task uses 1 torch thread.\n"
     )
     print(json.dumps({k: result[k] for k in ("step", "ray")}, indent=2))
 
