@@ -366,14 +366,14 @@ def test_train_gates_failures_are_reported_and_others_go_on(local_ray, registry_
     # adapter weights changed since registration: refused
     w = Path(e0["path"]) / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes() + b" ")
-    # config gone: the worker fails loading it (a user error, reported in one line)
+    # config gone: refused before any work (a user error, reported in one line)
     (Path(e1["path"]) / "adapter_config.json").unlink()
     res = _cli("train-gates", "--all", "--steps", "2", "--batch-size", "2")
     assert res.exit_code == 1, res.output
     assert "changed on disk since it was registered" in res.stderr
     assert "2 of 3 failed" in res.stderr
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("  exp1:")][0]
-    assert "cannot load adapter" in line
+    assert "is missing" in line
     assert [r["expert_id"] for r in reg.db.query("select expert_id from gates")] == [e2["id"]]
     assert not [p for p in (reg.artifacts_dir / "gates").rglob("*") if p.is_file() and "exp2" not in str(p)]
 
