@@ -195,3 +195,31 @@ def test_token_routers_refuse_bad_settings_and_top_k_is_capped(llama, adapters):
         layer = next(iter(h.layers.values()))
         route = layer.router(torch.randn(3, layer.in_features), layer)
         assert route.idx.shape == (3, 2) and math.isclose(float(route.weight.sum(1)[0]), 1.0)
+
+
+def test_siblings_share_their_scores_and_a_products(llama, adapters):
+    """q/k/v and gate/up read one input each: with PHATGOOSE routing and dense dispatch their
+    standardisation, scores and A products are computed once per input, with the same
+    routing and output as each module alone."""
+    names = ["a", "b", "c"]
+    gates = {n: {p: torch.randn(llama.get_submodule(p).in_features, generator=torch.Generator().manual_seed(i))
+                 for p in load_expert(adapters[n]).modules} for i, n in enumerate(names)}
+    batch = inputs(batch=3, seq=8)
+    with build_routed_model(llama, {n: adapters[n] for n in names}, "phatgoose", top_k=2, gates=gates) as h:
+        groups = h.context.groups
+        assert sorted(sorted(layer.path.rsplit(".", 1)[1] for layer in g.layers) for g in groups) == \
+            [["gate_proj", "up_proj"]] * 2 + [["k_proj", "q_proj", "v_proj"]] * 2
+        calls = []
+        for g in groups:
+            real = g._compute
+            g._compute = lambda x, eps, real=real: (calls.append(1), real(x, eps))[1]
+        with h.record() as shared_rec:
+            shared = logits(llama, batch)
+        assert len(calls) == 4  # once per group and forward, not once per module
+        for layer in h.layers.values():
+            layer.group = None
+        with h.record() as alone_rec:
+            alone = logits(llama, batch)
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    for path, calls_ in shared_rec.calls.items():
+        assert torch.equal(calls_[0].idx, alone_rec.calls[path][0].idx), path

@@ -52,10 +52,13 @@ class RoutingContext:
         self.recorder = None  # a RoutingRecord while recording
         self.keep_deltas = False  # keep every layer's mixture delta in ``deltas``
         self.assignment: torch.Tensor | None = None  # example routers: global expert id per example
+        self.groups: list = []  # sibling groups sharing work (recycle.routing.siblings)
         self.reset()
 
     def reset(self) -> None:
         """Forget the previous forward pass's cross-layer state and losses."""
+        for group in getattr(self, "groups", ()):
+            group.reset()
         self.logits: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, torch.Tensor] = {}
         self.losses: list[torch.Tensor] = []

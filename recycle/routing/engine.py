@@ -25,6 +25,7 @@ from recycle.errors import RecycleError
 from recycle.routing.context import RoutingContext
 from recycle.routing.experts import LoraExpert
 from recycle.routing.layer import RoutedLoraLinear
+from recycle.routing.siblings import group_siblings
 from recycle.routing.stats import RoutingRecord
 
 
@@ -180,7 +181,9 @@ def install_routed(
         for p, original in originals.items():
             _set_submodule(model, p, original)
         raise
-    return RoutedModel(model, method, names, originals, context)
+    handle = RoutedModel(model, method, names, originals, context)
+    context.groups = group_siblings(handle.layers)
+    return handle
 
 
 def _merged_linear(base: nn.Linear, delta: torch.Tensor) -> nn.Linear:

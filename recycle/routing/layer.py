@@ -80,6 +80,7 @@ class RoutedLoraLinear(nn.Module):
         self.scalings = [m.scaling for _, _, m in experts]
         self.context = context if context is not None else RoutingContext()
         self.router = None
+        self.group = None  # siblings reading the same input (recycle.routing.siblings)
         w = base_layer.weight
         local = torch.full((n_total + 1,), -1, dtype=torch.long)  # global id n_total = "no expert"
         for j, (g, _, _) in enumerate(experts):
@@ -169,8 +170,10 @@ class RoutedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        route = self.router(x, self)
         ctx = self.context
+        if self.group is not None and not ctx.keep_deltas and not torch.is_grad_enabled():
+            return self._forward_shared(x, result)
+        route = self.router(x, self)
         if ctx.recorder is not None:
             ctx.recorder.add(self, x.shape[:-1], route)
         x2d = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
@@ -184,6 +187,20 @@ class RoutedLoraLinear(nn.Module):
         if self.router.keeps_logits:
             ctx.logits[self.kind] = route.logits
         return out.view(result.shape)
+
+    def _forward_shared(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The forward with the scores and A products computed once for this layer and its
+        siblings (:mod:`recycle.routing.siblings`); the same routing and mixture."""
+        from recycle.routing.routers import select_top_k
+
+        x2d = x.reshape(-1, x.shape[-1])
+        raw, rstd, z = self.group.take(self, x2d)
+        r = self.router
+        idx, weight = select_top_k(raw, r.top_k, r.weighting, r.temperature, scale=rstd)
+        if self.context.recorder is not None:
+            self.context.recorder.add(self, x.shape[:-1], Route(idx, weight, raw, rstd))
+        self._add_dense(result.view(-1, result.shape[-1]), x2d, idx, weight.to(z.dtype), False, z=z)
+        return result
 
     def delta(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         """``Δ_mix`` [tokens, d_out] for ``x`` [tokens, d_in]: the routed LoRA products, then
@@ -228,17 +245,21 @@ class RoutedLoraLinear(nn.Module):
             return out.index_add_(0, tokens, ys.to(out.dtype))
         return out.index_add(0, tokens, ys.to(out.dtype))
 
-    def _add_dense(self, out, x, idx, weight, filtered, inplace=True):
-        """Every expert's ``A x`` in one matmul, scaled by the routing weights (zero for the
-        experts not chosen), then one matmul with the stacked ``s B``, added to ``out``."""
+    def _add_dense(self, out, x, idx, weight, filtered, inplace=True, z=None):
+        """Every expert's ``A x`` in one matmul (or ``z``, computed already), scaled by the
+        routing weights (zero for the experts not chosen), then one matmul with the stacked
+        ``s B``, added to ``out``."""
         t, n = x.shape[0], self.n_experts
         if filtered:  # -1 and computation-free experts land in an extra column, dropped
             col = torch.where((idx >= 0) & (idx < n), idx, n)
             p = x.new_zeros(t, n + 1).scatter_add_(1, col, weight)[:, :n]
         else:
             p = x.new_zeros(t, n).scatter_add_(1, idx, weight)
-        z = torch.mm(x, self.lora_A_cat).view(t, n, -1)
-        z = (z.mul_(p.unsqueeze(-1)) if inplace else z * p.unsqueeze(-1)).view(t, -1)
+        if z is None:
+            z = torch.mm(x, self.lora_A_cat).view(t, n, -1)
+            z = (z.mul_(p.unsqueeze(-1)) if inplace else z * p.unsqueeze(-1)).view(t, -1)
+        else:  # a view into the siblings' shared product: not in place
+            z = (z.view(t, n, -1) * p.unsqueeze(-1)).view(t, -1)
         b = self.lora_BT.view(-1, self.out_features)
         if not inplace:
             return out + (z @ b).to(out.dtype)
