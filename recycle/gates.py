@@ -50,25 +50,13 @@ ADAPTER_NAME = "default"
 class GateSettings(Settings):
     """What decides a gate file's content (with the adapter and the data)."""
 
-    steps: int = setting(100, "training steps per expert")
-    lr: float = setting(5e-3, "AdamW learning rate")
-    batch_size: int = setting(8, "examples per step")
-    max_length: int = setting(256, "tokens per example (prompt cut from the left)")
-    warmup: float = setting(0.06, "fraction of steps of linear warm-up")
+    steps: int = setting(100, "training steps per expert", minimum=1)
+    lr: float = setting(5e-3, "AdamW learning rate", positive=True)
+    batch_size: int = setting(8, "examples per step", minimum=1)
+    max_length: int = setting(256, "tokens per example (prompt cut from the left)", minimum=2)
+    warmup: float = setting(0.06, "fraction of steps of linear warm-up", minimum=0, below=1)
     seed: int = setting(0, "seed of the batch order")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise RecycleError(f"--steps must be at least 1, not {self.steps}")
-        if not self.lr > 0:
-            raise RecycleError(f"--lr must be positive, not {self.lr}")
-        if self.batch_size < 1:
-            raise RecycleError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if self.max_length < 2:
-            raise RecycleError(f"--max-length must be at least 2, not {self.max_length}")
-        if not 0 <= self.warmup < 1:
-            raise RecycleError(f"--warmup must be in [0, 1), not {self.warmup}")
+    weight_decay: float = setting(0.0, "AdamW weight decay", minimum=0)
 
     def to_dict(self) -> dict:
         return {"algorithm": ALGORITHM, **asdict(self)}

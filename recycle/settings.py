@@ -18,15 +18,36 @@ from typing import Any
 from recycle.errors import RecycleError
 
 
-def setting(default, help: str, **kw):
-    """A settings field with its help text (shown by ``recycle compose --help``)."""
-    return field(default=default, metadata={"help": help, **kw})
+def setting(default, help: str, *, minimum=None, positive: bool = False, below=None, choices=None):
+    """A settings field with its help text (shown by ``recycle compose --help``) and its
+    bounds, checked by :class:`Settings` when it is built: ``minimum`` (inclusive),
+    ``positive`` (> 0), ``below`` (exclusive), ``choices``."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "positive": positive,
+                                            "below": below, "choices": choices})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """No settings. Subclasses add fields (with :func:`setting`) and check them in
-    ``__post_init__``."""
+    """No settings. Subclasses add fields (with :func:`setting`, bounds declared there) and
+    check anything else in ``__post_init__`` (calling this one first)."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            m, value = f.metadata, getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if value is None or not m:
+                continue
+            if m.get("choices") is not None and value not in m["choices"]:
+                raise RecycleError(f"{flag} must be {' or '.join(map(str, m['choices']))}, not {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            low, high = m.get("minimum"), m.get("below")
+            if m.get("positive") and not value > 0:
+                raise RecycleError(f"{flag} must be positive, not {value}")
+            if low is not None and high is not None and not low <= value < high:
+                raise RecycleError(f"{flag} must be in [{low:g}, {high:g}), not {value}")
+            if low is not None and high is None and not value >= low:
+                raise RecycleError(f"{flag} must be {'0 or more' if low == 0 else f'at least {low}'}, not {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)

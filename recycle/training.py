@@ -34,37 +34,18 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass(frozen=True)
 class TrainSettings(Settings):
-    rank: int = setting(8, "LoRA rank r")
-    alpha: float = setting(16.0, "LoRA alpha")
+    rank: int = setting(8, "LoRA rank r", minimum=1)
+    alpha: float = setting(16.0, "LoRA alpha", positive=True)
     targets: list[str] | None = setting(None, "module names (default: the q,k,v,o,gate,up,down projections the base has)")
     layers: str | None = setting(None, "layers to adapt: 'top8', '22-29' or '0,3,5' (default all)")
-    steps: int = setting(100, "optimiser steps")
-    lr: float = setting(1e-3, "peak learning rate (AdamW)")
-    batch_size: int = setting(8, "examples per step")
-    max_length: int = setting(128, "tokens per example (prompt cut from the left)")
-    warmup: float = setting(0.06, "warm-up, as a fraction of the steps")
+    steps: int = setting(100, "optimiser steps", minimum=1)
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", positive=True)
+    batch_size: int = setting(8, "examples per step", minimum=1)
+    max_length: int = setting(128, "tokens per example (prompt cut from the left)", minimum=8)
+    warmup: float = setting(0.06, "warm-up, as a fraction of the steps", minimum=0, below=1)
     seed: int = setting(0, "seed for init and data order")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    dropout: float = setting(0.0, "LoRA dropout")
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise RecycleError("--rank must be at least 1")
-        if self.alpha <= 0:
-            raise RecycleError("--alpha must be positive")
-        if self.steps < 1:
-            raise RecycleError("--steps must be at least 1")
-        if not self.lr > 0:
-            raise RecycleError("--lr must be positive")
-        if self.batch_size < 1:
-            raise RecycleError("--batch-size must be at least 1")
-        if self.max_length < 8:
-            raise RecycleError("--max-length must be at least 8")
-        if not 0 <= self.warmup < 1:
-            raise RecycleError("--warmup must be a fraction in [0, 1)")
-        if not 0 <= self.dropout < 1:
-            raise RecycleError("dropout must be in [0, 1)")
-
+    weight_decay: float = setting(0.0, "AdamW weight decay", minimum=0)
+    dropout: float = setting(0.0, "LoRA dropout", minimum=0, below=1)
 
 def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:
     """``top8`` (the last 8), ``22-29``, ``0,3,5`` or a mix of ranges and indices."""

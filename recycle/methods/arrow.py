@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recycle.errors import RecycleError
 from recycle.methods.method import Method, TokenSettings, setting
 from recycle.routing import ArrowRouter, install_routed
 
@@ -14,12 +13,7 @@ from recycle.routing import ArrowRouter, install_routed
 @dataclass(frozen=True)
 class ArrowSettings(TokenSettings):
     seed: int = setting(0, "seed of the power iteration's start (PEFT's rng_seed)")
-    iters: int = setting(15, "power-iteration steps")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.iters < 1:
-            raise RecycleError(f"--iters must be at least 1, not {self.iters}")
+    iters: int = setting(15, "power-iteration steps", minimum=1)
 
 
 class Arrow(Method):

@@ -66,18 +66,11 @@ TEMPERATURES = [0.01, 0.03, 0.1, 0.3, 1.0]
 @dataclass(frozen=True)
 class CosmoSettings(Settings):
     unseen: str = setting("", "stored composition for unseen inputs (default: PHATGOOSE top-2 over the members)")
-    seen: str = setting("top1", "seen side: top1 (the identified expert) or posterior (top-3 experts mixed)")
+    seen: str = setting("top1", "seen side: top1 (the identified expert) or posterior (top-3 experts mixed)",
+                        choices=("top1", "posterior"))
     far: bool = setting(True, "mix the base model into the unseen side where routing does not help (--no-far: off)")
-    smoothing: str = setting("adaptive", "adaptive (COSMO), constant or none")
-    gate: str = setting("soft", "soft (COSMO) or hard (all to the side the gate prefers)")
-
-    def __post_init__(self):
-        if self.seen not in ("top1", "posterior"):
-            raise RecycleError(f"--seen must be top1 or posterior, not {self.seen!r}")
-        if self.smoothing not in ("adaptive", "constant", "none"):
-            raise RecycleError(f"--smoothing must be adaptive, constant or none, not {self.smoothing!r}")
-        if self.gate not in ("soft", "hard"):
-            raise RecycleError(f"--gate must be soft or hard, not {self.gate!r}")
+    smoothing: str = setting("adaptive", "adaptive (COSMO), constant or none", choices=("adaptive", "constant", "none"))
+    gate: str = setting("soft", "soft (COSMO) or hard (all to the side the gate prefers)", choices=("soft", "hard"))
 
 
 # ---- the pieces, as pure functions -----------------------------------------------------
@@ -378,19 +371,10 @@ def far_features(p_routed: torch.Tensor, p_base: torch.Tensor, d_min: float) -> 
 
 @dataclass(frozen=True)
 class GateTrainSettings(Settings):
-    folds: int = setting(4, "folds of held-out experts (at most the number of members)")
-    examples: int = setting(100, "validation examples per member task")
+    folds: int = setting(4, "folds of held-out experts (at most the number of members)", minimum=2)
+    examples: int = setting(100, "validation examples per member task", minimum=1)
     seed: int = setting(0, "seed of the folds and the sample")
-    batch_size: int = setting(16, "examples per forward pass")
-
-    def __post_init__(self):
-        if self.folds < 2:
-            raise RecycleError(f"--folds must be at least 2, not {self.folds}")
-        if self.examples < 1:
-            raise RecycleError(f"--examples must be at least 1, not {self.examples}")
-        if self.batch_size < 1:
-            raise RecycleError(f"--batch-size must be at least 1, not {self.batch_size}")
-
+    batch_size: int = setting(16, "examples per forward pass", minimum=1)
 
 @dataclass
 class FoldJob:

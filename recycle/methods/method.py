@@ -230,17 +230,10 @@ class InstalledScorer:
 class TokenSettings(Settings):
     """Per-token top-k routing."""
 
-    top_k: int = setting(2, "experts per token")
-    weighting: str = setting("softmax", "softmax (competitive), sigmoid (SPEC 4) or uniform (1/k)")
-    temperature: float = setting(1.0, "router temperature")
-
-    def __post_init__(self):
-        if self.top_k < 1:
-            raise RecycleError(f"--top-k must be at least 1, not {self.top_k}")
-        if self.weighting not in ("softmax", "sigmoid", "uniform"):
-            raise RecycleError(f"--weighting must be softmax, sigmoid or uniform, not {self.weighting!r}")
-        if not self.temperature > 0:
-            raise RecycleError(f"--temperature must be positive, not {self.temperature}")
+    top_k: int = setting(2, "experts per token", minimum=1)
+    weighting: str = setting("softmax", "softmax (competitive), sigmoid (SPEC 4) or uniform (1/k)",
+                             choices=("softmax", "sigmoid", "uniform"))
+    temperature: float = setting(1.0, "router temperature", positive=True)
 
 
 @dataclass(frozen=True)
@@ -250,6 +243,7 @@ class ExpertSettings(Settings):
     expert: str = setting("", "the expert")
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.expert, str) or not self.expert:
             raise RecycleError("this method needs one expert: --method 'single NAME' or --experts NAME")
 

@@ -63,21 +63,13 @@ MARGIN = 1.0  # a computation-free expert's logit starts this far below the toke
 
 @dataclass(frozen=True)
 class MoeppSettings(Settings):
-    top_k: int = setting(2, "picks per token (LoRA and computation-free experts together)")
-    zero: int = setting(1, "zero experts per module")
-    copy: int = setting(1, "copy experts per module")
-    constant: int = setting(2, "constant experts per module")
+    top_k: int = setting(2, "picks per token (LoRA and computation-free experts together)", minimum=1)
+    zero: int = setting(1, "zero experts per module", minimum=0)
+    copy: int = setting(1, "copy experts per module", minimum=0)
+    constant: int = setting(2, "constant experts per module", minimum=0)
     residual: bool = setting(True, "gating residual from the previous layer's logits (--no-residual: off)")
-    tau: float = setting(0.75, "balance-loss weight of the computation-free experts (LoRA experts: 1)")
-
-    def __post_init__(self):
-        if self.top_k < 1:
-            raise RecycleError(f"--top-k must be at least 1, not {self.top_k}")
-        for name in ("zero", "copy", "constant"):
-            if getattr(self, name) < 0:
-                raise RecycleError(f"--{name} must be 0 or more, not {getattr(self, name)}")
-        if not 0 < self.tau <= 1e3:
-            raise RecycleError(f"--tau must be positive, not {self.tau}")
+    tau: float = setting(0.75, "balance-loss weight of the computation-free experts (LoRA experts: 1)",
+                         positive=True)
 
     @property
     def n_free(self) -> int:
@@ -243,31 +235,14 @@ METHOD = Moepp()
 
 @dataclass(frozen=True)
 class RouterTrainSettings(Settings):
-    steps: int = setting(200, "optimiser steps")
-    lr: float = setting(5e-3, "AdamW learning rate")
-    beta: float = setting(0.1, "weight of the balance loss")
-    batch_size: int = setting(8, "examples per step")
-    max_length: int = setting(128, "tokens per example (prompt cut from the left)")
-    warmup: float = setting(0.06, "fraction of steps of linear warm-up")
-    examples: int = setting(400, "calibration examples (spread over the members' tasks by default)")
+    steps: int = setting(200, "optimiser steps", minimum=1)
+    lr: float = setting(5e-3, "AdamW learning rate", positive=True)
+    beta: float = setting(0.1, "weight of the balance loss", minimum=0)
+    batch_size: int = setting(8, "examples per step", minimum=1)
+    max_length: int = setting(128, "tokens per example (prompt cut from the left)", minimum=8)
+    warmup: float = setting(0.06, "fraction of steps of linear warm-up", minimum=0, below=1)
+    examples: int = setting(400, "calibration examples (spread over the members' tasks by default)", minimum=1)
     seed: int = setting(0, "seed of the sample and the batch order")
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise RecycleError(f"--steps must be at least 1, not {self.steps}")
-        if not self.lr > 0:
-            raise RecycleError(f"--lr must be positive, not {self.lr}")
-        if not self.beta >= 0:
-            raise RecycleError(f"--beta must be 0 or more, not {self.beta}")
-        if self.batch_size < 1:
-            raise RecycleError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if self.max_length < 8:
-            raise RecycleError(f"--max-length must be at least 8, not {self.max_length}")
-        if not 0 <= self.warmup < 1:
-            raise RecycleError(f"--warmup must be in [0, 1), not {self.warmup}")
-        if self.examples < 1:
-            raise RecycleError(f"--examples must be at least 1, not {self.examples}")
-
 
 @dataclass
 class RouterJob:

@@ -64,7 +64,8 @@ class SpectrRouter(TokenRouter):
 
 @dataclass(frozen=True)
 class SpectrSettings(TokenSettings):
-    weighting: str = setting("uniform", "uniform (1/k, the authors' rule), softmax or sigmoid")
+    weighting: str = setting("uniform", "uniform (1/k, the authors' rule), softmax or sigmoid",
+                             choices=("softmax", "sigmoid", "uniform"))
 
 
 class Spectr(Method):
