@@ -63,6 +63,22 @@ def close(a, b):
                                atol=1e-6, rtol=0)
 
 
+def test_threshold_search_finds_the_gate_that_separates():
+    """Seen tasks: the seen side is right, the unseen side wrong; pseudo-unseen tasks the
+    opposite; g = 0.9 on seen inputs, 0.2 on the others: a θ between them gives H = 1."""
+    rows, seen_side, unseen_side, g = [], [], [], []
+    for fold in range(2):
+        for task, is_seen in (("a", True), ("b", False)):
+            for i in range(5):
+                rows.append({"fold": fold, "task": task, "seen": is_seen, "label": 0})
+                right, wrong = torch.tensor([0.9, 0.1], dtype=torch.float64), torch.tensor([0.2, 0.8], dtype=torch.float64)
+                seen_side.append(right if is_seen else wrong)
+                unseen_side.append(wrong if is_seen else right)
+                g.append(0.9 if is_seen else 0.2)
+    theta, temp, h = C.search_threshold(rows, seen_side, unseen_side, torch.tensor(g))
+    assert h == {"S": 1.0, "U": 1.0, "H": 1.0} and 0.2 < theta < 0.9
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray

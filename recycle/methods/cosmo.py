@@ -161,15 +161,6 @@ def combine(p_seen_side: torch.Tensor, p_unseen_side: torch.Tensor, g: float, th
     return p / p.sum(), p_u
 
 
-def suh_of(groups: dict[tuple, list[bool]], seen: dict[tuple, bool]) -> dict:
-    """S, U, H over groups of per-example correctness (a group = a task in a fold)."""
-    from recycle.stats import suh
-
-    s = [sum(v) / len(v) for k, v in groups.items() if seen[k] and v]
-    u = [sum(v) / len(v) for k, v in groups.items() if not seen[k] and v]
-    return suh(s, u)
-
-
 # ---- the method ------------------------------------------------------------------------
 
 
@@ -427,6 +418,41 @@ def fold_split(names: list[str], folds: int, seed: int) -> list[list[str]]:
     return [order[i::folds] for i in range(folds)]
 
 
+def search_threshold(rows: list[dict], seen_side: list, unseen_side: list, g: torch.Tensor) -> tuple:
+    """θ and T (over ``THETAS`` × ``TEMPERATURES``) that maximise H over the fold examples
+    ``rows``, where a group is a task in a fold; returns ``(θ, T, {S, U, H})``. Vectorised:
+    over the same choices, the combination's argmax is that of ``p_U P_U + (1 − p_U) P_S``
+    (the smoothing terms add the same to every choice)."""
+    width = max(p.numel() for p in seen_side)
+
+    def padded(ps):
+        out = torch.full((len(ps), width), -1.0, dtype=torch.float64)
+        for i, p in enumerate(ps):
+            out[i, : p.numel()] = p
+        return out
+
+    ps, pu = padded(seen_side), padded(unseen_side)
+    labels = torch.tensor([r["label"] for r in rows])
+    keys = sorted({(r["fold"], r["task"]) for r in rows})
+    group = torch.tensor([keys.index((r["fold"], r["task"])) for r in rows])
+    seen = torch.tensor([next(r["seen"] for r in rows if (r["fold"], r["task"]) == k) for k in keys])
+    counts = torch.bincount(group, minlength=len(keys)).double()
+    best = None
+    for temp in TEMPERATURES:
+        for theta in THETAS:
+            p_u = torch.sigmoid((theta - g.double()) / temp).unsqueeze(1)
+            mixed = torch.where(ps >= 0, p_u * pu + (1 - p_u) * ps, torch.full_like(ps, -1.0))
+            right = (mixed.argmax(1) == labels).double()
+            acc = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, group, right) / counts
+            s_acc, u_acc = acc[seen], acc[~seen]
+            S = float(s_acc.mean()) if s_acc.numel() else float("nan")
+            U = float(u_acc.mean()) if u_acc.numel() else float("nan")
+            H = 2 * S * U / (S + U) if S + U > 0 else 0.0
+            if best is None or H > best[2]["H"] + 1e-12:
+                best = (theta, temp, {"S": S, "U": U, "H": H})
+    return best
+
+
 def fit_gate(results: list[dict], member_task: dict[str, str]) -> dict:
     """Fit the gate (and the far regression) on the folds and choose θ, T per seen mode to
     maximise H; returns the fitted pieces and the fold metrics."""
@@ -469,18 +495,7 @@ def fit_gate(results: list[dict], member_task: dict[str, str]) -> dict:
                 q = float(predict_logistic(far, far_features(pr, probs(r["base"]), r["d_min"]).unsqueeze(0)))
                 pr = q * pr + (1 - q) * probs(r["base"])
             pu_side.append(pr)
-        best = None
-        keys = {(r["fold"], r["task"]): r["seen"] for r in rows}
-        for temp in TEMPERATURES:
-            for theta in THETAS:
-                groups: dict[tuple, list[bool]] = {}
-                for r, gi, pu in zip(rows, g.tolist(), pu_side):
-                    p, _ = combine(probs(r["seen_scores"][mode]), pu, gi, theta, temp)
-                    groups.setdefault((r["fold"], r["task"]), []).append(int(p.argmax()) == r["label"])
-                h = suh_of(groups, keys)
-                if best is None or h["H"] > best[0]["H"] + 1e-12:
-                    best = (h, theta, temp)
-        (h, theta, temp) = best
+        theta, temp, h = search_threshold(rows, [probs(r["seen_scores"][mode]) for r in rows], pu_side, g)
         out["theta"][mode], out["temperature"][mode] = theta, temp
         out[f"gate_{mode}"] = lr
         ece = expected_calibration_error(g.tolist(), [bool(v) for v in y.tolist()])
