@@ -136,6 +136,10 @@ def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     pred = json.loads(ok("predict", "c", "--prompt", "Alpha: t_alpha item 3\nAnswer:", "--choices", " a, b").stdout)
     assert pred["answer"] in (" a", " b") and 0 <= pred["p_seen"] <= 1 and pred["seen_expert"] in ("ea", "eb")
     assert sum(math.exp(v) for v in pred["scores"].values()) == pytest.approx(1.0, abs=1e-6)
+    both = json.loads(ok("predict", "c", "--prompt", "Alpha: t_alpha item 3\nAnswer:", "--choices", " a, b",
+                         "--explain").stdout)["experts"]
+    assert both["seen"]["expert"] in ("ea", "eb") and set(both["seen"]["answers"]) == {" a", " b"}
+    assert set(both["unseen"]["answers"]) == {" a", " b"} and both["unseen"]["experts"] and 0 <= both["p_seen"] <= 1
     data = tmp_path / "t_gamma.jsonl"  # a task no member was trained on
     data.write_text("".join(json.dumps({"text": f"gamma {j} {'q' * (j % 5)}", "label": j % 2}) + "\n"
                             for j in range(60)))

@@ -346,9 +346,28 @@ class CosmoScorer:
         return Scored(out, None, routed.stats, extra)
 
     def explain(self, example, task, max_length: int = 256):
+        """Both sides of one example: the expert the identifier chose and its answer
+        distribution, the routed side's (with the experts it used per module), the base
+        model's share of the unseen side, and the gate's p(seen)."""
+        from recycle import methods
+
+        part = _sub_plan(self.plan.data["parts"]["unseen"])
+        routed_scorer = methods.get(part.method).scorer(part, self.model, self.tok)
+        try:
+            _, routing = routed_scorer.explain(example, task, max_length=max_length)
+        finally:
+            routed_scorer.close()
         scored = self.score([example], [task], batch_size=1, max_length=max_length)
         e = scored.extra
-        return scored.scores[0], {"p_seen": e["p_seen"][0], "seen_expert": e["seen_expert"][0], "q_routed": e["q"][0]}
+
+        def dist(scores):
+            return {c: round(float(p), 6) for c, p in zip(example.choices, probs(scores))}
+
+        return scored.scores[0], {
+            "p_seen": e["p_seen"][0],
+            "seen": {"expert": e["seen_expert"][0], "answers": dist(e["seen_scores"][0])},
+            "unseen": {"answers": dist(e["routed_scores"][0]), "base_share": 1 - e["q"][0], "experts": routing},
+        }
 
 
 def far_features(p_routed: torch.Tensor, p_base: torch.Tensor, d_min: float) -> torch.Tensor:
