@@ -332,3 +332,14 @@ def test_data_prints_literally(world, tmp_path):
     _ok("add-task", spec)
     out = _ok("tasks", "preview", "lit", "-n", "3").stdout
     assert ":x: [bold]item[/bold]" in out and "❌" not in out
+
+
+def test_a_hub_data_set_offline_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    spec = tmp_path / "t.toml"
+    spec.write_text('name = "remote"\ntemplate = "T: {text}"\nchoices = [" a", " b"]\nlabel_field = "label"\n'
+                    '[source]\nhub = "some-org/not-cached-anywhere"\n')
+    t0 = time.time()
+    err = one_line_error(cli("add-task", spec))
+    assert "cannot load" in err and time.time() - t0 < 20

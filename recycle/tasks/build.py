@@ -87,6 +87,7 @@ def load_source(spec: TaskSpec) -> dict[str, list[dict]]:
                 raise RecycleError(f"save_to_disk folder {src['disk']} does not exist")
             ds = datasets.load_from_disk(src["disk"])
         else:
+            _hub_reachable(src["hub"], src.get("revision"))
             ds = datasets.load_dataset(
                 src["hub"], src.get("config"), revision=src.get("revision"), **options
             )
@@ -103,6 +104,31 @@ def load_source(spec: TaskSpec) -> dict[str, list[dict]]:
             )
         ds = datasets.DatasetDict({src["split"]: ds[src["split"]]})
     return {name: part.to_list() for name, part in ds.items()}
+
+
+def _hub_reachable(name: str, revision: str | None) -> None:
+    """Fail at once, in one line, where a hub data set cannot be had: offline
+    (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) ``datasets`` reads its cache only; online,
+    one bounded request first, instead of ``datasets``' retries."""
+    import os
+
+    from recycle import hub
+
+    if hub.offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().dataset_info(name, revision=revision, timeout=hub.TIMEOUT)
+    except RevisionNotFoundError:
+        raise RecycleError(f"data set {name} has no revision {revision!r} on the hub") from None
+    except RepositoryNotFoundError:
+        raise RecycleError(f"no data set {name} on the hub (or it is private or gated)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise RecycleError(f"cannot reach the hub for data set {name} ({' '.join(str(e).split())[:120]}); "
+                           "set HF_HUB_OFFLINE=1 to use the local cache") from None
 
 
 def _asset(src: dict) -> Path:
