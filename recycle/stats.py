@@ -64,7 +64,9 @@ def paired_bootstrap(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]], re
         boots += d[rng.integers(0, len(d), size=(reps, len(d)))].mean(1)
     observed, boots = observed / len(groups), np.sort(boots / len(groups))
     lo, hi = boots[int(0.025 * reps)], boots[min(reps - 1, int(0.975 * reps))]
-    p = 2 * min((boots <= 0).mean(), (boots >= 0).mean())
+    # two-sided, counted conservatively ((k + 1) / (reps + 1)): never 0, at least 1 / (reps + 1)
+    tail = min(int((boots <= 0).sum()), int((boots >= 0).sum()))
+    p = 2 * (tail + 1) / (reps + 1)
     return {"diff": float(observed), "ci_low": float(lo), "ci_high": float(hi), "p": float(min(1.0, p))}
 
 
