@@ -199,10 +199,6 @@ class Cosmo(Method):
             raise RecycleError(f"composition {plan.label} has no gate yet: train it with recycle train-gate {plan.label}")
         return CosmoScorer(plan, model, tokenizer)
 
-    @staticmethod
-    def trainer(*args, **kwargs):
-        return train_gate(*args, **kwargs)
-
 
 METHOD = Cosmo()
 

@@ -11,7 +11,9 @@ A method is a :class:`Method` subclass with
 - the worker side, which never sees the registry: :meth:`Method.build` (install the
   method on a model from loaded experts, settings and artifacts), :meth:`Method.install`
   (the same from a :class:`Plan`) and, for per-example methods, :meth:`Method.assign`;
-- where the method trains something, ``trainer``: the library entry point that does it.
+- where the method trains something, its library entry point (``moepp.train_router``,
+  ``cosmo.train_gate``; PHATGOOSE's gates: :func:`recycle.gates.train`) and ``trains``, the
+  command that calls it.
 
 A :class:`Plan` is the picklable hand-over from driver to worker.
 """
@@ -87,8 +89,7 @@ class Method:
     token_routed: ClassVar[bool] = False  # routes each token (routing is recorded)
     per_example: ClassVar[bool] = False  # needs assign() before each batch
     in_default_eval: ClassVar[bool] = True  # one of `recycle eval`'s default methods
-    trainer = None  # the library function that trains what the method needs, if anything
-    trains: ClassVar[str | None] = None  # the CLI command that calls it
+    trains: ClassVar[str | None] = None  # the CLI command that trains what the method needs, if anything
 
     # ---- settings ------------------------------------------------------------------
 
@@ -101,8 +102,9 @@ class Method:
 
     # ---- driver side ---------------------------------------------------------------
 
-    def select(self, registry, names: list[str] | None, settings: Settings) -> list[dict]:
-        """The member experts: the named ones, or every single-task expert (one base)."""
+    def select(self, registry, names: list[str] | None, values: dict) -> list[dict]:
+        """The member experts: the named ones, or every single-task expert (one base);
+        ``values``: the settings as given (a method may name its member there)."""
         if names:
             experts = [registry.expert(n) for n in names]
         elif self.members == "multitask":

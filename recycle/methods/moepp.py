@@ -222,10 +222,6 @@ class Moepp(Method):
         link_residuals(handle, settings)
         return handle
 
-    @staticmethod
-    def trainer(*args, **kwargs):
-        return train_router(*args, **kwargs)
-
 
 METHOD = Moepp()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from recycle import gates
 from recycle.errors import RecycleError
 from recycle.methods.method import Method, TokenSettings
 from recycle.routing import GateRouter, install_routed, load_vectors
@@ -27,8 +26,7 @@ class Phatgoose(Method):
     Settings = TokenSettings
     needs = "gates"
     token_routed = True
-    trainer = staticmethod(gates.train)
-    trains = "train-gates"
+    trains = "train-gates"  # recycle.gates.train
 
     def artifacts(self, plan, model, tokenizer):
         return {"gates": {m["name"]: m["gates"] for m in plan.members}}
