@@ -15,6 +15,7 @@ relative to PHATGOOSE top-2 and to the base model.
 
     RECYCLE_DB=benchmarks/quality/registry.db python benchmarks/moepp.py
     python benchmarks/moepp.py --taus 0.5 --n 100 --steps 50      # a quick look
+    python benchmarks/moepp.py --objective distill --taus 0.5 --no-ablations --out benchmarks/results/moepp-distill
 
 Results: benchmarks/results/moepp.{json,md}.
 """
@@ -115,6 +116,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--objective", choices=("lm", "distill"), default="lm",
+                    help="the router's training objective (train-router --objective)")
+    ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
+                    help="the two ablations at the best tau")
     ap.add_argument("--out", default=str(RESULTS / "moepp"))
     args = ap.parse_args()
     try:
@@ -134,7 +139,8 @@ def main() -> None:
     registry = Registry(create=False)
     report = Reporter()
     t_start = time.time()
-    train = RouterTrainSettings(steps=args.steps)
+    train = RouterTrainSettings(steps=args.steps, objective=args.objective)
+    suffix = "" if args.objective == "lm" else f"-{args.objective}"
     rows, trained = {}, {}
 
     def composition(label: str, **settings) -> None:
@@ -145,17 +151,19 @@ def main() -> None:
         rows["phatgoose"] = {"settings": "top-2", **evaluate(registry, "phatgoose", args.n, composition=False)}
         report.say(f"phatgoose: held-out {rows['phatgoose']['held_out']:.3f}")
         for tau in taus:
-            label = f"moepp-tau{tau:g}"
+            label = f"moepp-tau{tau:g}{suffix}"
             composition(label, tau=tau)
-            rows[label] = {"settings": f"tau {tau:g}", **evaluate(registry, label, args.n, composition=True)}
+            rows[label] = {"settings": f"tau {tau:g}{', distilled' if suffix else ''}", **evaluate(registry, label, args.n, composition=True)}
             report.say(f"{label}: held-out {rows[label]['held_out']:.3f}, LoRA products/token "
                        f"{rows[label]['lora_products']:.3f}")
-        best = max((f"moepp-tau{t:g}" for t in taus), key=lambda lab: rows[lab]["held_out"])
-        tau = float(best.split("tau")[1])
+        best = max((f"moepp-tau{t:g}{suffix}" for t in taus), key=lambda lab: rows[lab]["held_out"])
+        tau = taus[[f"moepp-tau{t:g}{suffix}" for t in taus].index(best)]
         for label, settings, text in ((f"{best}-noresidual", {"tau": tau, "residual": False}, "no gating residual"),
                                       (f"{best}-zeroonly", {"tau": tau, "copy": 0, "constant": 0}, "zero experts only")):
+            if not args.ablations:
+                break
             composition(label, **settings)
-            rows[label] = {"settings": f"tau {tau:g}, {text}", **evaluate(registry, label, args.n, composition=True)}
+            rows[label] = {"settings": f"tau {tau:g}, {text}{', distilled' if suffix else ''}", **evaluate(registry, label, args.n, composition=True)}
     timing = forward_times(registry, [lab for lab in rows if lab != "phatgoose"], args.reps, args.batch)
     secs = timing["seconds"]
     for label, r in rows.items():
@@ -171,7 +179,8 @@ def main() -> None:
 
     write_json(out.with_suffix(".json"), data)
     pg = rows["phatgoose"]
-    lines = [f"Command: `{data['command']}` ({data['seconds']:.0f} s on {data['cpu']})", "",
+    lines = [f"Command: `{data['command']}` ({data['seconds']:.0f} s on {data['cpu']}); router objective: "
+             f"{args.objective}", "",
              f"Forward time: {timing['batch']} real held-out prompts ({timing['tokens']} tokens), min of {args.reps}; "
              f"base {secs['base'] * 1e3:.0f} ms, PHATGOOSE {secs['phatgoose'] * 1e3:.0f} ms.", "",
              "| composition | settings | held-out avg | held-in avg | LoRA products / token | vs PHATGOOSE | "

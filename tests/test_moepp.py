@@ -162,6 +162,33 @@ def test_zero_initialised_composition_equals_phatgoose_on_a_model(llama, adapter
     assert "model.layers.1.self_attn.q_proj/residual" in state and "model.layers.0.self_attn.q_proj/residual" not in state
 
 
+def test_distillation_teacher_is_the_untrained_composition(llama, adapters):
+    from recycle.methods.moepp import distill_loss, plain_routing
+
+    names = ["a", "b", "c", "d"]
+    gates = random_gates(llama, adapters, names, seed=3)
+    batch = inputs(batch=2, seq=9)
+    folders = {n: adapters[n] for n in names}
+    with build_routed_model(llama, folders, "phatgoose", top_k=2, gates=gates):
+        expected = logits(llama, batch)
+    with build_routed_model(llama, folders, "moepp", top_k=2, gates=gates) as h:
+        assert float(distill_loss(llama, h, batch)) == pytest.approx(0.0, abs=1e-6)  # zero-init: no change yet
+        with torch.no_grad():  # "train" it: the zero expert and a residual take over
+            for layer in h.routed:
+                layer.router.free_b[0] = 5.0
+                if layer.router.residual is not None:
+                    layer.router.residual.normal_(0, 1.0)
+        moved = logits(llama, batch)
+        with plain_routing(h):
+            teacher = logits(llama, batch)
+        again = logits(llama, batch)  # the block restores the trained routing
+        loss = distill_loss(llama, h, batch)
+    torch.testing.assert_close(teacher, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(again, moved)
+    assert not torch.allclose(moved, expected, atol=1e-4)
+    assert float(loss) > 1e-6 and loss.requires_grad
+
+
 def test_moepp_settings_are_refused_in_one_line():
     with pytest.raises(RecycleError, match="--tau must be positive"):
         MoeppSettings(tau=0)

@@ -24,6 +24,9 @@ def train_router_cmd(
         help="Comma-separated tasks, or a JSONL file of {prompt, answer} (default: the members' own tasks' "
              "train splits).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample and the batch order.")] = 0,
+    objective: Annotated[str, typer.Option(
+        help="lm: cross-entropy on the calibration answers (the paper's loss); distill: keep the PHATGOOSE "
+             "composition's next-token distributions (KL on every token, no labels used).")] = "lm",
     force: Annotated[bool, typer.Option("--force", help="Retrain even if trained with these settings.")] = False,
     address: AddressOption = None,
     gpus: Annotated[Optional[float], typer.Option(help="GPUs for the task (default: 1 if the cluster has GPUs).",
@@ -46,7 +49,7 @@ def train_router_cmd(
     from recycle.methods.moepp import RouterTrainSettings, train_router
 
     settings = RouterTrainSettings(steps=steps, lr=lr, beta=beta, batch_size=batch_size, max_length=max_length,
-                                   examples=examples, seed=seed)
+                                   examples=examples, seed=seed, objective=objective)
     out = train_router(open_registry(db, create=False), name, settings, calibration_source=calibration, force=force,
                        address=address, gpus=gpus, cpus=cpus)
     if json_:

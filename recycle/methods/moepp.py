@@ -33,6 +33,12 @@ balance loss of the paper, ``E Σ_i η_i f_i P_i`` per routed module (f_i: share
 token's k slots given to expert i, P_i: mean routing probability, η = 1 for LoRA experts and
 τ for computation-free ones; the training code of MoE++ is not released, so this follows the
 paper's text). A lower τ makes the cheap experts cheaper to the loss: more tokens go to them.
+``objective="distill"`` replaces the LM loss by KL(teacher ‖ model) of the next-token
+distributions on every real token, the teacher being the same composition routed as plain
+PHATGOOSE top-k (:func:`plain_routing`): no labels are used and the router is asked to save
+LoRA products where they do not change the PHATGOOSE answer, not to fit the calibration
+answers (which, with the LM loss, taught our benchmark's sentiment tasks a label prior:
+benchmarks/results/moepp.md).
 
 Dispatch: a token's LoRA products are computed only for its LoRA picks (sparse dispatch;
 these layers never take the dense path), so a token routed to zero and copy computes no
@@ -44,6 +50,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,12 +114,15 @@ class MoeppRouter(GateRouter):
         self._zero = list(range(self.n_lora, self.n_lora + settings.zero))
         self._copy = list(range(self.n_lora + settings.zero, self.n_lora + settings.zero + settings.copy))
         self._const = list(range(self.n_lora + settings.zero + settings.copy, self.n_lora + z))
+        self.plain = False  # route as PHATGOOSE top-k over the LoRA experts alone (the distillation teacher)
 
     @property
     def n_routes(self) -> int:
         return self.n_lora + self.n_free
 
     def forward(self, x: torch.Tensor, layer) -> Route:
+        if self.plain:
+            return super().forward(x, layer)
         x = x.reshape(-1, x.shape[-1])
         raw, rstd = self.scores(x)
         xd = x.to(raw.dtype)
@@ -203,6 +213,21 @@ def link_residuals(handle, settings: MoeppSettings) -> None:
                                                   device=r.proj.device))
 
 
+@contextmanager
+def plain_routing(handle):
+    """Inside the block the composition routes as PHATGOOSE top-k over its LoRA experts (no
+    computation-free expert, no gating residual): what it is before training, whatever its
+    parameters hold."""
+    routers = [layer.router for layer in handle.routed if isinstance(layer.router, MoeppRouter)]
+    for r in routers:
+        r.plain = True
+    try:
+        yield
+    finally:
+        for r in routers:
+            r.plain = False
+
+
 class Moepp(Method):
     name = "moepp"
     summary = ("MoE++: PHATGOOSE routing plus zero/copy/constant experts and gating residuals, "
@@ -239,6 +264,9 @@ class RouterTrainSettings(Settings):
     warmup: float = setting(0.06, "fraction of steps of linear warm-up", minimum=0, below=1)
     examples: int = setting(400, "calibration examples (spread over the members' tasks by default)", minimum=1)
     seed: int = setting(0, "seed of the sample and the batch order")
+    objective: str = setting("lm", "what the router learns: the calibration answers (lm, the paper's loss) or "
+                             "to keep the PHATGOOSE composition's next-token distributions (distill)",
+                             choices=("lm", "distill"))
 
 @dataclass
 class RouterJob:
@@ -305,6 +333,18 @@ def calibration(registry, plan, source: str | None, n: int, seed: int) -> tuple[
     return rows, {"tasks": specs}
 
 
+def distill_loss(model, handle, batch: dict) -> torch.Tensor:
+    """Mean KL(teacher ‖ model) of the next-token distributions over every real token of
+    the batch; the teacher is the same composition routed as PHATGOOSE top-k over its LoRA
+    experts alone (:func:`plain_routing`), i.e. what it computes before training."""
+    keep = batch["attention_mask"].bool()
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    with torch.no_grad(), plain_routing(handle):
+        teacher = torch.log_softmax(model(**kw).logits[keep].float(), -1)
+    student = torch.log_softmax(model(**kw).logits[keep].float(), -1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
 def run_router_job(job: RouterJob) -> dict:
     """Train a composition's router parameters (worker side) and write them; returns a
     plain summary."""
@@ -340,7 +380,7 @@ def run_router_job(job: RouterJob) -> dict:
         for step in range(s.steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             set_lr(opt, lr_at(step, s.steps, warm, s.lr, decay=False))
-            lm = answer_loss(model, batch)
+            lm = distill_loss(model, handle, batch) if s.objective == "distill" else answer_loss(model, batch)
             aux = torch.stack(handle.context.losses).mean() if handle.context.losses else lm.new_zeros(())
             loss = lm + s.beta * aux
             if not torch.isfinite(loss):
@@ -427,6 +467,7 @@ def train_router(
              "calibration": source, **{k: result[k] for k in ("steps", "loss_start", "loss_end", "balance_start",
                                                                "balance_end", "examples", "seconds")}}
     registry.set_composition_state(name, "router", state, expect_settings=row["settings"])
-    report.ok(f"{name}: LM loss {result['loss_start']:.4f} → {result['loss_end']:.4f}, balance "
+    what = "distillation KL" if settings.objective == "distill" else "LM loss"
+    report.ok(f"{name}: {what} {result['loss_start']:.4f} → {result['loss_end']:.4f}, balance "
               f"{result['balance_start']:.3f} → {result['balance_end']:.3f}, {result['seconds']:.0f} s")
     return {**state, "status": "trained"}
