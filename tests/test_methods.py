@@ -216,6 +216,10 @@ def test_siblings_share_their_scores_and_a_products(llama, adapters):
         with h.record() as shared_rec:
             shared = logits(llama, batch)
         assert len(calls) == 4  # once per group and forward, not once per module
+        with torch.inference_mode():  # inference tensors have no version counter
+            inference = llama(**batch).logits
+        assert len(calls) == 8
+        torch.testing.assert_close(inference, shared)
         for layer in h.layers.values():
             layer.group = None
         with h.record() as alone_rec:

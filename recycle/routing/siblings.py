@@ -46,7 +46,9 @@ class SiblingGroup:
     def take(self, layer, x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(raw scores [T, N], 1/std [T, 1], A products [T, N r])`` of ``layer`` for input
         ``x`` [T, d] (computed for every sibling on first use)."""
-        key = (x.data_ptr(), tuple(x.shape), x._version, x.dtype)
+        # Inference tensors (torch.inference_mode) carry no version counter; there the key is
+        # the storage, shape and dtype, and the cache still lasts one pass over the siblings.
+        key = (x.data_ptr(), tuple(x.shape), None if x.is_inference() else x._version, x.dtype)
         if key != self._key or layer not in self._parts:
             self._compute(x, eps)
             self._key = key
