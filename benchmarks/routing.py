@@ -36,6 +36,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from recycle.methods import build_routed_model
 from recycle.routing import RoutedLoraLinear
 
+sys.path.insert(0, str(Path(__file__).parent))
+from moepp import cpu_name  # noqa: E402
+
 PROJ = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 RESULTS = Path(__file__).parent / "results"
 
@@ -194,12 +197,13 @@ def main(argv=None) -> None:
         "threads": args.threads, "torch": torch.__version__,
         "timing": "min over reps after 1 warm-up, the three models taking turns",
         "wall_s": round(time.time() - started),
+        "cpu": cpu_name(),
     }  # fmt: skip
     (args.out / "routing.json").write_text(json.dumps({"command": command, "setup": setup, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Routed inference throughput",
         "",
-        f"Command: `{command}` ({setup['wall_s']} s)",
+        f"Command: `{command}` ({setup['wall_s']} s on {setup['cpu']})",
         "",
         f"Setup: {setup['model']}; {setup['experts']}; k = {args.top_k}; inputs: batch {setup['batches']} x "
         f"{args.seq} tokens; {args.threads} threads; torch {torch.__version__}; time = {setup['timing']} "
