@@ -140,8 +140,11 @@ def main() -> None:
     report = Reporter()
     t_start = time.time()
     train = RouterTrainSettings(steps=args.steps, objective=args.objective)
-    suffix = "" if args.objective == "lm" else f"-{args.objective}"
+    suffix, note = ("", "") if args.objective == "lm" else (f"-{args.objective}", ", distilled")
     rows, trained = {}, {}
+
+    def label_of(tau: float) -> str:
+        return f"moepp-tau{tau:g}{suffix}"
 
     def composition(label: str, **settings) -> None:
         compose.create(registry, label, "moepp", None, settings, replace=True)
@@ -151,19 +154,19 @@ def main() -> None:
         rows["phatgoose"] = {"settings": "top-2", **evaluate(registry, "phatgoose", args.n, composition=False)}
         report.say(f"phatgoose: held-out {rows['phatgoose']['held_out']:.3f}")
         for tau in taus:
-            label = f"moepp-tau{tau:g}{suffix}"
+            label = label_of(tau)
             composition(label, tau=tau)
-            rows[label] = {"settings": f"tau {tau:g}{', distilled' if suffix else ''}", **evaluate(registry, label, args.n, composition=True)}
+            rows[label] = {"settings": f"tau {tau:g}{note}", **evaluate(registry, label, args.n, composition=True)}
             report.say(f"{label}: held-out {rows[label]['held_out']:.3f}, LoRA products/token "
                        f"{rows[label]['lora_products']:.3f}")
-        best = max((f"moepp-tau{t:g}{suffix}" for t in taus), key=lambda lab: rows[lab]["held_out"])
-        tau = taus[[f"moepp-tau{t:g}{suffix}" for t in taus].index(best)]
-        for label, settings, text in ((f"{best}-noresidual", {"tau": tau, "residual": False}, "no gating residual"),
-                                      (f"{best}-zeroonly", {"tau": tau, "copy": 0, "constant": 0}, "zero experts only")):
-            if not args.ablations:
-                break
+        tau = max(taus, key=lambda t: rows[label_of(t)]["held_out"])
+        best = label_of(tau)
+        ablations = ((f"{best}-noresidual", {"tau": tau, "residual": False}, "no gating residual"),
+                     (f"{best}-zeroonly", {"tau": tau, "copy": 0, "constant": 0}, "zero experts only"))
+        for label, settings, text in ablations if args.ablations else ():
             composition(label, **settings)
-            rows[label] = {"settings": f"tau {tau:g}, {text}{', distilled' if suffix else ''}", **evaluate(registry, label, args.n, composition=True)}
+            rows[label] = {"settings": f"tau {tau:g}, {text}{note}",
+                           **evaluate(registry, label, args.n, composition=True)}
     timing = forward_times(registry, [lab for lab in rows if lab != "phatgoose"], args.reps, args.batch)
     secs = timing["seconds"]
     for label, r in rows.items():

@@ -144,14 +144,21 @@ def test_balance_loss_is_one_when_uniform():
     assert float(layer2.router.balance_loss(logits, idx)) < 1.0
 
 
-def test_zero_initialised_composition_equals_phatgoose_on_a_model(llama, adapters):
+def phatgoose_then_moepp(llama, adapters):
+    """A batch, PHATGOOSE top-2's logits on it, and a builder of the zero-initialised MoE++
+    composition over the same four experts and gates."""
     names = ["a", "b", "c", "d"]
     gates = random_gates(llama, adapters, names, seed=3)
     batch = inputs(batch=2, seq=9)
     folders = {n: adapters[n] for n in names}
     with build_routed_model(llama, folders, "phatgoose", top_k=2, gates=gates):
         expected = logits(llama, batch)
-    with build_routed_model(llama, folders, "moepp", top_k=2, gates=gates) as h:
+    return batch, expected, lambda: build_routed_model(llama, folders, "moepp", top_k=2, gates=gates)
+
+
+def test_zero_initialised_composition_equals_phatgoose_on_a_model(llama, adapters):
+    batch, expected, moepp = phatgoose_then_moepp(llama, adapters)
+    with moepp() as h:
         with h.record() as rec:
             got = logits(llama, batch)
         state = h.router_state()
@@ -165,13 +172,8 @@ def test_zero_initialised_composition_equals_phatgoose_on_a_model(llama, adapter
 def test_distillation_teacher_is_the_untrained_composition(llama, adapters):
     from recycle.methods.moepp import distill_loss, plain_routing
 
-    names = ["a", "b", "c", "d"]
-    gates = random_gates(llama, adapters, names, seed=3)
-    batch = inputs(batch=2, seq=9)
-    folders = {n: adapters[n] for n in names}
-    with build_routed_model(llama, folders, "phatgoose", top_k=2, gates=gates):
-        expected = logits(llama, batch)
-    with build_routed_model(llama, folders, "moepp", top_k=2, gates=gates) as h:
+    batch, expected, moepp = phatgoose_then_moepp(llama, adapters)
+    with moepp() as h:
         assert float(distill_loss(llama, h, batch)) == pytest.approx(0.0, abs=1e-6)  # zero-init: no change yet
         with torch.no_grad():  # "train" it: the zero expert and a residual take over
             for layer in h.routed:
