@@ -343,3 +343,13 @@ def test_a_hub_data_set_offline_fails_at_once(tmp_path, monkeypatch):
     t0 = time.time()
     err = one_line_error(cli("add-task", spec))
     assert "cannot load" in err and time.time() - t0 < 20
+
+
+@pytest.mark.parametrize("args", [["train-router", "c", "-x"], ["train-router", "c", "--steps", "nan"],
+                                  ["eval", "--bogus"], ["compose"]])
+def test_usage_errors_exit_2_without_a_traceback_line(args):
+    """Typer carries its own copy of click: its usage errors are bad input (exit 2, click's
+    usage message), not an internal error (exit 1)."""
+    r = cli(*args)
+    assert r.exit_code == 2, r.output
+    assert "run with --debug" not in r.output and "Traceback" not in r.output

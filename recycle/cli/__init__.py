@@ -9,6 +9,7 @@ import traceback
 import click
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException  # the errors of the copy of click typer carries
 
 from recycle.errors import RecycleError
 
@@ -41,8 +42,9 @@ class RecycleGroup(TyperGroup):
                 traceback.print_exc()
             click.echo("Interrupted: what had finished is recorded whole; nothing partial was kept.", err=True)
             ctx.exit(130)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
-            raise
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort,
+                TyperException):
+            raise  # click's own handling: usage errors exit 2 with the usage line, help is help
         except Exception as e:  # a bug, or an environment problem: still one line
             if _debug(ctx):
                 traceback.print_exc()
