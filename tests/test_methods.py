@@ -14,7 +14,7 @@ from recycle import methods
 from recycle.cli import app
 from recycle.errors import RecycleError
 from recycle.methods import build_routed_model
-from recycle.routing import Route, Router, install_routed, load_expert
+from recycle.routing import Route, Router, RoutedLoraLinear, install_routed, load_expert
 from recycle.settings import parse_cli_settings
 
 from tests.test_routing import adapters, inputs, llama, logits  # noqa: F401  (fixtures)
@@ -197,16 +197,20 @@ def test_token_routers_refuse_bad_settings_and_top_k_is_capped(llama, adapters):
         assert route.idx.shape == (3, 2) and math.isclose(float(route.weight.sum(1)[0]), 1.0)
 
 
-def test_siblings_share_their_scores_and_a_products(llama, adapters):
-    """q/k/v and gate/up read one input each: with PHATGOOSE routing and dense dispatch their
-    standardisation, scores and A products are computed once per input, with the same
-    routing and output as each module alone."""
+@pytest.mark.parametrize("dense", [True, False])
+def test_siblings_share_their_scores_and_a_products(llama, adapters, monkeypatch, dense):
+    """q/k/v and gate/up read one input each: with PHATGOOSE routing their standardisation
+    and scores (and with dense dispatch their A products) are computed once per input, with
+    the same routing and output as each module alone."""
+    monkeypatch.setattr(RoutedLoraLinear, "dense_max_columns", 10**6 if dense else 0)
     names = ["a", "b", "c"]
     gates = {n: {p: torch.randn(llama.get_submodule(p).in_features, generator=torch.Generator().manual_seed(i))
                  for p in load_expert(adapters[n]).modules} for i, n in enumerate(names)}
     batch = inputs(batch=3, seq=8)
     with build_routed_model(llama, {n: adapters[n] for n in names}, "phatgoose", top_k=2, gates=gates) as h:
         groups = h.context.groups
+        assert all(layer.dense == dense for layer in h.layers.values())
+        assert all((g.A is not None) == dense for g in groups)
         assert sorted(sorted(layer.path.rsplit(".", 1)[1] for layer in g.layers) for g in groups) == \
             [["gate_proj", "up_proj"]] * 2 + [["k_proj", "q_proj", "v_proj"]] * 2
         calls = []

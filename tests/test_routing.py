@@ -195,6 +195,10 @@ def make_layer(n, present, seed):
     return base, experts, gates
 
 
+#: (dense, devices where grouped_mm is used): padded blocks, grouped_mm, dense
+DISPATCHES = [(False, ("cuda",)), (False, ("cpu",)), (True, ("cuda",))]
+
+
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
@@ -213,9 +217,8 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
             explicit[t] += p * m.scaling * (m.B @ (m.A @ x2d[t]))
     torch.testing.assert_close(layer.dense_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
     assert layer._use_grouped_mm  # 24 and 40 float32 features: 16-byte aligned rows
-    dispatches = [(False, True), (False, False), (True, True)]  # grouped_mm, per-expert loop, dense
-    for dense, grouped in dispatches:
-        layer.dense, layer._use_grouped_mm = dense, grouped
+    for dense, devices in DISPATCHES:
+        layer.dense, layer.grouped_mm_devices = dense, devices
         torch.testing.assert_close(layer.sparse_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), base(x) + explicit.view(3, 11, 40), atol=1e-4, rtol=1e-4)
@@ -223,15 +226,55 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
     idx2 = idx.clone()
     idx2[::2, 0] = -1
     layer.router.may_skip = True
-    for dense, grouped in dispatches:
-        layer.dense, layer._use_grouped_mm = dense, grouped
+    for dense, devices in DISPATCHES:
+        layer.dense, layer.grouped_mm_devices = dense, devices
         got = layer.sparse_delta(x2d, idx2, w)
         torch.testing.assert_close(got, layer.dense_delta(x2d, idx2, w), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("skew", [0.0, 0.9])
+def test_sparse_blocks_balanced_and_skewed(skew):
+    """The padded blocks give the explicit formula whether routing is balanced (a block per
+    expert) or skewed (the heavy expert split into blocks, unused experts skipped), in
+    inference and with gradients (the weights' gradient too), and grouped_mm agrees."""
+    n = 6
+    base, experts, gates = make_layer(n, range(n), seed=7)
+    layer = routed_layer(base, experts, n, lambda lay: GateRouter(lay, gates, 2))
+    layer.dense = False
+    layer.set_router(layer.router)  # the sparse layout
+    layer.dense = False
+    g = torch.Generator().manual_seed(8)
+    t = 200
+    x = torch.randn(t, 24, generator=g)
+    idx = torch.stack([torch.randperm(n - 1, generator=g)[:2] for _ in range(t)])  # expert 5 unused
+    heavy = torch.rand(t, generator=g) < skew
+    idx[heavy, 0] = 0
+    idx[heavy, 1] = torch.where(idx[heavy, 1] == 0, 1, idx[heavy, 1])
+    w = torch.rand(t, 2, generator=g, requires_grad=True)
+    explicit = torch.zeros(t, 40, dtype=torch.float64)
+    for i in range(t):
+        for j, p in zip(idx[i].tolist(), w[i].tolist()):
+            m = experts[j][2]
+            explicit[i] += p * m.scaling * (m.B.double() @ (m.A.double() @ x[i].double()))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit, atol=1e-5, rtol=1e-5)
+        layer.grouped_mm_devices = ("cpu",)
+        torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit, atol=1e-5, rtol=1e-5)
+        layer.grouped_mm_devices = ("cuda",)
+    got = layer.sparse_delta(x, idx, w)  # with gradients: out of place
+    got.sum().backward()
+    grad = torch.zeros(t, 2, dtype=torch.float64)
+    for i in range(t):
+        for c, j in enumerate(idx[i].tolist()):
+            m = experts[j][2]
+            grad[i, c] = (m.scaling * (m.B.double() @ (m.A.double() @ x[i].double()))).sum()
+    torch.testing.assert_close(got.detach().double(), explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad.double(), grad, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_dispatch_in_other_dtypes(dtype):
-    """float64 (no grouped_mm: the per-expert loop) and bfloat16 (ranks padded to 16 bytes)
+    """float64 (no grouped_mm) and bfloat16 (ranks padded to 16 bytes)
     give the float64 formula, to the precision of the dtype, in both dispatches."""
     base, experts, gates = make_layer(8, range(8), seed=1)
     x = torch.randn(50, 24, generator=torch.Generator().manual_seed(1))

@@ -3,21 +3,24 @@
 ``y = W x + Σ_{k ∈ chosen(x)} p_k · s_k B_k A_k x``, where a router picks the experts and
 weights per token. Two dispatches give the same result (tests/test_routing.py):
 
-- grouped (sparse): only the chosen experts' products are computed. The (token, choice)
-  assignments are sorted by expert, the inputs gathered in that order, and two grouped
-  matmuls (``torch.nn.functional.grouped_mm``: one GEMM per expert over its block of rows, in
-  one call) apply the stacked, rank-padded factors; the weighted results are added back to
-  their tokens with ``index_add_``. Where ``grouped_mm`` cannot run (float64, sizes not 16-byte
-  aligned, a device without it) a python loop over the non-empty experts does the same two
-  matmuls per expert. Cost per token: ``k`` LoRA products, plus sorting and gathers.
-- dense, for few experts (``N · r_max <= dense_max_columns``, 256 by default: N <= 32 at
-  r = 8): ``x [A_1^T ... A_N^T]`` in one matmul, each expert's block multiplied by its routing
-  weight (zero for experts not chosen), then one matmul with the stacked ``s_j B_j`` added
-  into the output. It computes all N products, but in ~6 tensor operations, which on CPU is
-  as fast or faster than grouping up to that size (benchmarks/routing.py); set
-  ``dense_max_columns = 0`` to always dispatch sparsely. Layers whose router has
-  computation-free experts (MoE++) always dispatch sparsely, so that a token routed to them
-  computes fewer LoRA products.
+- sparse: only the chosen experts' products are computed. The (token, choice) assignments
+  are sorted by expert and laid out in blocks of equal size, each block one expert's rows
+  (padded with weight-0 rows); one gather of the inputs, two batched matmuls
+  (``torch.bmm``: ``A_e x`` for a block's rows as ``[r, d_in] @ [d_in, rows]``, whose wide
+  output vectorises well on CPU, then ``@ s_e B_e^T``), and the weighted results added back to
+  their tokens with ``index_add_``. A block per used expert, as long as the largest expert's
+  rows pad the others to at most twice the assignments; with unbalanced routing the heavy
+  experts are split into blocks of the mean size instead (padding again at most doubles the
+  rows). On CUDA, where ``torch.nn.functional.grouped_mm`` runs one GEMM per expert over
+  ragged blocks without padding or a host sync, that is used instead. Cost per token: ``k``
+  LoRA products, plus sorting, gathers and the padding.
+- dense, for few experts (``N · r_max <= dense_max_columns``): ``x [A_1^T ... A_N^T]`` in
+  one matmul, each expert's block multiplied by its routing weight (zero for experts not
+  chosen), then one matmul with the stacked ``s_j B_j`` added into the output. It computes
+  all N products, but in ~6 tensor operations, which on CPU is as fast or faster than the
+  sparse dispatch up to that size (benchmarks/routing.py); set ``dense_max_columns = 0`` to
+  always dispatch sparsely. Layers whose router has computation-free experts (MoE++) always
+  dispatch sparsely, so that a token routed to them computes fewer LoRA products.
 
 The router is a module of its own (``layer.router``, see :mod:`recycle.routing.routers`),
 built from the layer by :meth:`RoutedLoraLinear.set_router`. The layers of one model share a
@@ -52,17 +55,25 @@ class RoutedLoraLinear(nn.Module):
 
     Expert factors are non-persistent buffers (they follow ``.to()`` but stay out of the
     ``state_dict``), cast to the base layer's dtype and device: ``lora_A``, either ``[d_in, N * r_max]``
-    (every ``A_j^T`` side by side, read by the dense path) or ``[N, d_in, r_max]`` (stacked,
-    read by grouped dispatch; ``lora_A_cat`` and ``lora_AT`` give either view), and ``lora_BT``
+    (every ``A_j^T`` side by side, read by the dense path) or ``[N, r_max, d_in]`` (every ``A_j``
+    stacked as PEFT stores it, read by the sparse dispatch; ``lora_A_cat`` and ``lora_AT`` give
+    either view), and ``lora_BT``
     ``[N, r_max, d_out]`` (``s_j B_j^T``: the scaling folded in), zero-padded to the largest rank
     rounded up to 16 bytes. Call :meth:`set_router` before the first forward.
     """
 
     #: dispatch: while the stacked rank N * r_max is at most this, the dense path (T·N·r·(d_in +
-    #: d_out) multiply-adds in ~6 operations) runs instead of grouping (T·k·r·(d_in + d_out)
-    #: multiply-adds, but sorting, gathers and a scatter-add); read when the router is set, to
-    #: set the layer's ``dense``. 0: always sparse dispatch.
-    dense_max_columns: int = 256
+    #: d_out) multiply-adds in ~6 operations) runs instead of the sparse one (T·k·r·(d_in +
+    #: d_out) multiply-adds, but sorting, gathers, padding and a scatter-add); read when the
+    #: router is set, to set the layer's ``dense``. 0: always sparse dispatch.
+    dense_max_columns: int = 128
+    #: devices where the sparse dispatch uses ``grouped_mm`` (ragged blocks, no host sync)
+    #: rather than padded blocks and ``bmm``; on CPU grouped_mm is a loop of small GEMMs whose
+    #: r-wide outputs vectorise poorly (2-4x slower than the blocks here).
+    grouped_mm_devices: tuple[str, ...] = ("cuda",)
+    #: sparse dispatch on CPU: blocks are processed in chunks of about this many bytes of
+    #: gathered input or product rows, so that they stay in cache between the steps
+    chunk_bytes: int = 4 << 20
 
     def __init__(
         self,
@@ -90,7 +101,7 @@ class RoutedLoraLinear(nn.Module):
         # pad the rank so rows of A^T x and B^T are 16-byte aligned, as grouped_mm needs
         size, wide = w.element_size(), torch.promote_types(w.dtype, torch.float32)
         r_max = -(-max(self.ranks, default=0) // max(1, 16 // size)) * max(1, 16 // size)
-        A = torch.zeros(len(experts), base_layer.in_features, r_max, dtype=w.dtype, device=w.device)
+        A = torch.zeros(len(experts), r_max, base_layer.in_features, dtype=w.dtype, device=w.device)
         BT = torch.zeros(len(experts), r_max, base_layer.out_features, dtype=w.dtype, device=w.device)
         for j, (_, name, m) in enumerate(experts):
             if m.A.shape[1] != base_layer.in_features or m.B.shape[0] != base_layer.out_features:
@@ -98,10 +109,10 @@ class RoutedLoraLinear(nn.Module):
                     f"expert {name} at {path}: A {tuple(m.A.shape)} B {tuple(m.B.shape)} do not fit "
                     f"Linear({base_layer.in_features}, {base_layer.out_features})"
                 )
-            A[j, :, : m.rank] = m.A.T.to(w.device, w.dtype)
+            A[j, : m.rank, :] = m.A.to(w.device, w.dtype)
             BT[j, : m.rank, :] = (m.scaling * m.B.T.to(wide)).to(w.device, w.dtype)  # s_j folded in
         #: the dispatch: dense (True) or grouped, set with the router; stored as the one layout
-        #: of A it reads: [d_in, N * r_max] (dense) or [N, d_in, r_max] (grouped)
+        #: of A it reads: [d_in, N * r_max] (dense) or [N, r_max, d_in] (sparse)
         self.dense = False
         self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_BT", BT, persistent=False)
@@ -119,7 +130,7 @@ class RoutedLoraLinear(nn.Module):
         AT = self.lora_AT
         self.router = router
         self.dense = self.n_experts * AT.shape[-1] <= self.dense_max_columns and not router.n_free
-        self.lora_A = AT.permute(1, 0, 2).reshape(self.in_features, -1) if self.dense else AT.contiguous()
+        self.lora_A = AT.permute(1, 0, 2).reshape(self.in_features, -1) if self.dense else AT.transpose(1, 2).contiguous()
 
     # The wrapped layer answers like a Linear (some models read .weight, e.g. T5's wo).
     @property
@@ -143,14 +154,14 @@ class RoutedLoraLinear(nn.Module):
         """``A_j^T`` stacked, ``[N, d_in, r_max]``."""
         if self.lora_A.dim() == 2:
             return self.lora_A.view(self.in_features, self.n_experts, -1).permute(1, 0, 2)
-        return self.lora_A
+        return self.lora_A.transpose(1, 2)
 
     @property
     def lora_A_cat(self) -> torch.Tensor:
         """``A_j^T`` side by side, ``[d_in, N * r_max]``: one matmul gives every expert's A x."""
         if self.lora_A.dim() == 2:
             return self.lora_A
-        return self.lora_A.permute(1, 0, 2).reshape(self.in_features, -1)
+        return self.lora_A.permute(2, 0, 1).reshape(self.in_features, -1)
 
     @property
     def n_experts(self) -> int:
@@ -199,7 +210,11 @@ class RoutedLoraLinear(nn.Module):
         idx, weight = select_top_k(raw, r.top_k, r.weighting, r.temperature, scale=rstd)
         if self.context.recorder is not None:
             self.context.recorder.add(self, x.shape[:-1], Route(idx, weight, raw, rstd))
-        self._add_dense(result.view(-1, result.shape[-1]), x2d, idx, weight.to(z.dtype), False, z=z)
+        out = result.view(-1, result.shape[-1])
+        if z is None:
+            self.add_sparse_delta(out, x2d.to(self.lora_A.dtype), idx, weight)
+        else:
+            self._add_dense(out, x2d, idx, weight.to(z.dtype), False, z=z)
         return result
 
     def delta(self, x: torch.Tensor, route: Route) -> torch.Tensor:
@@ -227,23 +242,15 @@ class RoutedLoraLinear(nn.Module):
         if self.dense:
             return self._add_dense(out, x, idx, weight, filtered, inplace)
         experts, weight = idx.reshape(-1), weight.reshape(-1)
-        rows = None
         if filtered:  # only the assignments to LoRA experts are computed
             rows = ((experts >= 0) & (experts < n)).nonzero().squeeze(1)
             if rows.numel() == 0:
                 return out
             experts, weight = experts.index_select(0, rows), weight.index_select(0, rows)
-        order = torch.argsort(experts, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(experts, minlength=n)
-        if rows is not None:
-            tokens = rows.index_select(0, order) // k
+            tokens = rows // k if k > 1 else rows
         else:
-            tokens = order // k if k > 1 else order
-        xs = x.index_select(0, tokens)
-        ys = self._grouped(xs, weight.index_select(0, order), counts, inplace)
-        if inplace:
-            return out.index_add_(0, tokens, ys.to(out.dtype))
-        return out.index_add(0, tokens, ys.to(out.dtype))
+            tokens = torch.arange(t * k, device=x.device) // k if k > 1 else None
+        return self._add_products(out, x, experts, tokens, weight, inplace)
 
     def _add_dense(self, out, x, idx, weight, filtered, inplace=True, z=None):
         """Every expert's ``A x`` in one matmul (or ``z``, computed already), scaled by the
@@ -267,28 +274,54 @@ class RoutedLoraLinear(nn.Module):
             return out.addmm_(z, b)
         return out.add_((z @ b).to(out.dtype))
 
-    def _grouped(self, xs, weight, counts, inplace=True):
-        """``weight[i] · (xs[i] A_e^T) B_e^T`` for rows ``xs`` sorted by expert, ``counts[e]``
-        rows for expert ``e``: two grouped matmuls, or a loop over the non-empty experts where
-        ``grouped_mm`` cannot take the device, dtype or shapes."""
-        if self._use_grouped_mm and inplace:  # grouped_mm has no CPU backward: the loop when training
+    def _add_products(self, out, x, experts, tokens, weight, inplace=True):
+        """Add ``weight[i] · s_e B_e A_e x[tokens[i]]`` (``e = experts[i]``, a LoRA expert)
+        to ``out[tokens[i]]`` for every assignment ``i`` (``tokens`` None: ``i`` itself), by
+        sorted blocks (see the module docstring)."""
+        n = self.n_experts
+        order = torch.argsort(experts, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(experts, minlength=n)
+        tokens = order if tokens is None else tokens.index_select(0, order)
+        weight = weight.index_select(0, order)
+        if self._use_grouped_mm and inplace and x.device.type in self.grouped_mm_devices:
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             try:
-                z = F.grouped_mm(xs, self.lora_AT, offs=offs)
-                z = z.mul_(weight[:, None]) if inplace else z * weight[:, None]
-                return F.grouped_mm(z, self.lora_BT, offs=offs)
-            except RuntimeError:  # unsupported here (e.g. an old GPU): use the loop from now on
+                z = F.grouped_mm(x.index_select(0, tokens), self.lora_AT, offs=offs).mul_(weight[:, None])
+                return out.index_add_(0, tokens, F.grouped_mm(z, self.lora_BT, offs=offs).to(out.dtype))
+            except RuntimeError:  # unsupported here (e.g. an old GPU): padded blocks from now on
                 self._use_grouped_mm = False
-        ys = []
-        start = 0
-        for j, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            end, r = start + count, self.ranks[j]
-            z = (xs[start:end] @ self.lora_AT[j, :, :r]) * weight[start:end, None]
-            ys.append(z @ self.lora_BT[j, :r, :])
-            start = end
-        return torch.cat(ys) if ys else xs.new_zeros(0, self.out_features)
+        m = experts.numel()
+        # one block per used expert, the size of the largest; if that more than doubles the
+        # rows (unbalanced routing), blocks of the mean size, heavy experts taking several
+        stats = torch.stack([counts.max(), (counts > 0).sum()]).tolist()
+        size = stats[0] if stats[0] * stats[1] <= 2 * m else -(-m // stats[1])
+        blocks = (counts + (size - 1)).div_(size, rounding_mode="floor")  # per expert
+        ends = torch.cumsum(blocks, 0)
+        n_blocks = int(ends[-1])
+        # slot of each sorted assignment: its expert's first block * size + rank among its rows
+        experts = experts.index_select(0, order)
+        starts = torch.cumsum(counts, 0).sub_(counts)
+        slot = (ends - blocks).index_select(0, experts).mul_(size)
+        slot += torch.arange(m, device=x.device) - starts.index_select(0, experts)
+        # padding rows read token 0 with weight 0: they add exact zeros to it
+        src = torch.zeros(n_blocks * size, dtype=torch.long, device=x.device).index_copy_(0, slot, tokens)
+        w = weight.new_zeros(n_blocks * size).index_copy(0, slot, weight).view(n_blocks, 1, size)
+        A, BT = self.lora_A if self.lora_A.dim() == 3 else self.lora_AT.transpose(1, 2), self.lora_BT
+        if not (size == stats[0] and stats[1] == n):  # some experts unused, or split: factors per block
+            owner = torch.repeat_interleave(torch.arange(n, device=x.device), blocks, output_size=n_blocks)
+            A, BT = A.index_select(0, owner), BT.index_select(0, owner)
+        # the blocks in chunks whose gathered inputs and products stay in cache (on this CPU
+        # 1.6x faster for 1536-wide inputs or outputs than one pass; benchmarks/routing.py)
+        step = max(1, self.chunk_bytes // (size * max(x.shape[1], BT.shape[2]) * x.element_size()))
+        for first in range(0, n_blocks, step):
+            last = min(n_blocks, first + step)
+            rows = src[first * size : last * size]
+            xb = x.index_select(0, rows).view(last - first, size, -1)
+            z = torch.bmm(A[first:last], xb.transpose(1, 2))  # [blocks, r, size]: A_e x for each row
+            z = z.mul_(w[first:last]) if inplace else z * w[first:last]
+            y = torch.bmm(z.transpose(1, 2), BT[first:last]).view(-1, BT.shape[2])  # [rows, d_out]
+            out = out.index_add_(0, rows, y.to(out.dtype)) if inplace else out.index_add(0, rows, y.to(out.dtype))
+        return out
 
     def dense_delta(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Reference: every expert computed for every token, masked by the routing weights."""

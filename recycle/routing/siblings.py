@@ -1,10 +1,10 @@
 """Work shared by routed modules that read the same input.
 
 In a transformer block q/k/v read one input and gate/up another (T5: q/k/v, wi_0/wi_1).
-When such siblings are routed by standardised gate scores (PHATGOOSE, average activation)
-and dispatch densely, what each would compute from that input is computed once for all:
-the standardisation (mean and variance of x), one score matmul against the stacked keys of
-every sibling, and one matmul against every sibling's stacked A factors. The first sibling
+When such siblings are routed by standardised gate scores (PHATGOOSE, average activation),
+what each would compute from that input is computed once for all: the standardisation
+(mean and variance of x), one score matmul against the stacked keys of every sibling, and,
+for the siblings that dispatch densely, one matmul against their stacked A factors. The first sibling
 called with an input computes it; the others take their column slices while the input is
 the same tensor (same storage, shape and version); once every sibling has taken its part
 the cache is dropped (and it is reset with the routing context on every forward).
@@ -19,10 +19,10 @@ SIBLINGS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"q", "k",
 
 
 def shareable(layer) -> bool:
-    """Routed by standardised gate scores, dense dispatch, nothing computation-free."""
+    """Routed by standardised gate scores (nothing computation-free)."""
     from recycle.routing.routers import AvgActivationRouter, GateRouter
 
-    return type(layer.router) in (GateRouter, AvgActivationRouter) and layer.dense
+    return type(layer.router) in (GateRouter, AvgActivationRouter)
 
 
 class SiblingGroup:
@@ -34,9 +34,9 @@ class SiblingGroup:
         self.n = [p.shape[1] - 1 for p in proj]  # experts per layer
         # [d, Σ N_i + 1]: every sibling's keys, then one column of 1/d (the mean of x)
         self.proj = torch.cat([p[:, :-1] for p in proj] + [proj[0][:, -1:]], dim=1).contiguous()
-        a = [layer.lora_A_cat for layer in self.layers]
-        self.width = [t.shape[1] for t in a]
-        self.A = torch.cat(a, dim=1).contiguous()  # [d, Σ N_i r_i]
+        a = [layer.lora_A_cat for layer in self.layers if layer.dense]
+        self.width = [layer.lora_A_cat.shape[1] if layer.dense else 0 for layer in self.layers]
+        self.A = torch.cat(a, dim=1).contiguous() if a else None  # [d, Σ N_i r_i] of the dense ones
         self._key = None
         self._parts: dict = {}
 
@@ -44,8 +44,9 @@ class SiblingGroup:
         self._key, self._parts = None, {}
 
     def take(self, layer, x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(raw scores [T, N], 1/std [T, 1], A products [T, N r])`` of ``layer`` for input
-        ``x`` [T, d] (computed for every sibling on first use)."""
+        """``(raw scores [T, N], 1/std [T, 1], A products [T, N r] or None where ``layer``
+        dispatches sparsely)`` of ``layer`` for input ``x`` [T, d] (computed for every
+        sibling on first use)."""
         # Inference tensors (torch.inference_mode) carry no version counter; there the key is
         # the storage, shape and dtype, and the cache still lasts one pass over the siblings.
         key = (x.data_ptr(), tuple(x.shape), None if x.is_inference() else x._version, x.dtype)
@@ -65,11 +66,11 @@ class SiblingGroup:
             rstd = xc.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
         else:
             rstd = var.clamp_min_(0).add_(eps).rsqrt_()
-        z = x.to(self.A.dtype) @ self.A
+        z = None if self.A is None else x.to(self.A.dtype) @ self.A
         self._parts = {}
         s = w = 0
         for layer, n, width in zip(self.layers, self.n, self.width):
-            self._parts[layer] = (raw[:, s:s + n], rstd, z[:, w:w + width])
+            self._parts[layer] = (raw[:, s:s + n], rstd, z[:, w:w + width] if width else None)
             s, w = s + n, w + width
 
 
