@@ -169,7 +169,7 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 handle = build_routed_model(routed_model, folders, "phatgoose", top_k=args.top_k, gates=gates)
                 routed_build = time.perf_counter() - t0
-                dispatch = {("dense" if m.dense else "grouped") for m in handle.layers.values()}
+                dispatch = {("dense" if m.dense else "sparse") for m in handle.layers.values()}
                 t0 = time.perf_counter()
                 arrow_model = peft_arrow_model(copy.deepcopy(model), list(folders.values()), args.top_k, layers, n_layers)
                 arrow_build = time.perf_counter() - t0
@@ -208,7 +208,7 @@ def main(argv=None) -> None:
         f"Setup: {setup['model']}; {setup['experts']}; k = {args.top_k}; inputs: batch {setup['batches']} x "
         f"{args.seq} tokens; {args.threads} threads; torch {torch.__version__}; time = {setup['timing']} "
         f"({args.reps} reps). Dispatch: the routed layer's choice (dense up to N·r = "
-        f"{RoutedLoraLinear.dense_max_columns}, grouped above).",
+        f"{RoutedLoraLinear.dense_max_columns}, sparse above).",
         "",
         "| routed modules | N experts | dispatch | tokens | base (s) | phatgoose-routed (s) | PEFT Arrow (s) "
         "| routed / base | Arrow / base | Arrow / routed |",

@@ -235,8 +235,9 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
 @pytest.mark.parametrize("skew", [0.0, 0.9])
 def test_sparse_blocks_balanced_and_skewed(skew):
     """The padded blocks give the explicit formula whether routing is balanced (a block per
-    expert) or skewed (the heavy expert split into blocks, unused experts skipped), in
-    inference and with gradients (the weights' gradient too), and grouped_mm agrees."""
+    expert) or skewed (the heavy expert split into blocks, unused experts skipped), in one
+    chunk or many, in inference and with gradients (the weights' gradient too), and
+    grouped_mm agrees."""
     n = 6
     base, experts, gates = make_layer(n, range(n), seed=7)
     layer = routed_layer(base, experts, n, lambda lay: GateRouter(lay, gates, 2))
@@ -257,6 +258,8 @@ def test_sparse_blocks_balanced_and_skewed(skew):
             m = experts[j][2]
             explicit[i] += p * m.scaling * (m.B.double() @ (m.A.double() @ x[i].double()))
     with torch.no_grad():
+        torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit, atol=1e-5, rtol=1e-5)
+        layer.chunk_bytes = 1  # a chunk per block
         torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit, atol=1e-5, rtol=1e-5)
         layer.grouped_mm_devices = ("cpu",)
         torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit, atol=1e-5, rtol=1e-5)
