@@ -4,12 +4,17 @@ SmolLM2-135M, the demo's four experts, a PHATGOOSE top-2 composition over them (
 registry: ``recycle demo`` first). Prompts: the demo's held-out tasks' test examples.
 
 1. Batch prediction of ``--examples`` prompts: one process (``recycle predict`` as before,
-   every core's threads), one process with one thread, and ``recycle predict --workers 2``
-   (two Ray actors, one thread each), each timed end to end including model loading, the
-   models taking turns; examples per second and the ratios.
+   every core's threads), one process with one thread, and ``recycle predict --workers 1``
+   and ``--workers 2`` (Ray actors with one thread each), each timed end to end including
+   Ray start and model loading; examples per second and the ratios. The workers' scaling is
+   2 workers against 1 with the same resources each (a worker per core here, as on a
+   cluster a worker per node); against one process that already uses every core of this
+   machine, 2 workers can gain no more than that process's own thread scaling.
 2. Serving (``recycle serve``, one replica with every core): for 1, 8 and 32 concurrent
    clients, each sending its share of ``--requests`` score requests back to back, with
-   dynamic batching on and off: requests per second and the p50 / p95 latency.
+   dynamic batching on and off: requests per second and the p50 / p95 latency. Beside it
+   the model's own ceiling for batching: 32 requests scored in one batch against one at a
+   time, in one process without HTTP (what batching could at most gain on this machine).
 
     RECYCLE_DB=<demo registry> python benchmarks/serving.py
 
@@ -65,11 +70,45 @@ def batch_prediction(registry, plan, items, workers_threads: int, tmp: Path) -> 
     out["1 process, all threads"] = one_process(cores)
     out["1 process, 1 thread"] = one_process(1)
     torch.set_num_threads(cores)
-    t0 = time.perf_counter()
-    predict_batch(plan, items, tmp / "batch.jsonl", options={"batch_size": 16}, workers=workers_threads,
-                  cpus_per_worker=1, report=QUIET)
-    out[f"{workers_threads} Ray workers, 1 thread each"] = time.perf_counter() - t0
+    for workers in (1, workers_threads):
+        t0 = time.perf_counter()
+        predict_batch(plan, items, tmp / f"batch{workers}.jsonl", options={"batch_size": 16}, workers=workers,
+                      cpus_per_worker=1, report=QUIET)
+        out[f"{workers} Ray worker{'s' if workers > 1 else ''}, 1 thread each"] = time.perf_counter() - t0
     return {k: {"seconds": v, "examples_per_second": len(items) / v} for k, v in out.items()}
+
+
+def batching_ceiling(plan, items, n: int = 32, forward: int = 8, reps: int = 3) -> dict:
+    """Seconds to score ``n`` requests (drawn at random from ``items``) one at a time, as one
+    padded batch, and sorted by length in forward passes of ``forward`` (what the server
+    does with a batch), in one process with every core's threads (min of ``reps``, after a
+    warm-up): what dynamic batching can gain on this machine before any HTTP or scheduling
+    cost."""
+    import random
+    import torch
+
+    from recycle.predict import Predictor
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    p = Predictor(plan)
+    batch = random.Random(0).sample(items, min(n, len(items)))
+    times = {"one at a time": [], "one batch": [], f"passes of {forward}": []}
+    try:
+        p.score(batch[:4], batch_size=4)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for it in batch:
+                p.score([it], batch_size=1)
+            times["one at a time"].append(time.perf_counter() - t0)
+            for label, size in (("one batch", n), (f"passes of {forward}", forward)):
+                t0 = time.perf_counter()
+                p.score(batch, batch_size=size)
+                times[label].append(time.perf_counter() - t0)
+    finally:
+        p.close()
+    best = {k: min(v) for k, v in times.items()}
+    return {"requests": n, "forward_batch_size": forward, "seconds": best,
+            "gain": {k: best["one at a time"] / v for k, v in best.items() if k != "one at a time"}}
 
 
 def free_port() -> int:
@@ -173,22 +212,30 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         batch = batch_prediction(registry, plan, items, 2, Path(tmp))
+    ceiling = batching_ceiling(plan, items)
     served = serving(plan, items, args.requests, clients)
     command = "python benchmarks/serving.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     data = {"command": command.strip(), "cpu": cpu_name(), "seconds": time.time() - t0, "examples": len(items),
-            "batch": batch, "serving": served}
+            "batch": batch, "batching_ceiling": ceiling, "serving": served}
     write_json(out.with_suffix(".json"), data)
     one = batch["1 process, all threads"]["examples_per_second"]
     one1 = batch["1 process, 1 thread"]["examples_per_second"]
+    w1 = batch["1 Ray worker, 1 thread each"]["examples_per_second"]
     lines = [f"Command: `{data['command']}` ({data['seconds']:.0f} s on {data['cpu']})", "",
              f"Batch prediction, {len(items)} prompts (PHATGOOSE over the demo's 4 experts, rank classification, "
-             "model loading included):", "",
-             "| how | seconds | examples / s | vs 1 process (all threads) | vs 1 process (1 thread) |",
-             "|---|---:|---:|---:|---:|"]
+             "Ray start and model loading included):", "",
+             "| how | seconds | examples / s | vs 1 process (all threads) | vs 1 process (1 thread) | vs 1 Ray worker |",
+             "|---|---:|---:|---:|---:|---:|"]
     for k, v in batch.items():
         lines.append(f"| {k} | {v['seconds']:.1f} | {v['examples_per_second']:.1f} | "
-                     f"{v['examples_per_second'] / one:.2f} | {v['examples_per_second'] / one1:.2f} |")
-    lines += ["", f"Serving, {args.requests} score requests per row, one replica with {os.cpu_count()} threads:", "",
+                     f"{v['examples_per_second'] / one:.2f} | {v['examples_per_second'] / one1:.2f} | "
+                     f"{v['examples_per_second'] / w1:.2f} |")
+    sec, gain, fw = ceiling["seconds"], ceiling["gain"], ceiling["forward_batch_size"]
+    lines += ["", f"Batching ceiling (no HTTP, one process, {os.cpu_count()} threads): {ceiling['requests']} random "
+              f"requests one at a time {sec['one at a time']:.2f} s; as one padded batch {sec['one batch']:.2f} s "
+              f"({gain['one batch']:.2f}x); sorted by length in passes of {fw} (what the server does) "
+              f"{sec[f'passes of {fw}']:.2f} s ({gain[f'passes of {fw}']:.2f}x).", ""]
+    lines += [f"Serving, {args.requests} score requests per row, one replica with {os.cpu_count()} threads:", "",
               "| batching | clients | requests / s | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|"]
     for k, v in served.items():
         mode, c = k.split(", ")

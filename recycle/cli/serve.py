@@ -23,6 +23,8 @@ def serve_cmd(
         help="GPUs per replica (default: 1 if the cluster has GPUs, else 0).", show_default=False)] = None,
     max_batch_size: Annotated[int, typer.Option(help="Requests scored together at most.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 10.0,
+    forward_batch_size: Annotated[int, typer.Option(
+        help="Requests per forward pass within a batch (sorted by length first, so each pass pads little).")] = 8,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Dynamic request batching.")] = True,
     max_length: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens (longer: HTTP 400).")] = 512,
     address: AddressOption = None,
@@ -46,7 +48,8 @@ def serve_cmd(
     from recycle.predict import resolve
     from recycle.serving import serve
 
-    for value, flag in ((replicas, "--replicas"), (max_batch_size, "--max-batch-size"), (max_length, "--max-length")):
+    for value, flag in ((replicas, "--replicas"), (max_batch_size, "--max-batch-size"),
+                        (forward_batch_size, "--forward-batch-size"), (max_length, "--max-length")):
         if value < 1:
             raise RecycleError(f"{flag} must be at least 1, not {value}")
     if not 1 <= port <= 65535:
@@ -59,4 +62,5 @@ def serve_cmd(
         gpus = cluster.default_gpus(gpus_per_replica)
         cluster.check_fits(cpus_per_replica, gpus)
         serve(plans, host=host, port=port, address=address, replicas=replicas, cpus=cpus_per_replica, gpus=gpus,
-              max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, batching=batching, max_length=max_length)
+              max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, batching=batching, max_length=max_length,
+              forward_batch_size=forward_batch_size)
