@@ -109,6 +109,27 @@ def forward_times(registry, labels: list[str], reps: int, batch: int) -> dict:
     return {"tokens": int(mask.sum()), "batch": len(exs), "seconds": {k: min(v) for k, v in times.items()}}
 
 
+def forward_only(registry, args, out: Path) -> None:
+    """``--forward-only``: the forward timing alone, for compositions already trained."""
+
+    from recycle.files import write_json, write_text
+
+    t0 = time.time()
+    timing = forward_times(registry, args.forward_only, args.reps, args.batch)
+    secs = timing["seconds"]
+    command = "python benchmarks/moepp.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    data = {"command": command, "cpu": cpu_name(), "seconds": time.time() - t0, "timing": timing}
+    path = out.with_name(out.name + "-forward")
+    write_json(path.with_suffix(".json"), data)
+    lines = [f"Command: `{command}` ({data['seconds']:.0f} s on {data['cpu']})", "",
+             f"Forward time: {timing['batch']} real held-out prompts ({timing['tokens']} tokens), min of {args.reps}, "
+             "the models taking turns.", "", "| model | ms | / PHATGOOSE | / base |", "|---|---:|---:|---:|"]
+    for name, sec in secs.items():
+        lines.append(f"| {name} | {sec * 1e3:.0f} | {sec / secs['phatgoose']:.2f} | {sec / secs['base']:.2f} |")
+    write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--taus", default="0.25,0.5,0.75,1.0")
@@ -121,6 +142,9 @@ def main() -> None:
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                     help="the two ablations at the best tau")
     ap.add_argument("--out", default=str(RESULTS / "moepp"))
+    ap.add_argument("--forward-only", nargs="+", metavar="COMPOSITION",
+                    help="only time the forward of these stored compositions against PHATGOOSE and the base "
+                         "(results: <out>-forward.{json,md})")
     args = ap.parse_args()
     try:
         taus = [float(t) for t in args.taus.split(",")]
@@ -137,6 +161,8 @@ def main() -> None:
     from recycle.registry import Registry
 
     registry = Registry(create=False)
+    if args.forward_only:
+        return forward_only(registry, args, out)
     report = Reporter()
     t_start = time.time()
     train = RouterTrainSettings(steps=args.steps, objective=args.objective)
