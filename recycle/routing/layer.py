@@ -310,8 +310,9 @@ class RoutedLoraLinear(nn.Module):
         if not (size == stats[0] and stats[1] == n):  # some experts unused, or split: factors per block
             owner = torch.repeat_interleave(torch.arange(n, device=x.device), blocks, output_size=n_blocks)
             A, BT = A.index_select(0, owner), BT.index_select(0, owner)
-        # the blocks in chunks whose gathered inputs and products stay in cache (on this CPU
-        # 1.6x faster for 1536-wide inputs or outputs than one pass; benchmarks/routing.py)
+        # the blocks in chunks whose gathered inputs and products stay in cache (timed alone on
+        # a 2-core EPYC: B products and scatter for 1536-wide outputs 1.65 ms in chunks of 4-8
+        # blocks against 2.7 ms in one pass; the whole model at 210 modules, N=32: ~5% faster)
         step = max(1, self.chunk_bytes // (size * max(x.shape[1], BT.shape[2]) * x.element_size()))
         for first in range(0, n_blocks, step):
             last = min(n_blocks, first + step)
