@@ -111,7 +111,6 @@ def forward_times(registry, labels: list[str], reps: int, batch: int) -> dict:
 
 def forward_only(registry, args, out: Path) -> None:
     """``--forward-only``: the forward timing alone, for compositions already trained."""
-
     from recycle.files import write_json, write_text
 
     t0 = time.time()
@@ -162,6 +161,9 @@ def main() -> None:
 
     registry = Registry(create=False)
     if args.forward_only:
+        missing = [n for n in args.forward_only if registry.composition_or_none(n) is None]
+        if missing:
+            ap.error(f"--forward-only: no composition named {missing[0]!r}")
         return forward_only(registry, args, out)
     report = Reporter()
     t_start = time.time()

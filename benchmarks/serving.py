@@ -13,8 +13,9 @@ registry: ``recycle demo`` first). Prompts: the demo's held-out tasks' test exam
 2. Serving (``recycle serve``, one replica with every core): for 1, 8 and 32 concurrent
    clients, each sending its share of ``--requests`` score requests back to back, with
    dynamic batching on and off: requests per second and the p50 / p95 latency. Beside it
-   the model's own ceiling for batching: 32 requests scored in one batch against one at a
-   time, in one process without HTTP (what batching could at most gain on this machine).
+   the model's own ceiling for batching: 32 requests scored one at a time, as one padded
+   batch, and sorted by length in forward passes of 8 (what the server does), in one
+   process without HTTP.
 
     RECYCLE_DB=<demo registry> python benchmarks/serving.py
 
@@ -85,6 +86,7 @@ def batching_ceiling(plan, items, n: int = 32, forward: int = 8, reps: int = 3) 
     warm-up): what dynamic batching can gain on this machine before any HTTP or scheduling
     cost."""
     import random
+
     import torch
 
     from recycle.predict import Predictor

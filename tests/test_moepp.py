@@ -64,7 +64,8 @@ def test_zero_expert_drops_its_weight_and_halves_the_products():
     torch.testing.assert_close(layer.delta(x, r), expected, atol=1e-5, rtol=1e-5)
     calls = []
     real = layer._add_products
-    layer._add_products = lambda out, x, experts, *a: (calls.append(experts.numel()), real(out, x, experts, *a))[1]
+    layer._add_products = lambda out, x, experts, *a, **kw: (calls.append(experts.numel()),
+                                                             real(out, x, experts, *a, **kw))[1]
     with torch.no_grad():
         layer(x)
     assert calls == [20]  # one LoRA product per token, not two
@@ -91,7 +92,7 @@ def test_copy_reuses_the_previous_delta_and_acts_as_zero_without_one():
     r = layer.router(x, layer)
     assert sorted(r.idx[0].tolist()) == [3, 4]
     calls = []
-    layer._add_products = lambda out, x, experts, *a: calls.append(experts.numel())
+    layer._add_products = lambda out, x, experts, *a, **kw: calls.append(experts.numel())
     torch.testing.assert_close(layer.delta(x, r), prev)  # zero's weight went to copy
     assert calls == []
 

@@ -247,10 +247,9 @@ class RoutedLoraLinear(nn.Module):
             if rows.numel() == 0:
                 return out
             experts, weight = experts.index_select(0, rows), weight.index_select(0, rows)
-            tokens = rows // k if k > 1 else rows
         else:
-            tokens = torch.arange(t * k, device=x.device) // k if k > 1 else None
-        return self._add_products(out, x, experts, tokens, weight, inplace)
+            rows = None
+        return self._add_products(out, x, experts, weight, inplace, rows=rows, k=k)
 
     def _add_dense(self, out, x, idx, weight, filtered, inplace=True, z=None):
         """Every expert's ``A x`` in one matmul (or ``z``, computed already), scaled by the
@@ -274,14 +273,16 @@ class RoutedLoraLinear(nn.Module):
             return out.addmm_(z, b)
         return out.add_((z @ b).to(out.dtype))
 
-    def _add_products(self, out, x, experts, tokens, weight, inplace=True):
-        """Add ``weight[i] · s_e B_e A_e x[tokens[i]]`` (``e = experts[i]``, a LoRA expert)
-        to ``out[tokens[i]]`` for every assignment ``i`` (``tokens`` None: ``i`` itself), by
-        sorted blocks (see the module docstring)."""
+    def _add_products(self, out, x, experts, weight, inplace=True, rows=None, k=1):
+        """Add ``weight[i] · s_e B_e A_e x[t]`` (``e = experts[i]``, a LoRA expert) to
+        ``out[t]`` for every assignment ``i``, where ``t = rows[i] // k`` (``rows`` None: the
+        assignments are all ``k`` choices of every token, ``t = i // k``), by sorted blocks
+        (see the module docstring)."""
         n = self.n_experts
         order = torch.argsort(experts, stable=True)  # assignments grouped by expert
         counts = torch.bincount(experts, minlength=n)
-        tokens = order if tokens is None else tokens.index_select(0, order)
+        tokens = order if rows is None else rows.index_select(0, order)
+        tokens = tokens // k if k > 1 else tokens
         weight = weight.index_select(0, order)
         if self._use_grouped_mm and inplace and x.device.type in self.grouped_mm_devices:
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -306,12 +307,12 @@ class RoutedLoraLinear(nn.Module):
         # padding rows read token 0 with weight 0: they add exact zeros to it
         src = torch.zeros(n_blocks * size, dtype=torch.long, device=x.device).index_copy_(0, slot, tokens)
         w = weight.new_zeros(n_blocks * size).index_copy(0, slot, weight).view(n_blocks, 1, size)
-        A, BT = self.lora_A if self.lora_A.dim() == 3 else self.lora_AT.transpose(1, 2), self.lora_BT
+        A, BT = self.lora_AT.transpose(1, 2), self.lora_BT  # [N, r, d_in]: lora_A itself when sparse
         if not (size == stats[0] and stats[1] == n):  # some experts unused, or split: factors per block
             owner = torch.repeat_interleave(torch.arange(n, device=x.device), blocks, output_size=n_blocks)
             A, BT = A.index_select(0, owner), BT.index_select(0, owner)
         # the blocks in chunks whose gathered inputs and products stay in cache (timed alone on
-        # a 2-core EPYC: B products and scatter for 1536-wide outputs 1.65 ms in chunks of 4-8
+        # AMD EPYC, 2 cores, AVX-512 yes: B products and scatter for 1536-wide outputs 1.65 ms in chunks of 4-8
         # blocks against 2.7 ms in one pass; the whole model at 210 modules, N=32: ~5% faster)
         step = max(1, self.chunk_bytes // (size * max(x.shape[1], BT.shape[2]) * x.element_size()))
         for first in range(0, n_blocks, step):
