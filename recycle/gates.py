@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -181,11 +182,14 @@ def train_gates(
     settings: GateSettings,
     *,
     on_step: Callable[[int, float], None] | None = None,
+    trunk=None,
 ) -> TrainResult:
     """Train zero-initialised gates on a frozen PEFT model; the model is left unhooked.
 
     ``loss_start`` is the first step's loss (gates at zero); ``loss_end`` the mean of the
-    last tenth of the steps (at least one).
+    last tenth of the steps (at least one). ``trunk`` (a :class:`recycle.scoring.TrunkCache`
+    recorded while the expert trained on the same batches) replaces the layers below the
+    first adapted one where it holds the batch: the same tensors, so the same gates.
     """
     torch.manual_seed(settings.seed)
     for p in model.parameters():
@@ -201,7 +205,8 @@ def train_gates(
         for step in range(settings.steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             set_lr(opt, lr_at(step, settings.steps, settings.warmup_steps, settings.lr, decay=False))
-            loss = answer_loss(model, batch)
+            with trunk.replay(model, batch) if trunk is not None else nullcontext():
+                loss = answer_loss(model, batch)
             if not torch.isfinite(loss):
                 raise RecycleError(f"gate training diverged at step {step} (loss {loss.item()})")
             opt.zero_grad(set_to_none=True)
@@ -265,8 +270,6 @@ class GateJob:
 def run_gate_job(job: GateJob) -> dict:
     """Train one expert's gates and write them; returns a plain summary (what a Ray task
     returns to the driver)."""
-    from recycle.data import lm_batches
-
     torch.set_num_threads(max(1, int(job.threads)))
     settings = GateSettings(**job.settings)
     if not job.examples:
@@ -274,34 +277,64 @@ def run_gate_job(job: GateJob) -> dict:
     model, tok = load_expert(job.base, job.adapter_path)
     device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
     model.to(device)
-    batches = lm_batches(
-        job.examples, tok, settings.batch_size, settings.max_length, settings.seed
-    )
-    result = train_gates(model, iter(batches), settings)
-    meta = {
-        "format": ALGORITHM,
-        "expert": job.expert,
-        "settings": settings.to_dict(),
-        "settings_hash": settings.hash,
-        "adapter_sha256": job.adapter_sha256,
-        "steps": result.steps,
-        "loss_start": result.loss_start,
-        "loss_end": result.loss_end,
-        "seconds": result.seconds,
-    }
-    save_gates(job.out_path, result.gates, meta)
+    result = train_on_examples(model, tok, job.examples, settings)
+    save_gates(job.out_path, result.gates, file_metadata(job.expert, settings, job.adapter_sha256, result))
     return {
         "expert": job.expert,
         "path": job.out_path,
-        "steps": result.steps,
-        "loss_start": result.loss_start,
-        "loss_end": result.loss_end,
-        "seconds": result.seconds,
+        **_result_numbers(result),
         "modules": len(result.gates),
         "device": device,
         "node": os.uname().nodename,
         "pid": os.getpid(),
     }
+
+
+def train_on_examples(model, tok, examples: list, settings: GateSettings, trunk=None) -> TrainResult:
+    """Gates for ``model`` (a frozen PEFT model) on an expert's training examples, in the
+    batches :func:`recycle.data.lm_batches` draws for these settings."""
+    from recycle.data import lm_batches
+
+    batches = lm_batches(examples, tok, settings.batch_size, settings.max_length, settings.seed)
+    return train_gates(model, iter(batches), settings, trunk=trunk)
+
+
+def _result_numbers(result: TrainResult) -> dict:
+    return {"steps": result.steps, "loss_start": result.loss_start, "loss_end": result.loss_end,
+            "seconds": result.seconds}
+
+
+def file_metadata(expert: str, settings: GateSettings, adapter_sha256: str, result) -> dict:
+    """What a gates file says of itself (``result``: a TrainResult or its numbers)."""
+    numbers = _result_numbers(result) if isinstance(result, TrainResult) else result
+    return {
+        "format": ALGORITHM,
+        "expert": expert,
+        "settings": settings.to_dict(),
+        "settings_hash": settings.hash,
+        "adapter_sha256": adapter_sha256,
+        **{k: numbers[k] for k in ("steps", "loss_start", "loss_end", "seconds")},
+    }
+
+
+def _row(path, settings: GateSettings, numbers: dict) -> dict:
+    return {"path": str(path), "settings_hash": settings.hash, "settings": json.dumps(settings.to_dict(), sort_keys=True),
+            **{k: numbers[k] for k in ("steps", "loss_start", "loss_end", "seconds")}}
+
+
+def record_trained(registry, expert: dict, settings: GateSettings, trained: dict) -> dict:
+    """Write and record gates a worker trained right after their expert (``trained``:
+    ``gates`` tensors and the numbers of :func:`run_gate_job`'s summary) for the registered
+    ``expert`` row; returns the gates row. The file is written first (atomically) and
+    removed again if the row cannot be written."""
+    path = gates_path(registry.artifacts_dir, expert["name"], settings.hash, expert["sha256"])
+    save_gates(path, trained["gates"], file_metadata(expert["name"], settings, expert["sha256"], trained))
+    try:
+        return registry.record_gates(expert, _row(path, settings, trained))
+    except BaseException:
+        if not registry.gates_recorded(str(path)):
+            path.unlink(missing_ok=True)
+        raise
 
 
 def gate_norms(gates: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -397,10 +430,7 @@ def train(
 
             def on_result(job, result):
                 try:
-                    registry.record_gates(by_name[job.expert], {
-                        "path": result["path"], "settings_hash": settings.hash,
-                        "settings": json.dumps(settings.to_dict(), sort_keys=True),
-                        **{k: result[k] for k in ("steps", "loss_start", "loss_end", "seconds")}})
+                    registry.record_gates(by_name[job.expert], _row(result["path"], settings, result))
                 except RecycleError as e:
                     outcomes[job.expert] = {"status": "failed", "reason": str(e)}
                     report.fail(f"{job.expert}: {e}")

@@ -289,11 +289,25 @@ class Runner:
                                     multitask="multitask" in e))
         if jobs:
             outcomes = train_experts(registry, jobs, address=self.address, cpus_per_task=self.p.cpus_per_task,
-                                     gpus_per_task=self.p.gpus_per_task, report=self.report)
+                                     gpus_per_task=self.p.gpus_per_task, report=self.report,
+                                     gates=self._gates_with_experts())
             failed = [o for o in outcomes if o["status"] == "failed"]
             if failed:
                 raise RecycleError(f"{len(failed)} expert(s) failed: "
                                    + "; ".join(f"{o['name']}: {o['reason']}" for o in failed))
+
+    def _gates_with_experts(self):
+        """The [gates] settings when each trained expert's gates can train in its own task
+        (the same CPUs and GPUs asked for both), else None: the gates step trains them."""
+        from recycle import gates
+
+        if self.p.gates is None:
+            return None
+        values = dict(self.p.gates)
+        resources = (values.pop("cpus_per_expert", 1.0), values.pop("gpus_per_expert", None))
+        if resources != (self.p.cpus_per_task, self.p.gpus_per_task):
+            return None
+        return gates.GateSettings.from_dict(values, "[gates]")
 
     def train_gates(self, registry) -> None:
         from recycle import gates

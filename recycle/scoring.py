@@ -10,6 +10,7 @@ prompt is never recomputed per choice. ``predict`` is the argmax.
 from __future__ import annotations
 
 import copy
+import hashlib
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -136,6 +137,69 @@ class Trunk:
                 self.layers[i] = layer
             if self._at != len(self.records):
                 raise RuntimeError("the trunk was replayed on other examples than it recorded")
+
+
+class TrunkCache:
+    """What enters decoder layer ``start``, per batch, kept from one model's forward passes
+    for another model whose layers below ``start`` are the same (same base weights, no
+    adapter there): an expert's training records the batches its gates will then train on,
+    and the gate training replays them instead of running the lower layers again.
+
+    A batch is found by its token ids and attention mask (what the lower layers read), so
+    a batch never recorded, or a different one, simply runs the whole model. Recording
+    stops at ``max_bytes``.
+    """
+
+    def __init__(self, start: int, max_bytes: int = 1 << 30):
+        self.start, self.max_bytes = start, max_bytes
+        self.records: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = 0
+
+    @staticmethod
+    def key(batch: dict) -> bytes:
+        h = hashlib.sha256()
+        for name in ("input_ids", "attention_mask"):
+            t = batch[name].detach().cpu().contiguous()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.numpy().tobytes())
+        return h.digest()
+
+    @staticmethod
+    def _inner(model):
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @contextmanager
+    def record(self, model, batch: dict):
+        """Run the block (one forward pass over ``batch``) keeping what enters layer ``start``."""
+        layers = decoder_layers(self._inner(model))
+        key = self.key(batch)
+        if layers is None or key in self.records or self.bytes >= self.max_bytes:
+            yield
+            return
+        seen: list[torch.Tensor] = []
+        handle = layers[self.start].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+        try:
+            yield
+        finally:
+            handle.remove()
+        if len(seen) == 1:
+            self.records[key] = seen[0]
+            self.bytes += seen[0].numel() * seen[0].element_size()
+
+    @contextmanager
+    def replay(self, model, batch: dict):
+        """Run the block (one forward pass over ``batch``) with the layers below ``start``
+        replaced by the recorded tensor, where there is one."""
+        h = self.records.get(self.key(batch))
+        if h is None or decoder_layers(self._inner(model)) is None:
+            yield
+            return
+        trunk = Trunk(self._inner(model), self.start)
+        trunk.records = [h]
+        with trunk.run():
+            yield
+        self.hits += 1
 
 
 def _forward_last(model, ids, mask, pos, cache_kw):

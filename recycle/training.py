@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,6 +158,12 @@ class ExpertJob:
     threads: int | None = None  # torch threads (None: every core)
     device: str = "cpu"
     progress: bool = False
+    gates: dict | None = None  # GateSettings fields: train the expert's gates in the same task
+
+
+def _first_layer(layers: list[int] | None) -> int:
+    """The lowest adapted layer (0 when every layer is)."""
+    return min(layers) if layers else 0
 
 
 def run_expert_job(job: ExpertJob) -> dict:
@@ -195,6 +202,7 @@ def run_expert_job(job: ExpertJob) -> dict:
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup_steps = int(round(settings.warmup * settings.steps))
     batches = lm_batches(job.examples, tokenizer, settings.batch_size, settings.max_length, settings.seed)
+    trunk, record_steps = _gate_trunk(job, settings, layers)
 
     losses: list[float] = []
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -203,7 +211,8 @@ def run_expert_job(job: ExpertJob) -> dict:
         for step in range(settings.steps):
             set_lr(opt, lr_at(step, settings.steps, warmup_steps, settings.lr))
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = answer_loss(model, batch)
+            with trunk.record(model, batch) if step < record_steps else nullcontext():
+                loss = answer_loss(model, batch)
             if not torch.isfinite(loss):
                 raise RecycleError(f"training {job.name} diverged at step {step + 1} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -239,7 +248,43 @@ def run_expert_job(job: ExpertJob) -> dict:
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     replace_dir(build, job.out_dir)
+    if job.gates is not None:
+        del model, opt, params
+        summary["gates"] = _train_gates_here(job, device, trunk)
     return summary
+
+
+def _gate_trunk(job: ExpertJob, settings: TrainSettings, layers: list[int] | None):
+    """A :class:`recycle.scoring.TrunkCache` to fill while training, and for how many steps:
+    the gates train on the same task's batches, drawn the same way, so where the batch
+    settings agree their first steps see exactly the batches the expert saw first, and
+    the layers below the adapted ones need not run again for them."""
+    from recycle.gates import GateSettings
+    from recycle.scoring import TrunkCache
+
+    if job.gates is None or _first_layer(layers) == 0:
+        return None, 0
+    gs = GateSettings(**job.gates)
+    if (gs.batch_size, gs.max_length, gs.seed) != (settings.batch_size, settings.max_length, settings.seed):
+        return None, 0
+    return TrunkCache(_first_layer(layers)), min(gs.steps, settings.steps)
+
+
+def _train_gates_here(job: ExpertJob, device: str, trunk) -> dict:
+    """PHATGOOSE gates for the adapter just written, as ``recycle train-gates`` trains them
+    (the adapter loaded from its folder, the expert's training examples), in this task:
+    ``{gates, steps, loss_start, loss_end, seconds, replayed}`` or ``{error}``."""
+    from recycle import gates
+
+    settings = gates.GateSettings(**job.gates)
+    try:
+        model, tok = gates.load_expert(job.base, job.out_dir)
+        model.to(device)
+        result = gates.train_on_examples(model, tok, job.examples, settings, trunk=trunk)
+    except RecycleError as e:
+        return {"error": str(e)}
+    return {"gates": result.gates, "steps": result.steps, "loss_start": result.loss_start,
+            "loss_end": result.loss_end, "seconds": result.seconds, "replayed": trunk.hits if trunk else 0}
 
 
 def plan_expert(registry, tasks: list[str], base: str, settings: TrainSettings, *, name: str | None = None,
@@ -316,10 +361,19 @@ def train_experts(
     gpus_per_task: float | None = None,
     replace: bool = False,
     report=None,
+    gates=None,
 ) -> list[dict]:
     """Train several experts as Ray tasks (one each, in parallel where the cluster has
     room), registering each as it arrives; returns one outcome per job (``status``: the
-    expert row's status, or ``failed`` with ``reason``)."""
+    expert row's status, or ``failed`` with ``reason``).
+
+    ``gates`` (:class:`recycle.gates.GateSettings`): each single-task expert's PHATGOOSE
+    gates are trained in the same task right after it, as ``recycle train-gates`` would
+    train them, and recorded with it (``gates`` in the outcome: ``trained`` or the reason
+    they were not; ``train-gates`` then finds them done, or trains what failed). The task
+    keeps what enters the first adapted layer for the batches the gates train on first,
+    so those steps skip the layers below it.
+    """
     from recycle import cluster
     from recycle.console import Reporter
     from recycle.files import remove_temps
@@ -333,6 +387,8 @@ def train_experts(
         cluster.check_fits(cpus_per_task, gpus)
         for job in jobs:
             job.threads, job.device = max(1, math.ceil(cpus_per_task)), "cuda" if gpus > 0 else "cpu"
+            if gates is not None and not job.multitask:
+                job.gates = {k: v for k, v in gates.to_dict().items() if k != "algorithm"}
         report.say(f"training {len(jobs)} expert(s) on Ray ({where}): {cpus_per_task:g} CPU, {gpus:g} GPU each")
 
         def on_result(job, summary):
@@ -345,6 +401,8 @@ def train_experts(
             outcomes[job.name] = {"name": job.name, "status": row["status"], **row["training"]}
             report.ok(f"{job.name}: final loss {summary['final_loss']:.3f}, {summary['train_seconds']:.0f} s "
                       f"({summary['settings']['threads']} thread(s))")
+            if "gates" in summary:
+                outcomes[job.name]["gates"] = _record_gates(registry, row, gates, summary["gates"], report)
 
         def on_error(job, reason):
             outcomes[job.name] = {"name": job.name, "status": "failed", "reason": reason}
@@ -358,6 +416,23 @@ def train_experts(
                 for job in jobs:
                     remove_temps(job.out_dir)
     return [outcomes.get(j.name, {"name": j.name, "status": "failed", "reason": "not run"}) for j in jobs]
+
+
+def _record_gates(registry, row: dict, settings, trained: dict, report) -> str:
+    from recycle.gates import record_trained
+
+    if "error" in trained:
+        report.fail(f"{row['name']}: gates not trained: {trained['error']}")
+        return trained["error"]
+    try:
+        record_trained(registry, row, settings, trained)
+    except RecycleError as e:
+        report.fail(f"{row['name']}: gates not recorded: {e}")
+        return str(e)
+    report.ok(f"{row['name']} gates: loss {trained['loss_start']:.4f} → {trained['loss_end']:.4f}, "
+              f"{trained['seconds']:.1f} s ({trained['replayed']} of {trained['steps']} steps reused the "
+              f"expert's lower-layer pass)")
+    return "trained"
 
 
 def _progress(enabled: bool):

@@ -80,6 +80,8 @@ def test_tiny_pipeline_runs_and_resumes(tmp_path):
     conn = sqlite3.connect(os.environ["RECYCLE_DB"])
     assert sorted(x[0] for x in conn.execute("select name from experts")) == ["mt", "t_one", "t_two"]
     assert conn.execute("select count(*) from gates").fetchone()[0] == 2  # not for the multitask expert
+    # trained in the experts' own tasks, so the gates step finds them done
+    assert r.stderr.count(" gates: loss ") == 2 and r.stderr.count("gates exist for settings") == 2
     labels = {x[0] for x in conn.execute("select label from eval_results")}
     assert labels == {"base", "uniform", "phatgoose", "multitask", "pg"}
     out = json.loads((tmp_path / "out" / "tiny.json").read_text())
@@ -129,8 +131,8 @@ def test_builtin_pipelines_parse():
 
 def test_pipeline_through_ray_job_submit(tmp_path, tiny_base, cache_root):
     """A real 2-node cluster with the job server; the pipeline runs as a Ray job, the
-    registry it names is filled, every gate and evaluation task ran on the cluster's own
-    nodes, and the job started no Ray of its own (one GCS: the head's)."""
+    registry it names is filled, every expert (with its gates) and evaluation task ran on
+    the cluster's own nodes, and the job started no Ray of its own (one GCS: the head's)."""
     from tests.raycluster import loopback, marked
 
     write_tiny_pipeline(tmp_path, n_test=4)
@@ -161,14 +163,14 @@ def test_pipeline_through_ray_job_submit(tmp_path, tiny_base, cache_root):
         # FINISHED records of the last tasks can arrive after the job itself has returned.
         deadline = time.monotonic() + 90
         while True:
-            tasks = [t for t in state("tasks", "--detail") if t["name"] in ("run_gate_job", "run_eval_group")]
+            tasks = [t for t in state("tasks", "--detail") if t["name"] in ("run_expert_job", "run_eval_group")]
             ran = {t["name"] for t in tasks if t["state"] == "FINISHED"}
-            if ran == {"run_gate_job", "run_eval_group"} or time.monotonic() > deadline:
+            if ran == {"run_expert_job", "run_eval_group"} or time.monotonic() > deadline:
                 break
             time.sleep(2)
     assert len(gcs) == 1, [p.cmdline()[:2] for p in gcs]
     assert len(nodes) == 2
-    assert ran == {"run_gate_job", "run_eval_group"}, tasks
+    assert ran == {"run_expert_job", "run_eval_group"}, tasks
     assert {t["node_id"] for t in tasks} <= nodes
     conn = sqlite3.connect(db)
     assert conn.execute("select count(*) from experts").fetchone()[0] == 3

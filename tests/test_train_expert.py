@@ -152,3 +152,36 @@ def test_schedule_and_layer_parsing():
     assert parse_layers("top3", 30) == [27, 28, 29]
     assert parse_layers("0-2,5", 30) == [0, 1, 2, 5]
     assert parse_layers(None, 30) is None
+
+
+@pytest.mark.parametrize("gate_steps, replayed", [(2, 2), (5, 3), (3, 0)])
+def test_gates_trained_with_their_expert_equal_train_gates(toy, gate_steps, replayed):
+    """Gates trained in the expert's own task, the layers below the adapted ones replayed
+    from the expert's training where it saw the same batches, are exactly the gates
+    `train-gates` trains from the registered adapter (5 steps: 3 replayed, then 2 batches
+    the expert never saw; batches of another size: nothing replayed)."""
+    import torch
+
+    from recycle import gates
+    from recycle.registry import Registry
+    from recycle.training import TrainSettings, plan_expert, run_expert_job
+
+    registry = Registry(os.environ["RECYCLE_DB"])
+    job = plan_expert(registry, ["toy"], "tiny-llama",
+                      TrainSettings(steps=3, batch_size=4, max_length=48, layers="top2", rank=4))
+    settings = gates.GateSettings(steps=gate_steps, batch_size=4 if replayed else 2, max_length=48, lr=0.05)
+    job.gates, job.threads = {k: v for k, v in settings.to_dict().items() if k != "algorithm"}, 1
+    summary = run_expert_job(job)
+    here = summary["gates"]
+    assert here["replayed"] == replayed and here["steps"] == gate_steps
+
+    out = Path(job.out_dir).parent / "separate.safetensors"
+    separate = gates.run_gate_job(gates.GateJob(
+        expert=job.name, base="tiny-llama", adapter_path=job.out_dir, adapter_sha256="x", examples=job.examples,
+        settings=job.gates, out_path=str(out), threads=1))
+    loaded = gates.load_gates(out)
+    assert set(loaded) == set(here["gates"]) and all(".layers.2." in k or ".layers.3." in k for k in loaded)
+    assert all(torch.equal(loaded[k], here["gates"][k]) for k in loaded)
+    assert any(loaded[k].abs().sum() > 0 for k in loaded)  # they trained
+    assert (here["loss_start"], here["loss_end"]) == (separate["loss_start"], separate["loss_end"])
+    assert registry.expert_or_none(job.name) is None  # the worker touched no registry
