@@ -23,8 +23,8 @@ never turned into command lines.
     [[experts]]                   # train-expert --task (or multitask = [...], or adapter = "dir")
     task = "vader_tweets"
 
-    [gates]                       # train-gates options, for every expert
-    steps = 40
+    [gates]                       # train-gates options, for every expert; an expert trained
+    steps = 40                    # here gets them in its own Ray task, right after it
 
     [[compositions]]             # any of the method's settings (recycle compose --help)
     name = "pg"

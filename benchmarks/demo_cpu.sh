@@ -1,0 +1,27 @@
+#!/bin/bash
+# The demo's compute: `recycle demo` in an empty folder, timed by the CPU time of the whole
+# machine (/proc/stat: user, nice, system, irq, softirq), so that Ray's own processes and
+# every worker count; run it on an otherwise idle machine (the model conversion cached first).
+#
+#   bash benchmarks/demo_cpu.sh LABEL [CODE_DIR]
+#
+# CODE_DIR: another checkout of recycle to time instead (its package first on PYTHONPATH,
+# this venv's packages), e.g. a `git worktree` of an older commit. Appends one line to
+# benchmarks/results/demo-cpu.txt with the CPU model and the pipeline's own step times.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+label=${1:?usage: demo_cpu.sh LABEL [CODE_DIR]}
+code=${2:-$here}
+work=$(mktemp -d)
+log="$work/demo.log"
+busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
+b0=$(busy); t0=$(date +%s.%N)
+(cd "$work" && PYTHONPATH="$code" "$here/.venv/bin/python" -m recycle demo) > "$log" 2>&1
+b1=$(busy); t1=$(date +%s.%N)
+hz=$(getconf CLK_TCK)
+cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+avx=$(grep -q avx512f /proc/cpuinfo && echo yes || echo no)
+steps=$(grep -E "^ +(experts|gates|evaluation [0-9]+) done|pipeline .*: done in" "$log" | sed 's/^ *//; s/;.*//' | paste -sd ',' -)
+line="$label: $(git -C "$code" rev-parse --short HEAD 2>/dev/null || echo '?') wall $(echo "$t1 - $t0" | bc | cut -d. -f1) s, CPU $(( (b1 - b0) / hz )) s ($cpu, $(nproc) cores, AVX-512 $avx); $steps"
+echo "$line" | tee -a "$here/benchmarks/results/demo-cpu.txt"
+rm -rf "$work"
