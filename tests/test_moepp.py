@@ -52,7 +52,20 @@ def test_untrained_router_is_phatgoose_and_never_picks_a_free_expert():
     assert not layer.dense  # MoE++ layers always dispatch sparsely
 
 
-def test_zero_expert_drops_its_weight_and_halves_the_products():
+def count_products(layer, monkeypatch) -> tuple[list, list]:
+    """The LoRA products the layer computes: assignments handed to the padded blocks, and
+    (token, expert) pairs in the sparse-dense products' pattern."""
+    blocks, pairs = [], []
+    real_blocks, real_sampled = layer._add_products, torch.sparse.sampled_addmm
+    r = layer.lora_BT.shape[1]
+    layer._add_products = lambda out, x, experts, *a, **kw: (blocks.append(experts.numel()),
+                                                             real_blocks(out, x, experts, *a, **kw))[1]
+    monkeypatch.setattr(torch.sparse, "sampled_addmm",
+                        lambda p, *a, **kw: (pairs.append(p._nnz() // r), real_sampled(p, *a, **kw))[1])
+    return blocks, pairs
+
+
+def test_zero_expert_drops_its_weight_and_halves_the_products(monkeypatch):
     layer, experts = moepp_layer()
     with torch.no_grad():
         layer.router.free_b[0] = 100.0  # the zero expert tops every token
@@ -62,16 +75,15 @@ def test_zero_expert_drops_its_weight_and_halves_the_products():
     assert torch.equal(r.weight[:, 0], torch.zeros(20)) and torch.equal(r.weight[:, 1], torch.ones(20))
     expected = torch.stack([delta_of(experts, int(j), x[t]) for t, j in enumerate(r.idx[:, 1])])
     torch.testing.assert_close(layer.delta(x, r), expected, atol=1e-5, rtol=1e-5)
-    calls = []
-    real = layer._add_products
-    layer._add_products = lambda out, x, experts, *a, **kw: (calls.append(experts.numel()),
-                                                             real(out, x, experts, *a, **kw))[1]
+    blocks, pairs = count_products(layer, monkeypatch)
     with torch.no_grad():
-        layer(x)
-    assert calls == [20]  # one LoRA product per token, not two
+        y = layer(x)
+        layer.csr = False
+        torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    assert pairs == [20] and blocks == [20]  # one LoRA product per token, not two, either way
 
 
-def test_copy_reuses_the_previous_delta_and_acts_as_zero_without_one():
+def test_copy_reuses_the_previous_delta_and_acts_as_zero_without_one(monkeypatch):
     ctx = RoutingContext()
     layer, experts = moepp_layer(context=ctx)
     with torch.no_grad():
@@ -91,10 +103,11 @@ def test_copy_reuses_the_previous_delta_and_acts_as_zero_without_one():
         layer.router.free_b[0] = 99.0
     r = layer.router(x, layer)
     assert sorted(r.idx[0].tolist()) == [3, 4]
-    calls = []
-    layer._add_products = lambda out, x, experts, *a, **kw: calls.append(experts.numel())
-    torch.testing.assert_close(layer.delta(x, r), prev)  # zero's weight went to copy
-    assert calls == []
+    blocks, pairs = count_products(layer, monkeypatch)
+    for csr in (True, False):
+        layer.csr = csr
+        torch.testing.assert_close(layer.delta(x, r), prev)  # zero's weight went to copy
+    assert blocks == [] and pairs == []
 
 
 def test_constant_expert_formula():

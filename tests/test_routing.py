@@ -196,7 +196,8 @@ def make_layer(n, present, seed):
 
 
 #: (dense, devices where grouped_mm is used): padded blocks, grouped_mm, dense
-DISPATCHES = [(False, ("cuda",)), (False, ("cpu",)), (True, ("cuda",))]
+# (dense, grouped_mm devices, csr): sparse-dense products, padded blocks, grouped_mm, dense
+DISPATCHES = [(False, ("cuda",), True), (False, ("cuda",), False), (False, ("cpu",), False), (True, ("cuda",), False)]
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
@@ -217,8 +218,8 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
             explicit[t] += p * m.scaling * (m.B @ (m.A @ x2d[t]))
     torch.testing.assert_close(layer.dense_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
     assert layer._use_grouped_mm  # 24 and 40 float32 features: 16-byte aligned rows
-    for dense, devices in DISPATCHES:
-        layer.dense, layer.grouped_mm_devices = dense, devices
+    for dense, devices, csr in DISPATCHES:
+        layer.dense, layer.grouped_mm_devices, layer.csr = dense, devices, csr
         torch.testing.assert_close(layer.sparse_delta(x2d, idx, w), explicit, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), base(x) + explicit.view(3, 11, 40), atol=1e-4, rtol=1e-4)
@@ -226,8 +227,8 @@ def test_sparse_dispatch_equals_dense(n, k, weighting):
     idx2 = idx.clone()
     idx2[::2, 0] = -1
     layer.router.may_skip = True
-    for dense, devices in DISPATCHES:
-        layer.dense, layer.grouped_mm_devices = dense, devices
+    for dense, devices, csr in DISPATCHES:
+        layer.dense, layer.grouped_mm_devices, layer.csr = dense, devices, csr
         got = layer.sparse_delta(x2d, idx2, w)
         torch.testing.assert_close(got, layer.dense_delta(x2d, idx2, w), atol=1e-4, rtol=1e-4)
 
@@ -237,7 +238,7 @@ def test_sparse_blocks_balanced_and_skewed(skew):
     """The padded blocks give the explicit formula whether routing is balanced (a block per
     expert) or skewed (the heavy expert split into blocks, unused experts skipped), in one
     chunk or many, in inference and with gradients (the weights' gradient too), and
-    grouped_mm agrees."""
+    grouped_mm and the sparse-dense products agree."""
     n = 6
     base, experts, gates = make_layer(n, range(n), seed=7)
     layer = routed_layer(base, experts, n, lambda lay: GateRouter(lay, gates, 2))
@@ -258,6 +259,9 @@ def test_sparse_blocks_balanced_and_skewed(skew):
             m = experts[j][2]
             explicit[i] += p * m.scaling * (m.B.double() @ (m.A.double() @ x[i].double()))
     with torch.no_grad():
+        assert layer.csr  # the sparse-dense products first, then the blocks
+        torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit, atol=1e-5, rtol=1e-5)
+        layer.csr = False
         torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit, atol=1e-5, rtol=1e-5)
         layer.chunk_bytes = 1  # a chunk per block
         torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit, atol=1e-5, rtol=1e-5)
@@ -275,6 +279,45 @@ def test_sparse_blocks_balanced_and_skewed(skew):
     torch.testing.assert_close(w.grad.double(), grad, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparse_dense_products_with_repeated_and_skipped_picks(skip):
+    """The CSR dispatch: a token that picks one expert twice gets both (the blocks add
+    them), skipped picks (-1, computation-free indices past N) add nothing, and tokens
+    left with no pick at all get nothing."""
+    n = 5
+    base, experts, gates = make_layer(n, range(n), seed=3)
+    layer = routed_layer(base, experts, n, lambda lay: GateRouter(lay, gates, 3))
+    layer.dense = False
+    layer.set_router(layer.router)
+    g = torch.Generator().manual_seed(4)
+    t = 40
+    x = torch.randn(t, 24, generator=g)
+    idx = torch.stack([torch.randperm(n, generator=g)[:3] for _ in range(t)])
+    if skip:
+        layer.router.may_skip = True
+        idx[::3, 0] = -1
+        idx[1::4, 2] = n + 1  # a computation-free expert
+        idx[5] = -1  # nothing at all
+    w = torch.rand(t, 3, generator=g)
+
+    def explicit(idx):
+        out = torch.zeros(t, 40, dtype=torch.float64)
+        for i in range(t):
+            for j, p in zip(idx[i].tolist(), w[i].tolist()):
+                if 0 <= j < n:
+                    m = experts[j][2]
+                    out[i] += p * m.scaling * (m.B.double() @ (m.A.double() @ x[i].double()))
+        return out
+
+    with torch.no_grad():
+        assert layer._add_csr(torch.zeros(t, 40), x, idx, w, skip)  # the CSR path itself ran
+        torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit(idx), atol=1e-5, rtol=1e-5)
+        twice = idx.clone()
+        twice[7, 1] = twice[7, 0] = 2
+        assert not layer._add_csr(torch.zeros(t, 40), x, twice, w, skip)  # left to the blocks
+        torch.testing.assert_close(layer.sparse_delta(x, twice, w).double(), explicit(twice), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_dispatch_in_other_dtypes(dtype):
     """float64 (no grouped_mm) and bfloat16 (ranks padded to 16 bytes)
@@ -282,11 +325,11 @@ def test_dispatch_in_other_dtypes(dtype):
     base, experts, gates = make_layer(8, range(8), seed=1)
     x = torch.randn(50, 24, generator=torch.Generator().manual_seed(1))
     for dense_max in (0, 10**9):
-        RoutedLoraLinear.dense_max_columns = dense_max
+        default, RoutedLoraLinear.dense_max_columns = RoutedLoraLinear.dense_max_columns, dense_max
         try:
             layer = routed_layer(base.to(dtype), experts, 8, lambda lay: GateRouter(lay, gates, 2))
         finally:
-            RoutedLoraLinear.dense_max_columns = 256
+            RoutedLoraLinear.dense_max_columns = default
         assert layer._use_grouped_mm == (dtype != torch.float64) and layer.dense == bool(dense_max)
         assert layer.lora_A.dim() == (2 if dense_max else 3)  # the layout the dispatch reads
         xd = x.to(dtype)
