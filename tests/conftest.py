@@ -7,6 +7,7 @@ adapters are written by plain PEFT ``save_pretrained``.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +25,12 @@ os.environ["NO_COLOR"] = "1"
 os.environ["RECYCLE_TEST_SESSION"] = uuid.uuid4().hex
 os.environ["COLUMNS"] = "200"
 os.environ["TERM"] = "dumb"
+# A run started in the background by a non-interactive shell (`cmd &`, nohup) inherits
+# SIGINT ignored, and so would every process it starts: the tests that interrupt a command
+# with SIGINT (Ctrl-C) need it delivered. A handled signal is reset to the default in a
+# child, so handling it here gives the children Python's KeyboardInterrupt again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
