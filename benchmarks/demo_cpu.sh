@@ -12,7 +12,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 label=${1:?usage: demo_cpu.sh LABEL [CODE_DIR]}
 code=${2:-$here}
+# a wrong CODE_DIR would silently time this venv's installed recycle instead
+[ -f "$code/recycle/__init__.py" ] || { echo "demo_cpu.sh: $code holds no recycle package (recycle/__init__.py)" >&2; exit 2; }
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT  # an interrupted or failed run leaves no folder and writes no line
 log="$work/demo.log"
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 b0=$(busy); t0=$(date +%s.%N)
@@ -24,4 +27,3 @@ avx=$(grep -q avx512f /proc/cpuinfo && echo yes || echo no)
 steps=$(grep -E "^ +(experts|gates|evaluation [0-9]+) done|pipeline .*: done in" "$log" | sed 's/^ *//; s/;.*//' | paste -sd ',' -)
 line="$label: $(git -C "$code" rev-parse --short HEAD 2>/dev/null || echo '?') wall $(echo "$t1 - $t0" | bc | cut -d. -f1) s, CPU $(( (b1 - b0) / hz )) s ($cpu, $(nproc) cores, AVX-512 $avx); $steps"
 echo "$line" | tee -a "$here/benchmarks/results/demo-cpu.txt"
-rm -rf "$work"
