@@ -53,6 +53,8 @@ from recycle.routing.experts import ExpertModule
 
 _CSR_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+# the pattern is built here, sorted and in range by construction: torch's opt-in check stays off
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 class RoutedLoraLinear(nn.Module):
