@@ -172,31 +172,29 @@ class TrunkCache:
     @contextmanager
     def record(self, model, batch: dict):
         """Run the block (one forward pass over ``batch``) keeping what enters layer ``start``."""
-        layers = decoder_layers(self._inner(model))
         key = self.key(batch)
-        if layers is None or key in self.records or self.bytes >= self.max_bytes:
+        trunk = None
+        if key not in self.records and self.bytes < self.max_bytes:
+            trunk = Trunk.for_model(self._inner(model), self.start)
+        if trunk is None:
             yield
             return
-        seen: list[torch.Tensor] = []
-        handle = layers[self.start].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-        try:
+        with trunk.run():  # a first run of a Trunk records
             yield
-        finally:
-            handle.remove()
-        if len(seen) == 1:
-            self.records[key] = seen[0]
-            self.bytes += seen[0].numel() * seen[0].element_size()
+        if len(trunk.records) == 1:
+            h = self.records[key] = trunk.records[0]
+            self.bytes += h.numel() * h.element_size()
 
     @contextmanager
     def replay(self, model, batch: dict):
         """Run the block (one forward pass over ``batch``) with the layers below ``start``
         replaced by the recorded tensor, where there is one."""
         h = self.records.get(self.key(batch))
-        if h is None or decoder_layers(self._inner(model)) is None:
+        trunk = None if h is None else Trunk.for_model(self._inner(model), self.start)
+        if trunk is None:
             yield
             return
-        trunk = Trunk(self._inner(model), self.start)
-        trunk.records = [h]
+        trunk.records = [h]  # a Trunk that holds records replays them
         with trunk.run():
             yield
         self.hits += 1
