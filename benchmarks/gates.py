@@ -73,9 +73,10 @@ def timed(fn, warm: int, n: int) -> list[float]:
 def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int, layers: list[int] | None) -> dict:
     """Median seconds of one optimiser step, on the same model, batch and threads, of:
     the plain loop a user would write (``get_peft_model``, transformers' forward with
-    ``labels`` and ``.loss``, AdamW), recycle's ``train-expert`` step (the LM head run only
-    where an answer token is predicted), and recycle's gate step (the adapter frozen, one
-    gate per LoRA module trainable). The three take turns within each repetition."""
+    ``labels`` and ``.loss``, AdamW), recycle's ``train-expert`` step (the LM head, and the
+    top layer's frozen MLP products, run only where an answer token is predicted), and
+    recycle's gate step (the adapter frozen, one gate per LoRA module trainable). The three
+    take turns within each repetition."""
     from peft import LoraConfig, get_peft_model
 
     from recycle.training import answer_loss
@@ -101,13 +102,13 @@ def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int, layers:
         plain_opt.step()
 
     def ours_step():
-        loss = answer_loss(ours, batch)
+        loss = answer_loss(ours, batch, top_rows=True)  # as train-expert steps
         ours_opt.zero_grad(set_to_none=True)
         loss.backward()
         ours_opt.step()
 
     def gate_step():
-        loss = answer_loss(gated, batch)
+        loss = answer_loss(gated, batch, top_rows=True)  # as gate training steps
         gate_opt.zero_grad(set_to_none=True)
         loss.backward()
         gate_opt.step()

@@ -206,7 +206,7 @@ def train_gates(
             batch = {k: v.to(device) for k, v in next(batches).items()}
             set_lr(opt, lr_at(step, settings.steps, settings.warmup_steps, settings.lr, decay=False))
             with trunk.replay(model, batch) if trunk is not None else nullcontext():
-                loss = answer_loss(model, batch)
+                loss = answer_loss(model, batch, top_rows=True)
             if not torch.isfinite(loss):
                 raise RecycleError(f"gate training diverged at step {step} (loss {loss.item()})")
             opt.zero_grad(set_to_none=True)

@@ -65,6 +65,67 @@ def decoder_layers(model):
     return layers if isinstance(layers, torch.nn.ModuleList) else None
 
 
+class _Rows(torch.nn.Module):
+    """Stands for a frozen Linear: computes the tokens at ``index`` (into the flattened
+    ``[batch * length]`` tokens) only, zeros elsewhere."""
+
+    def __init__(self, linear: torch.nn.Linear, index: torch.Tensor):
+        super().__init__()
+        self.linear, self.index = linear, index
+
+    @property
+    def weight(self):  # what a wrapper (PEFT's LoRA layer) may read of its base layer
+        return self.linear.weight
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        picked = self.linear(flat.index_select(0, self.index))
+        out = picked.new_zeros(flat.shape[0], picked.shape[-1]).index_copy(0, self.index, picked)
+        return out.reshape(*x.shape[:-1], picked.shape[-1])
+
+
+def _frozen_linears(mlp: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(parent, attribute) of every frozen Linear doing the MLP's own product: its
+    children, or a LoRA layer's ``base_layer``."""
+    found = []
+    for name, child in mlp.named_children():
+        parent, attr = mlp, name
+        if not isinstance(child, torch.nn.Linear) and isinstance(getattr(child, "base_layer", None), torch.nn.Linear):
+            parent, attr, child = child, "base_layer", child.base_layer
+        if isinstance(child, torch.nn.Linear) and not any(p.requires_grad for p in child.parameters()):
+            found.append((parent, attr))
+    return found
+
+
+@contextmanager
+def top_rows(model, index: torch.Tensor | None):
+    """Inside the block the frozen products of the top decoder layer's MLP (three quarters
+    of that layer's work in a Llama-style model) are computed only for the tokens at
+    ``index`` (flat ``row * length + position``), zeros elsewhere; everything else (LoRA
+    branches, gates, elementwise work) runs on every token as before. The model's final
+    hidden states are right at those tokens only, which is all a loss on them reads, and
+    the loss and every gradient come out bit for bit the same: a row of a matrix product
+    does not depend on the other rows, the rows left out get a zero gradient either way
+    (so they add exact zeros to every weight gradient), and no trained weight's product
+    changes shape. Models without the usual layout run whole."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = decoder_layers(inner)
+    mlp = getattr(layers[-1], "mlp", None) if layers is not None and len(layers) else None
+    swaps = _frozen_linears(mlp) if index is not None and isinstance(mlp, torch.nn.Module) else []
+    originals = [getattr(parent, attr) for parent, attr in swaps]
+    for (parent, attr), linear in zip(swaps, originals):
+        setattr(parent, attr, _Rows(linear, index))
+    try:
+        yield
+    finally:
+        for (parent, attr), linear in zip(swaps, originals):
+            setattr(parent, attr, linear)
+
+
 class _Replay(torch.nn.Module):
     """Stands for decoder layer ``index`` below the shared trunk's top: it records a place
     holder in the cache (so lengths and masks are those of the real run) and, as the

@@ -84,17 +84,26 @@ def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:
     return sorted(set(out))
 
 
-def answer_loss(model, batch: dict):
-    """Mean cross-entropy over the answer tokens, the LM head run only where needed."""
+def answer_loss(model, batch: dict, *, top_rows: bool = False):
+    """Mean cross-entropy over the answer tokens, the LM head run only where needed.
+
+    ``top_rows``: the top layer's MLP, too, runs only on the tokens that predict answer
+    tokens (:func:`recycle.scoring.top_rows`; the same loss and gradients). Left off where
+    something reads every token of that layer (routing statistics, a load-balancing loss).
+    """
     import torch
+
+    from recycle import scoring
 
     labels = batch["labels"]
     tgt = labels[:, 1:] != -100  # position p predicts labels[p + 1]
     rows, cols = tgt.nonzero(as_tuple=True)
     keep = torch.unique(cols)
+    index = rows * labels.shape[1] + cols if top_rows else None
     try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=keep, use_cache=False).logits
+        with scoring.top_rows(model, index):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           logits_to_keep=keep, use_cache=False).logits
         if logits.shape[1] != keep.numel():
             raise TypeError("logits_to_keep ignored")
         at = torch.searchsorted(keep, cols)
@@ -212,7 +221,7 @@ def run_expert_job(job: ExpertJob) -> dict:
             set_lr(opt, lr_at(step, settings.steps, warmup_steps, settings.lr))
             batch = {k: v.to(device) for k, v in next(batches).items()}
             with trunk.record(model, batch) if step < record_steps else nullcontext():
-                loss = answer_loss(model, batch)
+                loss = answer_loss(model, batch, top_rows=True)
             if not torch.isfinite(loss):
                 raise RecycleError(f"training {job.name} diverged at step {step + 1} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)

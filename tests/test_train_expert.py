@@ -143,6 +143,66 @@ def test_answer_loss_is_the_lm_loss_on_answer_tokens(tiny_base):
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
+def test_top_rows_gives_the_same_training_bit_for_bit(tiny_base):
+    """answer_loss(top_rows=True), as train-expert and gate training call it: the top
+    layer's frozen MLP products run on the answer-predicting tokens only, and three
+    optimiser steps of a LoRA on the top layers (MLP included), then of gates on it, end
+    with exactly the same losses, weights and gates as the full pass."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recycle import gates as G
+    from recycle.data import collate, encode_lm
+    from recycle.scoring import _Rows
+    from recycle.training import answer_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    pairs = [("Q: a?\nA:", " yes"), ("Q: a much longer question here?\nA:", " no no"), ("Q: c?\nA:", " maybe")]
+    batch = collate([encode_lm(tok, p, a, 64) for p, a in pairs], 0)
+    n_answer = int((batch["labels"][:, 1:] != -100).sum())
+
+    def train(top_rows):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_base)
+        top = base.config.num_hidden_layers - 1
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj", "down_proj"],
+                                                layers_to_transform=[top - 1, top], init_lora_weights=False))
+        down = model.get_base_model().model.layers[top].mlp.down_proj
+        rows_seen = []
+        hook = down.base_layer.register_forward_pre_hook(lambda m, a: rows_seen.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for _ in range(3):
+            loss = answer_loss(model, batch, top_rows=top_rows)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        hook.remove()
+        assert not isinstance(down.base_layer, _Rows)  # put back
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with G.Gates(model) as gates:
+            gopt = torch.optim.AdamW(gates.parameters(), lr=0.05)
+            for _ in range(3):
+                loss = answer_loss(model, batch, top_rows=top_rows)
+                gopt.zero_grad(set_to_none=True)
+                loss.backward()
+                gopt.step()
+                losses.append(loss.item())
+            return losses, weights, gates.state_dict(), rows_seen
+
+    full, fast = train(False), train(True)
+    assert full[3] == [batch["input_ids"].numel()] * 3 and fast[3] == [n_answer] * 3  # the top products ran on fewer rows
+    assert fast[0] == full[0]
+    assert all(torch.equal(fast[1][k], full[1][k]) for k in full[1]) and len(full[1]) == 12
+    assert all(torch.equal(fast[2][k], full[2][k]) for k in full[2]) and len(full[2]) == 6
+    top_gates = [v for k, v in full[2].items() if k.endswith("layers.3.mlp.down_proj")]
+    assert top_gates and all(v.abs().sum() > 0 for v in top_gates)  # the top MLP's gates learnt
+
+
 def test_schedule_and_layer_parsing():
     from recycle.schedule import lr_at
     from recycle.training import parse_layers
