@@ -37,6 +37,7 @@ from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
 from recycle.schedule import lr_at, set_lr
+from recycle.scoring import inner_model
 from recycle.settings import Settings, setting
 from recycle.training import answer_loss
 
@@ -93,7 +94,7 @@ def routed_modules(model) -> dict[str, torch.nn.Module]:
     """``{base-model module path: PEFT LoRA layer}`` for every Linear carrying the adapter."""
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = inner_model(model)
     found = {}
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:

@@ -23,7 +23,7 @@ def _cache_kw(model) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever it takes."""
     import inspect
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner_model(model)
     try:
         params = inspect.signature(type(inner).forward).parameters
     except (TypeError, ValueError):
@@ -55,6 +55,11 @@ def _encode(tokenizer, ex: Example, max_length: int) -> tuple[list[int], list[li
         keep = prefix if len(prefix) < room else []
         ids = keep + prompt[max(0, len(prompt) - (room - len(keep))):]
     return ids, choices
+
+
+def inner_model(model):
+    """The transformers model inside a PEFT wrapper (the model itself when unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_layers(model):
@@ -112,8 +117,7 @@ def top_rows(model, index: torch.Tensor | None):
     does not depend on the other rows, the rows left out get a zero gradient either way
     (so they add exact zeros to every weight gradient), and no trained weight's product
     changes shape. Models without the usual layout run whole."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = decoder_layers(inner)
+    layers = decoder_layers(inner_model(model))
     mlp = getattr(layers[-1], "mlp", None) if layers is not None and len(layers) else None
     swaps = _frozen_linears(mlp) if index is not None and isinstance(mlp, torch.nn.Module) else []
     originals = [getattr(parent, attr) for parent, attr in swaps]
@@ -226,17 +230,13 @@ class TrunkCache:
             h.update(t.numpy().tobytes())
         return h.digest()
 
-    @staticmethod
-    def _inner(model):
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
     @contextmanager
     def record(self, model, batch: dict):
         """Run the block (one forward pass over ``batch``) keeping what enters layer ``start``."""
         key = self.key(batch)
         trunk = None
         if key not in self.records and self.bytes < self.max_bytes:
-            trunk = Trunk.for_model(self._inner(model), self.start)
+            trunk = Trunk.for_model(inner_model(model), self.start)
         if trunk is None:
             yield
             return
@@ -251,7 +251,7 @@ class TrunkCache:
         """Run the block (one forward pass over ``batch``) with the layers below ``start``
         replaced by the recorded tensor, where there is one."""
         h = self.records.get(self.key(batch))
-        trunk = None if h is None else Trunk.for_model(self._inner(model), self.start)
+        trunk = None if h is None else Trunk.for_model(inner_model(model), self.start)
         if trunk is None:
             yield
             return
