@@ -247,6 +247,7 @@ def run_expert_job(job: ExpertJob) -> dict:
     }
 
     def build(tmp: Path) -> None:
+        nonlocal model, opt, params
         # saved while the config still names the local folder: PEFT then checks the
         # vocabulary there instead of asking the hub
         model.save_pretrained(str(tmp), save_embedding_layers=False)
@@ -255,11 +256,14 @@ def run_expert_job(job: ExpertJob) -> dict:
         cfg["base_model_name_or_path"] = ref.name  # the base as the user named it
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if job.gates is not None:
+            # from the written folder, before it is renamed into place: an interrupt
+            # meanwhile leaves a temporary folder (removed), never a new adapter at the
+            # registered path that the registry does not know
+            model = opt = params = None
+            summary["gates"] = _train_gates_here(job, device, trunk, tmp)
 
     replace_dir(build, job.out_dir)
-    if job.gates is not None:
-        del model, opt, params
-        summary["gates"] = _train_gates_here(job, device, trunk)
     return summary
 
 
@@ -279,15 +283,16 @@ def _gate_trunk(job: ExpertJob, settings: TrainSettings, layers: list[int] | Non
     return TrunkCache(_first_layer(layers)), min(gs.steps, settings.steps)
 
 
-def _train_gates_here(job: ExpertJob, device: str, trunk) -> dict:
-    """PHATGOOSE gates for the adapter just written, as ``recycle train-gates`` trains them
-    (the adapter loaded from its folder, the expert's training examples), in this task:
-    ``{gates, steps, loss_start, loss_end, seconds, replayed}`` or ``{error}``."""
+def _train_gates_here(job: ExpertJob, device: str, trunk, folder: Path) -> dict:
+    """PHATGOOSE gates for the adapter just written to ``folder``, as ``recycle
+    train-gates`` trains them (the adapter loaded from its folder, the expert's training
+    examples), in this task: ``{gates, steps, loss_start, loss_end, seconds, replayed}``
+    or ``{error}``."""
     from recycle import gates
 
     settings = gates.GateSettings(**job.gates)
     try:
-        model, tok = gates.load_expert(job.base, job.out_dir)
+        model, tok = gates.load_expert(job.base, folder)
         model.to(device)
         result = gates.train_on_examples(model, tok, job.examples, settings, trunk=trunk)
     except RecycleError as e:

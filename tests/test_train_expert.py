@@ -245,3 +245,64 @@ def test_gates_trained_with_their_expert_equal_train_gates(toy, gate_steps, repl
     assert any(loaded[k].abs().sum() > 0 for k in loaded)  # they trained
     assert (here["loss_start"], here["loss_end"]) == (separate["loss_start"], separate["loss_end"])
     assert registry.expert_or_none(job.name) is None  # the worker touched no registry
+
+
+def test_gates_failing_in_the_experts_task_leave_the_expert_and_no_gates(toy, monkeypatch, capsys):
+    """A gate training that fails inside the expert's task (here: it diverges) costs the
+    expert nothing: the adapter is written and registered, the failure is reported in one
+    line, and no gates row or file is left, so the gates step trains them later."""
+    from recycle import gates
+    from recycle.console import Reporter
+    from recycle.errors import RecycleError
+    from recycle.registry import Registry
+    from recycle.training import TrainSettings, _record_gates, plan_expert, register_trained, run_expert_job
+
+    def diverge(*args, **kwargs):
+        raise RecycleError("gate training diverged at step 0 (loss nan)")
+
+    monkeypatch.setattr(gates, "train_on_examples", diverge)
+    registry = Registry(os.environ["RECYCLE_DB"])
+    job = plan_expert(registry, ["toy"], "tiny-llama", TrainSettings(steps=2, batch_size=4, max_length=48, layers="top2", rank=4))
+    settings = gates.GateSettings(steps=2, batch_size=4, max_length=48)
+    job.gates, job.threads = {k: v for k, v in settings.to_dict().items() if k != "algorithm"}, 1
+    summary = run_expert_job(job)
+    assert summary["gates"] == {"error": "gate training diverged at step 0 (loss nan)"}
+    row = register_trained(registry, job, summary)
+    assert (Path(job.out_dir) / "adapter_model.safetensors").is_file() and registry.expert(job.name)["sha256"] == row["sha256"]
+    capsys.readouterr()
+    assert _record_gates(registry, row, settings, summary["gates"], Reporter()) == summary["gates"]["error"]
+    said = capsys.readouterr()
+    assert f"{job.name}: gates not trained: gate training diverged at step 0 (loss nan)" in said.out + said.err
+    assert registry.gates_row(row["id"], settings.hash, row["sha256"]) is None
+    assert not list((registry.artifacts_dir / "gates").glob("**/*.safetensors"))
+
+
+def test_an_interrupt_while_gates_train_leaves_the_registered_adapter_as_it_was(toy, monkeypatch):
+    """The gates train from the written folder before it is renamed into place: a Ctrl-C
+    (or a killed worker) meanwhile leaves the registered expert's folder untouched, even
+    under --replace, and no new adapter nor temporary folder behind."""
+    from recycle import gates
+    from recycle.registry import Registry
+    from recycle.training import TrainSettings, plan_expert, register_trained, run_expert_job
+
+    registry = Registry(os.environ["RECYCLE_DB"])
+    settings = TrainSettings(steps=2, batch_size=4, max_length=48, layers="top2", rank=4)
+    first = plan_expert(registry, ["toy"], "tiny-llama", settings, name="toy-x")
+    row = register_trained(registry, first, run_expert_job(first))
+    before = sorted(p.name for p in Path(first.out_dir).parent.iterdir())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gates, "train_on_examples", interrupted)
+    again = plan_expert(registry, ["toy"], "tiny-llama", TrainSettings(steps=3, batch_size=4, max_length=48,
+                                                                        layers="top2", rank=4, seed=1),
+                        name="toy-x", replace=True)
+    again.gates = {k: v for k, v in gates.GateSettings(steps=2).to_dict().items() if k != "algorithm"}
+    with pytest.raises(KeyboardInterrupt):
+        run_expert_job(again)
+    from recycle.adapters import sha256_file
+
+    assert sha256_file(Path(first.out_dir) / "adapter_model.safetensors") == row["sha256"]
+    assert registry.expert("toy-x")["sha256"] == row["sha256"]
+    assert sorted(p.name for p in Path(first.out_dir).parent.iterdir()) == before
