@@ -13,7 +13,6 @@ with the CPU model. Run the two checkouts alternately, a few times each.
 
 import argparse
 import copy
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,10 @@ import time
 import warnings
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "routing-ab.txt"
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    avx = "yes" if "avx512f" in Path("/proc/cpuinfo").read_text() else "no"
-    return f"{model}, {os.cpu_count()} cores, AVX-512 {avx}"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "routing-ab.txt"
+sys.path.insert(0, str(HERE))
+from moepp import cpu_name  # noqa: E402  (imports no recycle: CODE_DIR's is imported below)
 
 
 def main() -> None:

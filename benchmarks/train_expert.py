@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from moepp import cpu_name  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "n_train_examples": training["n_train_examples"],
         "n_trainable_params": training["n_trainable_params"],
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, torch {torch.__version__}",
         "command": "python benchmarks/train_expert.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     }
     out = Path(args.out)
@@ -134,7 +135,7 @@ Training loop: {r['train_loop_seconds']:.0f} s wall ({r['seconds_per_step']} s/s
 {r['train_loop_cpu_seconds']:.0f} CPU-seconds over all threads, load average {r['load_average_1min_at_end']} at the end);
 whole `train_expert` call (load base, train, save, register): {r['train_expert_wall_seconds']:.0f} s.
 One scoring pass over the test examples: {r['eval_seconds_per_pass']:.0f} s. Final loss {r['final_loss']}.
-Machine: {r['machine']} (shared with other work while it ran: timings are upper bounds).
+Machine: {r['machine']}.
 """
 
 
