@@ -357,13 +357,29 @@ def train_expert(
     replace: bool = False,
     progress: bool = True,
     meta: dict | None = None,
+    gates=None,
+    report=None,
 ) -> dict:
     """Train, save and register one LoRA expert in this process; returns the expert row
-    (with ``status`` and a ``training`` summary)."""
+    (with ``status`` and a ``training`` summary).
+
+    ``gates`` (:class:`recycle.gates.GateSettings`, single-task experts only): its
+    PHATGOOSE gates are trained right after it, as :func:`train_experts` does, and the
+    row gets ``gates``: ``"trained"`` or why not."""
+    if gates is not None and multitask:
+        raise RecycleError("gates are trained for single-task experts only (a multitask expert is not routed)")
     job = plan_expert(registry, tasks, base, settings or TrainSettings(), name=name, multitask=multitask,
                       replace=replace)
     job.progress = progress
-    return register_trained(registry, job, run_expert_job(job), replace=replace, meta=meta)
+    if gates is not None:
+        job.gates = {k: v for k, v in gates.to_dict().items() if k != "algorithm"}
+    summary = run_expert_job(job)
+    row = register_trained(registry, job, summary, replace=replace, meta=meta)
+    if gates is not None:
+        from recycle.console import Reporter
+
+        row["gates"] = _record_gates(registry, row, gates, summary["gates"], report or Reporter())
+    return row
 
 
 def train_experts(

@@ -127,6 +127,26 @@ def test_bad_training_options_are_one_line_errors(toy, args, message):
     assert experts_rows() == []
 
 
+def test_train_expert_with_gate_steps_records_the_gates_train_gates_would_train(toy):
+    """--gate-steps trains the expert's gates right after it (in this process here): the
+    gates row is the one `train-gates NAME --steps N --batch-size B --max-length L --seed S`
+    looks for, so that command then finds them done; a multitask expert is refused."""
+    import json as _json
+
+    result = cli("train-expert", "--task", "toy", "--base", "tiny-llama", "--steps", "3", "--batch-size", "4",
+                 "--max-length", "48", "--layers", "top2", "--rank", "4", "--name", "toy-g", "--gate-steps", "2",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    assert _json.loads(result.stdout)["gates"] == "trained"
+    again = cli("train-gates", "toy-g", "--steps", "2", "--batch-size", "4", "--max-length", "48", "--json")
+    assert again.exit_code == 0, again.output
+    (row,) = _json.loads(again.stdout)["experts"]
+    assert row["status"] == "skipped" and row["steps"] == 2 and Path(row["path"]).is_file()
+    refused = cli("train-expert", "--multitask", "toy", "--base", "tiny-llama", "--steps", "2", "--gate-steps", "2")
+    assert refused.exit_code == 2 and "single-task experts only" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_answer_loss_is_the_lm_loss_on_answer_tokens(tiny_base):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

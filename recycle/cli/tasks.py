@@ -199,6 +199,12 @@ def train_expert_cmd(
     warmup: Annotated[float, typer.Option(help="Warm-up, as a fraction of the steps.")] = 0.06,
     seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite an expert of the same name.")] = False,
+    gate_steps: Annotated[Optional[int], typer.Option(
+        help="Also train its PHATGOOSE gates, this many steps, right after it: the gates `train-gates NAME "
+             "--steps N --batch-size B --max-length L --seed S` would train (the expert's batch size, length and "
+             "seed), at less cost (their steps reuse the expert's pass through the layers below the adapted ones).",
+        show_default=False)] = None,
+    gate_lr: Annotated[float, typer.Option(help="AdamW learning rate of the gates (with --gate-steps).")] = 5e-3,
     address: AddressOption = None,
     cpus_per_task: Annotated[Optional[float], typer.Option(
         help="Train as a Ray task with this many CPUs (also its torch threads).", show_default=False)] = None,
@@ -218,11 +224,15 @@ def train_expert_cmd(
       recycle train-expert --task vader_tweets --base smollm2-135m --layers top8 --steps 80
 
       recycle train-expert --task trec_coarse --address auto --gpus-per-task 1
+
+      recycle train-expert --task sms_spam --layers top8 --steps 80 --gate-steps 80
     """
     from recycle.training import TrainSettings, parse_layers, plan_expert, train_expert, train_experts
 
     if bool(task) == bool(multitask):
         raise RecycleError("give exactly one of --task or --multitask")
+    if gate_steps is not None and multitask:
+        raise RecycleError("--gate-steps: gates are trained for single-task experts only (a multitask expert is not routed)")
     task_names = [t.strip() for t in (multitask or task).split(",") if t.strip()]
     if not task_names:
         raise RecycleError("no task named")
@@ -233,24 +243,35 @@ def train_expert_cmd(
         warmup=warmup, seed=seed,
     )
     parse_layers(layers, None)  # syntax check before loading anything
+    gate_settings = None
+    if gate_steps is not None:
+        from recycle.gates import GateSettings
+
+        gate_settings = GateSettings(steps=gate_steps, lr=gate_lr, batch_size=batch_size, max_length=max_length,
+                                     seed=seed)
     registry = open_registry(db)
     if address is None and cpus_per_task is None and gpus_per_task is None:
         row = train_expert(registry, task_names, base, settings, name=name, multitask=bool(multitask),
-                           replace=replace, progress=True)
+                           replace=replace, progress=True, gates=gate_settings)
     else:
         job = plan_expert(registry, task_names, base, settings, name=name, multitask=bool(multitask), replace=replace)
         (out,) = train_experts(registry, [job], address=address, cpus_per_task=cpus_per_task or 1.0,
-                               gpus_per_task=gpus_per_task, replace=replace)
+                               gpus_per_task=gpus_per_task, replace=replace, gates=gate_settings)
         if out["status"] == "failed":
             raise RecycleError(out["reason"], exit_code=1)
         row = {**registry.expert(job.name), "status": out["status"], "training": out}
+        if "gates" in out:
+            row["gates"] = out.pop("gates")
     if json_:
         from recycle.experts import describe
 
-        print_json({**describe(row), "status": row["status"], "training": row.get("training")})
+        extra = {"gates": row.get("gates")} if gate_settings is not None else {}
+        print_json({**describe(row), "status": row["status"], "training": row.get("training"), **extra})
     else:
         t = row.get("training", {})
         info(
             f"{row['status']}: expert {row['name']} at {row['path']} "
             f"(final loss {t.get('final_loss', float('nan')):.3f}, {t.get('train_seconds', 0):.0f} s)"
         )
+    if gate_settings is not None and row.get("gates") != "trained":
+        raise typer.Exit(1)  # the expert is registered; why its gates are not was said above
