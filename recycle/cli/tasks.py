@@ -247,6 +247,10 @@ def train_expert_cmd(
     if gate_steps is not None:
         from recycle.gates import GateSettings
 
+        if gate_steps < 1:
+            raise RecycleError(f"--gate-steps must be at least 1, not {gate_steps}")
+        if not gate_lr > 0:
+            raise RecycleError(f"--gate-lr must be positive, not {gate_lr:g}")
         gate_settings = GateSettings(steps=gate_steps, lr=gate_lr, batch_size=batch_size, max_length=max_length,
                                      seed=seed)
     registry = open_registry(db)
