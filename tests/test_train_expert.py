@@ -193,27 +193,25 @@ def test_top_rows_gives_the_same_training_bit_for_bit(tiny_base):
         down = model.get_base_model().model.layers[top].mlp.down_proj
         rows_seen = []
         hook = down.base_layer.register_forward_pre_hook(lambda m, a: rows_seen.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
-        for _ in range(3):
-            loss = answer_loss(model, batch, top_rows=top_rows)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+
+        def three_steps(params, lr):
+            opt = torch.optim.AdamW(params, lr=lr)
+            for _ in range(3):
+                loss = answer_loss(model, batch, top_rows=top_rows)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+
+        three_steps([p for p in model.parameters() if p.requires_grad], 1e-2)
         hook.remove()
         assert not isinstance(down.base_layer, _Rows)  # put back
         weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
         for p in model.parameters():
             p.requires_grad_(False)
         with G.Gates(model) as gates:
-            gopt = torch.optim.AdamW(gates.parameters(), lr=0.05)
-            for _ in range(3):
-                loss = answer_loss(model, batch, top_rows=top_rows)
-                gopt.zero_grad(set_to_none=True)
-                loss.backward()
-                gopt.step()
-                losses.append(loss.item())
+            three_steps(gates.parameters(), 0.05)
             return losses, weights, gates.state_dict(), rows_seen
 
     full, fast = train(False), train(True)
