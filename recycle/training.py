@@ -87,9 +87,10 @@ def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:
 def answer_loss(model, batch: dict, *, top_rows: bool = False):
     """Mean cross-entropy over the answer tokens, the LM head run only where needed.
 
-    ``top_rows``: the top layer's MLP, too, runs only on the tokens that predict answer
-    tokens (:func:`recycle.scoring.top_rows`; the same loss and gradients). Left off where
-    something reads every token of that layer (routing statistics, a load-balancing loss).
+    ``top_rows``: the top layer's frozen MLP products, too, run only on the tokens that
+    predict answer tokens (:func:`recycle.scoring.top_rows`; the same loss and gradients,
+    bit for bit). Left off where something reads every token of that layer's MLP
+    (routing statistics, a router's load-balancing loss).
     """
     import torch
 
