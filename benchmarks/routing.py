@@ -208,7 +208,7 @@ def main(argv=None) -> None:
         f"Setup: {setup['model']}; {setup['experts']}; k = {args.top_k}; inputs: batch {setup['batches']} x "
         f"{args.seq} tokens; {args.threads} threads; torch {torch.__version__}; time = {setup['timing']} "
         f"({args.reps} reps). Dispatch: the routed layer's choice (dense up to N·r = "
-        f"{64 if RoutedLoraLinear.dense_max_columns is None else RoutedLoraLinear.dense_max_columns}, "
+        f"{RoutedLoraLinear.dense_limit('cpu', torch.float32)}, "
         f"sparse above: sparse-dense products on CPU).",
         "",
         "| routed modules | N experts | dispatch | tokens | base (s) | phatgoose-routed (s) | PEFT Arrow (s) "

@@ -409,7 +409,7 @@ def train(
             continue
         jobs.append(GateJob(
             expert=name, base=e["base_model"], adapter_path=e["path"], adapter_sha256=e["sha256"],
-            examples=examples_cache[e["task"]], settings={k: v for k, v in settings.to_dict().items() if k != "algorithm"},
+            examples=examples_cache[e["task"]], settings=asdict(settings),
             out_path=str(gates_path(registry.artifacts_dir, name, settings.hash, e["sha256"])),
             threads=max(1, math.ceil(cpus_per_expert)),
         ))

@@ -373,7 +373,7 @@ def train_expert(
                       replace=replace)
     job.progress = progress
     if gates is not None:
-        job.gates = {k: v for k, v in gates.to_dict().items() if k != "algorithm"}
+        job.gates = asdict(gates)
     summary = run_expert_job(job)
     row = register_trained(registry, job, summary, replace=replace, meta=meta)
     if gates is not None:
@@ -419,7 +419,7 @@ def train_experts(
         for job in jobs:
             job.threads, job.device = max(1, math.ceil(cpus_per_task)), "cuda" if gpus > 0 else "cpu"
             if gates is not None and not job.multitask:
-                job.gates = {k: v for k, v in gates.to_dict().items() if k != "algorithm"}
+                job.gates = asdict(gates)
         report.say(f"training {len(jobs)} expert(s) on Ray ({where}): {cpus_per_task:g} CPU, {gpus:g} GPU each")
 
         def on_result(job, summary):

@@ -50,7 +50,6 @@ from recycle.errors import RecycleError
 from recycle.routing.context import Route, RoutingContext, module_kind
 from recycle.routing.experts import ExpertModule
 
-
 _CSR_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 # the pattern is built here, sorted and in range by construction: torch's opt-in check stays off
@@ -149,11 +148,17 @@ class RoutedLoraLinear(nn.Module):
         in sparse dispatch)."""
         AT = self.lora_AT
         self.router = router
-        limit = self.dense_max_columns
-        if limit is None:
-            limit = 64 if self.csr and AT.device.type == "cpu" and AT.dtype in _CSR_DTYPES else 128
+        limit = self.dense_limit(AT.device.type, AT.dtype)
         self.dense = self.n_experts * AT.shape[-1] <= limit and not router.n_free
         self.lora_A = AT.permute(1, 0, 2).reshape(self.in_features, -1) if self.dense else AT.transpose(1, 2).contiguous()
+
+    @classmethod
+    def dense_limit(cls, device_type: str, dtype: torch.dtype) -> int:
+        """The stacked rank up to which the dense dispatch runs, for factors on this device
+        type and dtype: ``dense_max_columns``, or where that is None the measured crossover."""
+        if cls.dense_max_columns is not None:
+            return cls.dense_max_columns
+        return 64 if cls.csr and device_type == "cpu" and dtype in _CSR_DTYPES else 128
 
     # The wrapped layer answers like a Linear (some models read .weight, e.g. T5's wo).
     @property
