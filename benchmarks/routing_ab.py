@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("batch", type=int)
     ap.add_argument("--reps", type=int, default=8)
     args = ap.parse_args()
+    for what in ("n", "layers", "batch", "reps"):
+        if getattr(args, what) < 1:
+            ap.error(f"{what.upper() if what != 'reps' else '--reps'} must be at least 1, not {getattr(args, what)}")
     code = args.code.resolve()
     if not (code / "recycle" / "__init__.py").is_file() or not (code / "benchmarks" / "routing.py").is_file():
         sys.exit(f"routing_ab.py: {code} holds no recycle checkout (recycle/__init__.py, benchmarks/routing.py)")
@@ -52,6 +55,8 @@ def main() -> None:
     torch.set_num_threads(2)
     model = smollm2_shape()
     n_layers = model.config.num_hidden_layers
+    if args.layers > n_layers:
+        ap.error(f"LAYERS {args.layers}: the model has {n_layers}")
     layers = list(range(n_layers - args.layers, n_layers))
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, 64), generator=g)}
