@@ -10,6 +10,7 @@ runs, and :attr:`Settings.hash` identifies what was computed with them.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -48,6 +49,8 @@ class Settings:
                 raise RecycleError(f"{flag} must be in [{low:g}, {high:g}), not {value}")
             if low is not None and high is None and not value >= low:
                 raise RecycleError(f"{flag} must be {'0 or more' if low == 0 else f'at least {low}'}, not {value}")
+            if isinstance(value, float) and not math.isfinite(value):  # as from_dict's type check says
+                raise RecycleError(f"{flag} must be a finite number, not {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -126,6 +126,10 @@ def test_settings_hash_and_validation():
     assert lr_at(0, 6, 0, 1.0, decay=False) == 1.0
     with pytest.raises(G.RecycleError):
         G.GateSettings(steps=0)
+    with pytest.raises(G.RecycleError, match="--lr must be a finite number, not inf"):
+        G.GateSettings(lr=float("inf"))  # positive, yet every gate would diverge
+    with pytest.raises(G.RecycleError, match="--lr must be positive, not nan"):
+        G.GateSettings(lr=float("nan"))
 
 
 def test_gates_start_at_zero_and_only_gates_change(experts, base_dir):

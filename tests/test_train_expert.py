@@ -120,6 +120,8 @@ def test_multitask_trains_on_the_union(toy):
         (["--task", "toy", "--steps", "0"], "--steps must be at least 1"),
         (["--task", "toy", "--gate-steps", "0"], "--gate-steps must be at least 1, not 0"),
         (["--task", "toy", "--gate-steps", "2", "--gate-lr", "-1"], "--gate-lr must be positive, not -1"),
+        (["--task", "toy", "--gate-steps", "2", "--gate-lr", "inf"], "--gate-lr must be a finite number, not inf"),
+        (["--task", "toy", "--lr", "inf"], "--lr must be a finite number, not inf"),
     ],
 )
 def test_bad_training_options_are_one_line_errors(toy, args, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -251,6 +252,8 @@ def train_expert_cmd(
             raise RecycleError(f"--gate-steps must be at least 1, not {gate_steps}")
         if not gate_lr > 0:
             raise RecycleError(f"--gate-lr must be positive, not {gate_lr:g}")
+        if not math.isfinite(gate_lr):
+            raise RecycleError(f"--gate-lr must be a finite number, not {gate_lr:g}")
         gate_settings = GateSettings(steps=gate_steps, lr=gate_lr, batch_size=batch_size, max_length=max_length,
                                      seed=seed)
     registry = open_registry(db)
