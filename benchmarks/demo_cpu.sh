@@ -24,9 +24,8 @@ b0=$(busy); t0=$(date +%s.%N)
 (cd "$work" && PYTHONPATH="$code" "$here/.venv/bin/python" -m recycle demo) > "$log" 2>&1
 b1=$(busy); t1=$(date +%s.%N)
 hz=$(getconf CLK_TCK)
-cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
-avx=$(grep -q avx512f /proc/cpuinfo && echo yes || echo no)
+cpu=$(cd "$here/benchmarks" && "$here/.venv/bin/python" -c 'from moepp import cpu_name; print(cpu_name())')
 steps=$(grep -E "^ +(experts|gates|evaluation [0-9]+) done|pipeline .*: done in" "$log" | sed 's/^ *//; s/;.*//' | paste -sd ',' -)
-line="$label: $(git -C "$code" rev-parse --short HEAD 2>/dev/null || echo '?') wall $(echo "$t1 - $t0" | bc | cut -d. -f1) s, CPU $(( (b1 - b0) / hz )) s ($cpu, $(nproc) cores, AVX-512 $avx); $steps"
+line="$label: $(git -C "$code" rev-parse --short HEAD 2>/dev/null || echo '?') wall $(echo "$t1 - $t0" | bc | cut -d. -f1) s, CPU $(( (b1 - b0) / hz )) s ($cpu); $steps"
 echo "$line" | tee -a "$here/benchmarks/results/demo-cpu.txt"
 if [ "${KEEP:-0}" = 1 ]; then trap - EXIT; echo "kept: $work"; fi
