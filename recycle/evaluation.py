@@ -480,10 +480,9 @@ def routing_matrices(rows: list[dict], label: str | None = None):
 def plot_routing(mats: dict | None, path, gates: dict | None = None) -> None:
     """Routing heatmaps (task × expert, layer × expert) and, for a gated ensemble (COSMO),
     the gate's reliability diagram, in one PNG (written atomically)."""
-    from recycle.files import atomic_path
+    from recycle.files import atomic_path, output_target
 
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise RecycleError(f"cannot write {path}: its folder does not exist")
+    output_target(path)  # checked before drawing
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,9 +585,11 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
     atomically. Returns the paths written."""
     from pathlib import Path
 
-    from recycle.files import write_json, write_text
+    from recycle.files import output_target, write_json, write_text
 
     target = Path(target)
+    for suffix in (".json", ".md", ".png"):  # all refused before any is written
+        output_target(target.with_suffix(suffix), make_parents=True)
     rows = registry.run_results(run_id)
     summary = summarise(rows)
     per_example = ("predictions", "routing", "scores", "labels")

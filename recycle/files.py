@@ -4,6 +4,12 @@ folders) goes to a temporary name in the destination's folder and is renamed int
 
 A process killed mid-write leaves at most a ``.NAME.*.tmp`` file (or folder) behind, never a
 truncated ``NAME``; :func:`remove_temps` sweeps them.
+
+Only a regular file is ever replaced: an output path that names a folder, a device
+(``/dev/null``, ``/dev/full``), a socket or a FIFO is refused in one line, and so is a folder
+that cannot be written. A symlink is written through: the temporary file goes beside the
+link's final target and is renamed over the target, so the link stays a link and now points
+at the new content (:func:`output_target`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,21 +32,71 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def output_target(path: str | os.PathLike, *, make_parents: bool = False) -> Path:
+    """Where writing ``path`` really goes, checked before any work is done: a symlink's final
+    target (written through), refused in one line when that is anything but a regular file
+    or a new name, or when its folder is missing (and not to be made) or not writable."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path.absolute()
+    shown = str(path) if target == path.absolute() else f"{path} (a link to {target})"
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise RecycleError(f"cannot write {shown}: {e.strerror}") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise RecycleError(f"cannot write {shown}: it is {_kind(st.st_mode)}, not a regular file; "
+                           "give the path of a file")
+    writable_folder(target.parent, shown, make_parents)
+    return target
+
+
+def writable_folder(folder: Path, shown: str, make_parents: bool) -> None:
+    """``folder`` exists (made if ``make_parents``) and can take new files, or one line."""
+    if not folder.is_dir():
+        if not make_parents:
+            raise RecycleError(f"cannot write {shown}: its folder {folder} does not exist")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RecycleError(f"cannot write {shown}: cannot make its folder {folder} ({e.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RecycleError(f"cannot write {shown}: its folder {folder} is not writable")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, make_parents: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to ``path``, on any error
-    (or interrupt) it is removed and ``path`` is left as it was."""
-    path = Path(path)
-    if make_parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    elif not path.parent.is_dir():
-        raise RecycleError(f"cannot write {path}: its folder does not exist")
-    if path.is_dir():
-        raise RecycleError(f"cannot write {path}: it is a folder")
-    tmp = temp_name(path)
+    (or interrupt) it is removed and ``path`` is left as it was. ``path`` is checked first
+    (:func:`output_target`): only a regular file or a new name is replaced, through a symlink
+    to its target; an error writing (disk full, permissions) is one line."""
+    target = output_target(path, make_parents=make_parents)
+    tmp = temp_name(target)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            raise RecycleError(f"cannot write {path}: {e.strerror}") from None
+        os.close(fd)
+        try:
+            yield tmp
+            old = os.lstat(target) if os.path.lexists(target) else None
+            if old is not None and not stat.S_ISREG(old.st_mode):  # something else appeared meanwhile
+                raise RecycleError(f"cannot write {path}: it is now {_kind(old.st_mode)}, not a regular file")
+            if old is not None:
+                os.chmod(tmp, stat.S_IMODE(old.st_mode))  # a replaced file keeps its permissions
+            os.replace(tmp, target)
+        except OSError as e:
+            raise RecycleError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -96,8 +153,13 @@ def replace_dir(build: Callable[[Path], None], dest: str | os.PathLike, *, keep_
     replaced (moved aside, then deleted), or kept when ``keep_existing`` (another process
     built the same thing first)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise RecycleError(f"cannot write the folder {dest}: a file or link of that name is in the way")
+    writable_folder(dest.absolute().parent, str(dest), make_parents=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise RecycleError(f"cannot write {dest}: {e.strerror}") from None
     try:
         build(tmp)
         if dest.exists():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import os
+import sqlite3
 
 import pytest
 import torch
@@ -105,6 +105,18 @@ def test_generalised_zero_shot_table_and_routing_report(registered, ray_local, t
     plot = tmp_path / "routing.png"
     ok("report", "1", "--plot", plot)
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    # a plot never replaces a device, a FIFO or a folder; an unwritable place is one line
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad, words in [("/dev/full", "character device"), (fifo, "it is a FIFO"), (tmp_path, "it is a folder"),
+                       ("/proc/routing.png", "cannot write"), (tmp_path / "no" / "r.png", "does not exist")]:
+        err = one_line_error(runner.invoke(app, ["report", "1", "--plot", str(bad)]))
+        assert words in err and "Error:" not in err.removeprefix("Error:"), err
+    assert os.path.exists("/dev/full") and not os.path.isfile("/dev/full")
+    link = tmp_path / "link.png"
+    link.symlink_to(plot)
+    ok("report", "1", "--plot", link)
+    assert link.is_symlink() and plot.read_bytes()[:4] == b"\x89PNG"
     mats = json.loads(ok("report", "1", "--json").stdout)
     assert mats["experts"] == ["ea"] and mats["tasks"] == ["t_alpha", "t_beta"]
     # one routed expert, k=2 capped at 1: every token uses it

@@ -178,10 +178,9 @@ def predict_cmd(
         raise RecycleError("batch prediction on Ray (--workers/--address) needs --input and --output")
     items = _read_inputs(prompt, input_file, choices)
     if output is not None:
-        if output.is_dir():
-            raise RecycleError(f"cannot write {output}: it is a folder")
-        if not output.absolute().parent.is_dir():
-            raise RecycleError(f"cannot write {output}: its folder does not exist")
+        from recycle.files import output_target
+
+        output_target(output)  # a device, folder, FIFO or unwritable folder: refused before any work
     registry = open_registry(db, create=False)
     if distributed:
         from recycle.serving import predict_batch
