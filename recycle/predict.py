@@ -9,7 +9,6 @@ request is validated.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,11 +75,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return items
 
 
-def finite(x: float) -> float | None:
-    """A score for JSON: NaN and infinities become null (JSON has no NaN)."""
-    return x if math.isfinite(x) else None
-
-
 class Predictor:
     """A loaded composition: ``score`` (rank classification) and ``generate``."""
 
@@ -108,6 +102,7 @@ class Predictor:
         ``expert`` for per-example methods, method-specific values (``p_seen`` ...), and with
         ``explain`` the experts used per routed module."""
         from recycle.data import Example
+        from recycle.methods.method import check_finite
         from recycle.scoring import predict
 
         if not items:
@@ -118,6 +113,7 @@ class Predictor:
         if explain:
             pairs = [self.scorer.explain(ex, t, max_length=max_length) for ex, t in zip(examples, tasks)]
             scores, explained = [p[0] for p in pairs], [p[1] for p in pairs]
+            check_finite(scores)
             out_extra, chosen = {}, None
             if self.method.per_example:
                 chosen = self.scorer.score(examples, tasks, batch_size=batch_size, max_length=max_length).experts
@@ -127,7 +123,7 @@ class Predictor:
         out = []
         for i, (it, ex, s, p) in enumerate(zip(items, examples, scores, predict(scores))):
             r = {**{k: v for k, v in it.items() if k != "choices"}, "answer": ex.choices[p],
-                 "scores": {c: finite(v) for c, v in zip(ex.choices, s)}}
+                 "scores": dict(zip(ex.choices, s))}
             if chosen:
                 r["expert"] = chosen[i]
             for key, values in out_extra.items():

@@ -361,9 +361,9 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
                     for i in idx:
                         if reqs[i]["explain"]:
                             out[i] = p.score([reqs[i]["item"]], explain=True)[0]
-                except RecycleError as e:
+                except RecycleError as e:  # bad input 400; no answer to give (non-finite scores) 500
                     for i in idx:
-                        out[i] = Rejected(400, str(e))
+                        out[i] = Rejected(400 if e.exit_code == 2 else 500, str(e))
             return out
 
         def _generate(self, reqs: list[dict]) -> list:

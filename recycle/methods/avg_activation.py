@@ -33,7 +33,7 @@ class AvgActivation(Method):
             if path.is_file():
                 out[m["name"]] = load_tensors(path, "prototypes")
                 continue
-            modules = list(load_expert(m["path"], m["name"]).modules)
+            modules = list(load_expert(m["path"], m["name"], m.get("sha256")).modules)
             enc = [encode_lm(tokenizer, p, a, max_length) for p, a, _ in rows]
             batches = [{k: v for k, v in collate(enc[i:i + batch_size], pad_id_of(tokenizer)).items() if k != "labels"}
                        for i in range(0, len(enc), batch_size)]

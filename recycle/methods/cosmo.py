@@ -238,7 +238,7 @@ class Sides:
         from recycle.scoring import score_choices
 
         members = {m["name"]: m for m in self.plan.members}
-        experts = [load_expert(members[n]["path"], n) for n in names]
+        experts = [load_expert(members[n]["path"], n, members[n].get("sha256")) for n in names]
         with install_routed(self.model, experts, lambda layer: ExampleRouter("cosmo-seen"), "cosmo-seen") as h:
             def on_rows(rows):
                 h.set_examples([assignment[i] for i in rows])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,7 +162,7 @@ class Method:
         """Install the plan's composition on ``model`` (in place); returns the handle."""
         from recycle.routing import load_expert
 
-        experts = [load_expert(m["path"], m["name"]) for m in plan.members]
+        experts = [load_expert(m["path"], m["name"], m.get("sha256")) for m in plan.members]
         return self.build(model, experts, self.settings(plan.settings), **self.artifacts(plan, model, tokenizer))
 
     def artifacts(self, plan: Plan, model, tokenizer) -> dict:
@@ -186,6 +187,21 @@ class Scored:
     experts: list | None = None  # per-example methods: each example's expert
     stats: dict | None = None  # routing statistics per module, when recorded
     extra: dict = field(default_factory=dict)  # method-specific per-example values (lists)
+
+    def __post_init__(self):
+        check_finite(self.scores)
+
+
+def check_finite(scores: Sequence[Sequence[float]]) -> None:
+    """Refuse (exit 1, HTTP 500) scores that are NaN or infinite: argmax over them is no
+    answer. Predict, serve and eval all score through :class:`Scored`, so none of them
+    ever returns one."""
+    for i, row in enumerate(scores):
+        bad = [j for j, v in enumerate(row) if not math.isfinite(float(v))]
+        if bad:
+            raise RecycleError(f"example {i + 1}: the score of choice {bad[0] + 1} is {float(row[bad[0]])} (not a "
+                               "finite number: the composition's weights or a routing value overflowed); "
+                               "no answer given", exit_code=1)
 
 
 class InstalledScorer:

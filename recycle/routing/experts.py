@@ -89,9 +89,12 @@ class LoraExpert:
     modules: dict[str, ExpertModule] = field(default_factory=dict)
 
 
-def load_expert(path: str | Path, name: str | None = None) -> LoraExpert:
+def load_expert(path: str | Path, name: str | None = None, sha256: str | None = None) -> LoraExpert:
     """Read one PEFT LoRA adapter folder into a :class:`LoraExpert`.
 
+    With ``sha256`` (the registry's hash of the weights file) the bytes read are hashed
+    as they are used and must match, so weights changed in place (same size and mtime,
+    which the registry's quick check trusts) are refused, never computed with.
     Raises :class:`RecycleError` for a missing folder/file, a non-LoRA adapter, DoRA,
     or LoRA on embeddings (only linear targets are routed).
     """
@@ -107,10 +110,8 @@ def load_expert(path: str | Path, name: str | None = None) -> LoraExpert:
     if config.get("fan_in_fan_out"):
         raise RecycleError(f"{path}: fan_in_fan_out (Conv1D) targets are not supported")
 
-    from recycle.files import load_tensors
-
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_tensors(weights_file, "adapter weights").items():
+    for key, tensor in _read_weights(weights_file, name or path.name, sha256).items():
         match = LORA_KEY.match(key)
         if match is None:
             raise RecycleError(f"{path}: unsupported tensor {key!r} (only lora_A/lora_B on linear layers)")
@@ -123,6 +124,27 @@ def load_expert(path: str | Path, name: str | None = None) -> LoraExpert:
     if not modules:
         raise RecycleError(f"{path}: adapter has no LoRA weights")
     return LoraExpert(name=name or path.name, path=path, config=config, modules=modules)
+
+
+def _read_weights(weights_file: Path, name: str, sha256: str | None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors from one read of its file, checked against ``sha256``."""
+    import hashlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        data = weights_file.read_bytes()
+    except OSError as e:
+        raise RecycleError(f"cannot read adapter weights {weights_file}: {e.strerror}") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise RecycleError(f"the weights of expert {name} changed on disk since it was registered "
+                           f"({weights_file} no longer has the registered sha256 {sha256[:12]}); re-register it with: "
+                           f"recycle add-expert {weights_file.parent} --name {name} --replace")
+    try:
+        return load(data)
+    except SafetensorError as e:
+        raise RecycleError(f"cannot read adapter weights {weights_file}: {' '.join(str(e).split())}") from None
 
 
 def load_vectors(path: str | Path) -> dict[str, torch.Tensor]:
