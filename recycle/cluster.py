@@ -138,6 +138,23 @@ def check_fits(num_cpus: float, num_gpus: float) -> None:
     )
 
 
+def capacity(num_cpus: float, num_gpus: float) -> int:
+    """How many tasks (actors) of ``num_cpus`` and ``num_gpus`` each the cluster's live nodes
+    can run at once, in all."""
+    import ray
+
+    total = 0
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        res = n.get("Resources", {})
+        fits = [res.get("CPU", 0) / num_cpus] if num_cpus > 0 else []
+        if num_gpus > 0:
+            fits.append(res.get("GPU", 0) / num_gpus)
+        total += int(min(fits)) if fits else 0
+    return total
+
+
 def has_room(num_cpus: float, num_gpus: float) -> bool:
     """Whether the cluster has ``num_cpus`` and ``num_gpus`` free right now (in all; a task
     that does not fit on one node still waits)."""

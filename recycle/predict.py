@@ -29,26 +29,65 @@ def resolve(registry, name: str, data_seed: int = 0) -> Plan:
     return comp.plan(registry, method=name, data_seed=data_seed)
 
 
-def check_item(item, where: str = "request") -> dict:
+MAX_CHOICES = 64  # answer choices per request: each is a forward row
+MAX_CHARS = 100_000  # characters of prompt, choices and text per request, checked before tokenising
+CHARS_PER_TOKEN = 16  # where a token bound is set, characters beyond 16 per token are refused untokenised
+
+
+def check_item(item, where: str = "request", *, max_chars: int = MAX_CHARS, chars_why: str = "") -> dict:
     """One request: ``{"prompt": str, "choices": [str, ...] (optional), "task": str
-    (optional), "text": str (optional)}``; anything else is refused in one line."""
+    (optional), "text": str (optional)}``; anything else is refused in one line, and so is
+    one that is too big to score (more than :data:`MAX_CHOICES` choices, the same choice
+    twice, more than ``max_chars`` characters in all), before anything is tokenised."""
     if not isinstance(item, dict):
         raise RecycleError(f"{where}: must be a JSON object")
     prompt = item.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RecycleError(f"{where}: needs a non-empty \"prompt\" string")
+    choices = []
     if "choices" in item and item["choices"] is not None:
         choices = item["choices"]
         if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
             raise RecycleError(f"{where}: \"choices\" must be a list of strings")
         if len(choices) < 2:
             raise RecycleError(f"{where}: \"choices\" needs at least two answers")
+        if len(choices) > MAX_CHOICES:
+            raise RecycleError(f"{where}: {len(choices)} answer choices; at most {MAX_CHOICES} are scored")
         if any(not c for c in choices):
             raise RecycleError(f"{where}: an answer choice is empty")
+        seen = set()
+        for c in choices:
+            if c in seen:
+                shown = c if len(c) <= 40 else c[:40] + "..."
+                raise RecycleError(f"{where}: the answer choice {shown!r} is given twice (each choice gets one score)")
+            seen.add(c)
     for key in ("task", "text"):
         if key in item and item[key] is not None and not isinstance(item[key], str):
             raise RecycleError(f"{where}: \"{key}\" must be a string")
+    size = len(prompt) + sum(len(c) for c in choices) + len(item.get("text") or "") + len(item.get("task") or "")
+    if size > max_chars:
+        raise RecycleError(f"{where}: the prompt, choices and text are {size} characters; at most {max_chars} "
+                           f"are taken{chars_why}")
     return item
+
+
+def check_tokens(item: dict, tokenizer, max_tokens: int, *, where: str = "request", prompt_too: bool = True,
+                 option: str = "--max-length") -> None:
+    """A checked request's token count within ``max_tokens``: prompt plus every choice
+    (``prompt_too``), or, where the prompt is cut from the left to fit, the longest
+    choice within half of it (so the prompt keeps the other half)."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    choices = [count(c) for c in item.get("choices") or ()]
+    if prompt_too:
+        total = count(item["prompt"]) + sum(choices)
+        if total > max_tokens:
+            what = "the prompt and its choices are" if choices else "the prompt is"
+            raise RecycleError(f"{where}: {what} {total} tokens; at most {max_tokens} are taken ({option})")
+    elif choices and max(choices) > max_tokens // 2:
+        raise RecycleError(f"{where}: an answer choice is {max(choices)} tokens; at most {max_tokens // 2} "
+                           f"(half the {max_tokens}-token window, the prompt keeps the other half)")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -107,6 +146,8 @@ class Predictor:
 
         if not items:
             return []
+        for n, it in enumerate(items, 1):  # the prompt is cut from the left to fit; a choice never
+            check_tokens(it, self.tokenizer, max_length, where=f"example {n}", prompt_too=False)
         examples = [Example(it["prompt"], list(it["choices"]), it["choices"][0], None, it.get("text") or it["prompt"])
                     for it in items]
         tasks = [it.get("task") for it in items]

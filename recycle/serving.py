@@ -26,8 +26,13 @@ Requests for one composition that arrive together are collected into one batch
 off) and scored in forward passes of up to ``--forward-batch-size`` requests of similar
 length. A request is
 checked before it is queued: bad JSON or fields are HTTP 400, an unknown composition or
-path 404, a wrong method 405, each with a one-line JSON ``{"error": ...}``; a prompt longer
-than ``--max-length`` tokens (default 512) is refused with 400, never cut silently.
+path 404, a wrong method 405, each with a one-line JSON ``{"error": ...}``. Every size a
+request controls is bounded, each with a 400 that names the limit, the cheap bounds before
+anything is tokenised: the body (8 bytes per character allowed, read no further than that),
+its JSON nesting (:data:`MAX_JSON_DEPTH`), the number of choices (64) and the same choice
+twice, 16 characters per ``--max-length`` token; then the prompt plus every choice at most
+``--max-length`` tokens (default 512), never cut silently. A score that is not a finite
+number is a 500, never an answer.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ def predict_batch(
     import ray
 
     from recycle import cluster
+    from recycle import shards as shards_mod
     from recycle.files import write_text
 
     report = report or Reporter()
@@ -143,10 +149,8 @@ def predict_batch(
     state.mkdir(parents=True, exist_ok=True)
     write_text(manifest, json.dumps({"key": key, "shards": len(shards), "examples": len(items)}) + "\n")
 
-    def shard_path(i: int) -> Path:
-        return state / f"shard-{i:06d}.jsonl"
-
-    todo = [i for i in range(len(shards)) if not shard_path(i).is_file()]
+    done = shards_mod.done_shards(state, shards)  # a damaged shard: refused before any work
+    todo = [i for i in range(len(shards)) if i not in done]
     resumed = len(shards) - len(todo)
     if resumed:
         report.say(f"resuming: {resumed} of {len(shards)} shards already written")
@@ -157,6 +161,11 @@ def predict_batch(
         with cluster.connect(address) as where:
             gpus = cluster.default_gpus(gpus_per_worker)
             cluster.check_fits(cpus_per_worker, gpus)
+            room = cluster.capacity(cpus_per_worker, gpus)
+            if workers > room:  # more actors than fit only queue and slow the run down
+                raise RecycleError(f"--workers {workers}: this cluster runs at most {room} worker(s) of "
+                                   f"{cpus_per_worker:g} CPU and {gpus:g} GPU each; lower --workers "
+                                   "(or --cpus-per-worker)")
             actor_cls = ray.remote(PredictorActor).options(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=0,
                                                            runtime_env={"env_vars": cluster.worker_env()})
             device = "cuda" if gpus > 0 else "cpu"
@@ -223,7 +232,7 @@ def predict_batch(
                             continue
                         except ray.exceptions.RayTaskError as e:
                             raise RecycleError(f"shard {i} failed: {cluster.describe_error(e)}", exit_code=1) from None
-                        write_text(shard_path(i), "".join(json.dumps(r, allow_nan=False) + "\n" for r in out))
+                        write_text(shards_mod.shard_path(state, i), shards_mod.shard_text(i, shards[i], out))
                         new_done += len(shards[i])
                         report.advance(len(shards[i]))
                         submit(actor)
@@ -232,14 +241,7 @@ def predict_batch(
                     ray.kill(a)
             elapsed = time.time() - t0
             report.say(f"{new_done} example(s) in {elapsed:.1f} s: {new_done / max(elapsed, 1e-9):.1f} examples/s")
-    lines: list[str] = [""] * len(items)
-    for i, idx in enumerate(index):
-        got = shard_path(i).read_text().splitlines(keepends=True)
-        if len(got) != len(idx):
-            raise RecycleError(f"{shard_path(i)} holds {len(got)} lines, not {len(idx)}: delete it and run again",
-                               exit_code=1)
-        for j, line in zip(idx, got):
-            lines[j] = line
+    lines = shards_mod.assemble(state, index, shards, len(items))
     with open_output(output) as f:
         f.writelines(lines)
     import shutil
@@ -278,9 +280,46 @@ class Rejected(Exception):
         self.status, self.message = status, " ".join(str(message).split())
 
 
+MAX_JSON_DEPTH = 8  # a request nests two levels (the object, its choices)
+
+
+def body_limit(max_length: int) -> int:
+    """The largest body taken, in bytes: room for the characters a request may have
+    (:func:`request_chars`), each escaped as JSON at worst."""
+    return max(1 << 16, 8 * request_chars(max_length))
+
+
+def request_chars(max_length: int) -> int:
+    from recycle.predict import CHARS_PER_TOKEN, MAX_CHARS
+
+    return min(MAX_CHARS, CHARS_PER_TOKEN * max_length)
+
+
+def parse_body(raw: bytes):
+    """A request body as JSON, refused (400) when it is not JSON or nests deeper than
+    :data:`MAX_JSON_DEPTH` (never a RecursionError and a 500)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise Rejected(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Rejected(400, f"the body is not JSON ({e})") from None
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise Rejected(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
+    return body
+
+
 def check_request(body, served: dict, kind: str, tokenizer_of, max_length: int) -> dict:
-    """A request's fields, checked; raises :class:`Rejected` (400/404) with one line."""
-    from recycle.predict import check_item
+    """A request's fields, checked; raises :class:`Rejected` (400/404) with one line. Its
+    size is bounded before anything is tokenised: at most 64 choices, each different, and
+    16 characters per ``--max-length`` token; then prompt plus choices at most
+    ``max_length`` tokens."""
+    from recycle.predict import check_item, check_tokens
 
     if not isinstance(body, dict):
         raise Rejected(400, "the body must be a JSON object")
@@ -288,26 +327,28 @@ def check_request(body, served: dict, kind: str, tokenizer_of, max_length: int) 
     if not isinstance(name, str) or not name:
         raise Rejected(400, "needs a \"composition\" (one of: " + ", ".join(served) + ")")
     if name not in served:
-        raise Rejected(404, f"no composition {name!r} is served here (served: {', '.join(served)})")
+        raise Rejected(404, f"no composition {name[:100]!r} is served here (served: {', '.join(served)})")
     item = {k: body[k] for k in ("prompt", "choices", "task", "text") if k in body}
     if kind == "score" and not body.get("choices"):
         raise Rejected(400, "needs \"choices\": a list of at least two answer strings")
     try:
-        check_item(item)
+        check_item(item, max_chars=request_chars(max_length),
+                   chars_why=f" (--max-length {max_length} tokens; 16 characters per token at most)")
     except RecycleError as e:
         raise Rejected(400, str(e).removeprefix("request: ")) from None
     unknown = sorted(set(body) - {"composition", "prompt", "choices", "task", "text", "explain", "max_new_tokens"})
     if unknown:
-        raise Rejected(400, f"unknown field {unknown[0]!r}")
+        raise Rejected(400, f"unknown field {unknown[0][:100]!r}")
     if "explain" in body and not isinstance(body["explain"], bool):
         raise Rejected(400, "\"explain\" must be true or false")
     if kind == "generate":
         n = body.get("max_new_tokens", 32)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS:
             raise Rejected(400, f"\"max_new_tokens\" must be an integer from 1 to {MAX_NEW_TOKENS}")
-    tokens = len(tokenizer_of(name)(item["prompt"], add_special_tokens=False)["input_ids"])
-    if tokens > max_length:
-        raise Rejected(400, f"the prompt is {tokens} tokens; this server takes at most {max_length} (--max-length)")
+    try:
+        check_tokens(item, tokenizer_of(name), max_length)
+    except RecycleError as e:
+        raise Rejected(400, str(e).removeprefix("request: ").replace("are taken", "are taken by this server")) from None
     return {"name": name, "item": item, "explain": bool(body.get("explain")), "max_new_tokens": body.get("max_new_tokens", 32)}
 
 
@@ -407,10 +448,7 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
                                         "/healthz)")
                 if method != "POST":
                     raise Rejected(405, f"{path} takes POST with a JSON body")
-                try:
-                    body = json.loads(await request.body())
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise Rejected(400, f"the body is not JSON ({e})") from None
+                body = parse_body(await read_body(request, body_limit(max_length)))
                 kind = "score" if path == "/v1/score" else "generate"
                 req = check_request(body, self.predictors, kind, self._tokenizer, max_length)
                 if kind == "score":
@@ -427,6 +465,20 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
                                     status_code=500)
 
     return RecycleServer.bind()
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused (400) as soon as it passes ``limit`` bytes: never read whole first."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Rejected(400, f"the body is {int(declared)} bytes; this server takes at most {limit} (from --max-length)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Rejected(400, f"the body is over {limit} bytes; this server takes at most {limit} (from --max-length)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def serve(plans: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,

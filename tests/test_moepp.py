@@ -210,6 +210,9 @@ def test_moepp_settings_are_refused_in_one_line():
         MoeppSettings(tau=0)
     with pytest.raises(RecycleError, match="--zero must be 0 or more"):
         MoeppSettings(zero=-1)
+    with pytest.raises(RecycleError, match="100000002 computation-free experts per module; at most 64"):
+        MoeppSettings(constant=100_000_000)
+    MoeppSettings(zero=0, copy=0, constant=64)  # the limit itself is taken
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +228,10 @@ def test_train_router_on_ray_saves_reuses_and_serves(registered, ray_local, tmp_
     from recycle.registry import Registry
 
     train_real_gates(["ea", "eb"])
+    # a runaway expert count is refused when stored, not when it exhausts memory at predict
+    assert "at most 64" in one_line_error(cli("compose", "big", "--method", "moepp", "--constant", "100000000",
+                                              "--all"))
+    assert "big" not in ok("compose", "list").stdout
     ok("compose", "m", "--method", "moepp", "--all", "--tau", "0.25", "--constant", "1")
     assert "no composition named 'nope'" in one_line_error(cli("train-router", "nope"))
     r = ok("train-router", "m", "--steps", "6", "--lr", "0.5", "--beta", "1", "--examples", "16", "--batch-size", "4",

@@ -59,3 +59,45 @@ def test_non_finite_scores_are_an_error_not_an_answer(library, tmp_path):
     r = cli("predict", "uniform", "--prompt", "Alpha: x\nAnswer:", "--choices", " a, b")
     err = one_line_error(r, code=1)
     assert "not a finite number" in err and "no answer given" in err and '"answer"' not in r.output
+
+
+def _shard_world(tmp_path):
+    from recycle import shards as S
+
+    shards = [[{"id": 2 * i + k, "prompt": f"p{2 * i + k}", "choices": [" a", " b"]} for k in range(2)]
+              for i in range(4)]
+    answers = [[{"id": it["id"], "answer": " a", "scores": {" a": -1.0, " b": -2.0}} for it in sh] for sh in shards]
+    for i in range(4):
+        S.shard_path(tmp_path, i).write_text(S.shard_text(i, shards[i], answers[i]))
+    return S, shards
+
+
+def test_resumed_shards_must_answer_their_inputs(tmp_path):
+    S, shards = _shard_world(tmp_path)
+    assert S.done_shards(tmp_path, shards) == {0, 1, 2, 3}
+    lines = S.assemble(tmp_path, [[0, 1], [2, 3], [4, 5], [6, 7]], shards, 8)
+    assert [json.loads(x)["id"] for x in lines] == list(range(8))
+    p = [S.shard_path(tmp_path, i) for i in range(4)]
+    # shard 0 and shard 1 swap contents: the same length, the same number of lines
+    a, b = p[0].read_bytes(), p[1].read_bytes()
+    assert len(a) == len(b) and a.count(b"\n") == b.count(b"\n")
+    p[0].write_bytes(b)
+    p[1].write_bytes(a)
+    p[2].write_bytes(p[2].read_bytes().replace(b'"answer": " a"', b'"answer": " b"'))  # an answer edited
+    p[3].write_bytes(b"\xff\xfe" + p[3].read_bytes())  # not UTF-8
+    with pytest.raises(RecycleError) as e:
+        S.done_shards(tmp_path, shards)
+    msg = str(e.value)
+    assert e.value.exit_code == 1 and "\n" not in msg and msg.startswith("4 shard file(s)")
+    for words in ("shard-000000.jsonl: answers other inputs (shard 1's)",
+                  "shard-000001.jsonl: answers other inputs (shard 0's)",
+                  "shard-000002.jsonl: its answers changed", "shard-000003.jsonl: not UTF-8 text (byte 0)",
+                  "delete them"):
+        assert words in msg
+    p[0].write_text('{"id": 0}\n{"id": 1}\n')  # a shard without the header (an older version's)
+    p[1].write_text(S.shard_text(1, shards[1], [{"id": 2}]))  # fewer answers than inputs
+    with pytest.raises(RecycleError, match="shard-000000.jsonl: no digest header; shard-000001.jsonl: 1 answers for 2"):
+        S.done_shards(tmp_path, shards)
+    for x in p:
+        x.unlink()
+    assert S.done_shards(tmp_path, shards) == set()  # deleted shards are simply computed again

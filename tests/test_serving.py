@@ -83,13 +83,35 @@ def test_batch_prediction_resumes_after_an_interrupt(registered, tmp_path):
     written = len(list(state.glob("shard-*.jsonl")))
     assert proc.returncode == 130, err
     assert 5 <= written < 60 and not out.exists()  # interrupted: shards kept, no partial output
+    # a shard swapped for another shard's content of the same length, and one not UTF-8:
+    # both refused at once, before any work, never taken as answers
+    p0, p1, p2 = (state / f"shard-{i:06d}.jsonl" for i in range(3))
+    a, b = p0.read_bytes(), p1.read_bytes()
+    if len(a) != len(b):  # make them the same length; the header still names other inputs
+        b = b.replace(b"}\n", b" " * (len(a) - len(b)) + b"}\n", 1) if len(a) > len(b) else b
+        a = a.replace(b"}\n", b" " * (len(b) - len(a)) + b"}\n", 1) if len(b) > len(a) else a
+    p0.write_bytes(b)
+    p1.write_bytes(a)
+    p2.write_bytes(b"\xff" + p2.read_bytes()[1:])
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "3 shard file(s)" in r.stderr and "shard-000000.jsonl: answers other inputs (shard 1's)" in r.stderr
+    assert "shard-000002.jsonl: not UTF-8" in r.stderr and not out.exists()
+    for p in (p0, p1, p2):
+        p.unlink()
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"resuming: {written} of 60 shards already written" in r.stderr
+    assert f"resuming: {written - 3} of 60 shards already written" in r.stderr
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert [g["id"] for g in got] == list(range(120))
     assert [g["answer"] for g in got] == [e["answer"] for e in expected]
     assert not state.exists()
+    # more workers than the cluster can run: refused with the limit named, not 100000 actors queued
+    many = [c if c != "1" or cmd[i - 1] != "--workers" else "100000" for i, c in enumerate(cmd)]
+    many[many.index("--output") + 1] = str(tmp_path / "many.jsonl")
+    r = subprocess.run(many, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--workers 100000: this cluster runs at most" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     deadline = time.time() + 30
     while ours(ray_tmp) and time.time() < deadline:
         time.sleep(0.5)

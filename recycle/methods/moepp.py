@@ -65,6 +65,7 @@ from recycle.methods.phatgoose import vectors_for
 from recycle.routing import GateRouter, Route, install_routed
 from recycle.settings import Settings
 
+MAX_FREE = 64  # computation-free experts per module (zero + copy + constant), refused beyond when stored
 MARGIN = 1.0  # a computation-free expert's logit starts this far below the token's k-th LoRA logit
 
 
@@ -77,6 +78,12 @@ class MoeppSettings(Settings):
     residual: bool = setting(True, "gating residual from the previous layer's logits (--no-residual: off)")
     tau: float = setting(0.75, "balance-loss weight of the computation-free experts (LoRA experts: 1)",
                          positive=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_free > MAX_FREE:  # each is a router row, a constant vector per module: bounded when stored
+            raise RecycleError(f"--zero, --copy and --constant give {self.n_free} computation-free experts per "
+                               f"module; at most {MAX_FREE}")
 
     @property
     def n_free(self) -> int:
