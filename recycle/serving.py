@@ -48,6 +48,7 @@ from recycle.console import Reporter
 from recycle.errors import RecycleError
 
 MAX_NEW_TOKENS = 256
+DRAIN_S = 30.0  # after Ctrl-C, how long a replica waits for the requests it is answering
 
 
 # ---- batch prediction ----------------------------------------------------------------
@@ -368,6 +369,7 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
 
     @serve.deployment(name="recycle", num_replicas=replicas,
                       ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+                      graceful_shutdown_timeout_s=DRAIN_S, graceful_shutdown_wait_loop_s=0.2,
                       max_ongoing_requests=max(64, 4 * max_batch_size))
     class RecycleServer:
         def __init__(self):
@@ -497,5 +499,22 @@ def serve(plans: dict, *, host: str = "127.0.0.1", port: int = 8000, address: st
             report.say(f"serving {', '.join(plans)} on http://{host}:{port} (Ray: {where}); Ctrl-C stops")
             while block:
                 time.sleep(3600)
+        except KeyboardInterrupt:
+            drain(report)
+            raise
         finally:
             rserve.shutdown()
+
+
+def drain(report: Reporter) -> None:
+    """After Ctrl-C: take no new requests, answer those in flight (each replica waits up to
+    :data:`DRAIN_S` for them), then return. Deleting the application does both: the HTTP
+    proxy stops routing to it at once, and Serve shuts each replica down gracefully, after
+    its ongoing requests. A second Ctrl-C stops waiting."""
+    from ray import serve as rserve
+
+    report.say(f"stopping: no new requests; answering those in flight (at most {DRAIN_S:g} s; Ctrl-C again: now)")
+    try:
+        rserve.delete("recycle", _blocking=True)
+    except KeyboardInterrupt:
+        report.say("stopped without waiting")

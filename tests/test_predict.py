@@ -101,3 +101,18 @@ def test_resumed_shards_must_answer_their_inputs(tmp_path):
     for x in p:
         x.unlink()
     assert S.done_shards(tmp_path, shards) == set()  # deleted shards are simply computed again
+
+
+@pytest.mark.parametrize("item, words", [
+    ({"prompt": "x", "choices": [f" c{i}" for i in range(20_000)]}, "20000 answer choices; at most 64"),
+    ({"prompt": "x", "choices": [" a", " b", " a"]}, "the answer choice ' a' is given twice"),
+    ({"prompt": "x", "choices": [" a", "b" * 1_200_000]}, "1200003 characters; at most 100000"),
+    ({"prompt": "x" * 20_000_000, "choices": [" a", " b"]}, "characters; at most 100000"),
+    ({"prompt": "x", "choices": [" a", " b" * 200]}, "an answer choice is 400 tokens; at most 128"),
+])
+def test_requests_over_a_bound_are_refused_before_scoring(library, tmp_path, item, words):
+    _ok("add-expert", library["a"], "--base", "tiny-llama")
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"prompt": "fine", "choices": [" a", " b"]}) + "\n" + json.dumps(item) + "\n")
+    err = one_line_error(cli("predict", "uniform", "--input", f))
+    assert words in err and ("in.jsonl:2" in err or "example 2" in err), err

@@ -229,3 +229,101 @@ def test_serving_over_http(registered, tmp_path):
     while ours(ray_tmp) and time.time() < deadline:
         time.sleep(0.5)
     assert not ours(ray_tmp), "a Ray process of this test outlived the server"
+
+
+def _start_server(tmp_path, *args):
+    port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rsv", dir="/tmp")
+    proc = subprocess.Popen([sys.executable, "-m", "recycle", "serve", *args, "--port", str(port)],
+                            env=env_for(RECYCLE_RAY_TMPDIR=ray_tmp), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url, ray_tmp
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the server did not come up")
+
+
+def test_ctrl_c_answers_the_requests_in_flight_then_exits(registered, tmp_path):
+    """Requests held in the batch queue (a long --batch-wait-ms) when SIGINT arrives are all
+    answered before the server exits; a request after that finds nothing listening."""
+    ok("compose", "u", "--method", "uniform", "--all")
+    proc, url, ray_tmp = _start_server(tmp_path, "u", "--batch-wait-ms", "6000", "--max-batch-size", "64")
+    results = {}
+
+    def ask(i):
+        body = {"composition": "u", "prompt": f"Alpha: item {i}\nAnswer:", "choices": [" a", " b"]}
+        try:
+            results[i] = requests.post(f"{url}/v1/score", json=body, timeout=120)
+        except requests.RequestException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)  # the requests are in the replica's batch queue for 6 s
+        proc.send_signal(signal.SIGINT)
+        for t in threads:
+            t.join(timeout=120)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "answering those in flight" in err
+    for i in range(8):
+        r = results[i]
+        assert not isinstance(r, Exception) and r.status_code == 200, r
+        assert r.json()["answer"] in (" a", " b")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/healthz", timeout=5)
+    deadline = time.time() + 60
+    while ours(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ours(ray_tmp), "a Ray process of this test outlived the server"
+
+
+def test_oversized_and_malformed_requests_are_400_with_the_limit_named(registered, tmp_path):
+    ok("compose", "u", "--method", "uniform", "--all")
+    proc, url, ray_tmp = _start_server(tmp_path, "u", "--max-length", "64")
+
+    def error(r, status, words):
+        assert r.status_code == status, (r.status_code, r.text)
+        body = r.json()
+        assert set(body) == {"error"} and "\n" not in body["error"] and words in body["error"], body
+
+    def score(**fields):
+        return requests.post(f"{url}/v1/score", json={"composition": "u", "prompt": "x", "choices": [" a", " b"],
+                                                      **fields}, timeout=60)
+
+    try:
+        limit = 64 * 16
+        error(score(choices=[" a", " b" * 1000]), 400, f"2003 characters; at most {limit} are taken (--max-length 64")
+        error(score(choices=[" a", " b" * 600_000]), 400, "the body is")  # 1.2 M characters: refused unread
+        error(score(prompt="x" * 20_000_000), 400, "the body is")  # refused unread, never tokenised
+        error(score(choices=[f" c{i}" for i in range(2_000)]), 400, "2000 answer choices; at most 64")
+        error(score(choices=[" a", " b", " a"]), 400, "the answer choice ' a' is given twice")
+        error(score(choices=[" a", " b" * 40]), 400, "the prompt and its choices are")
+        deep = '{"composition": "u", "prompt": "x", "choices": ' + "[" * 30_000 + "]" * 30_000 + "}"
+        error(requests.post(f"{url}/v1/score", data=deep, timeout=60), 400, "nests deeper than 8 levels")
+        error(requests.post(f"{url}/v1/score", data='{"composition": "u", "prompt": "x", "choices": [[[[[[[[[["a"]]]]]]]]]]}',
+                            timeout=60), 400, "nests deeper than 8 levels")
+        assert score().status_code == 200  # the server is still answering
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    deadline = time.time() + 60
+    while ours(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ours(ray_tmp), "a Ray process of this test outlived the server"
