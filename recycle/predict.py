@@ -135,19 +135,21 @@ class Predictor:
         self.scorer.close()
 
     def score(self, items: Sequence[dict], batch_size: int = 16, explain: bool = False,
-              max_length: int = 256) -> list[dict]:
+              max_length: int = 256, fitted: bool = False) -> list[dict]:
         """Rank classification: per item ``answer``, ``scores`` {choice: score (mean log-prob of
         its tokens; for ensembles the log of the combined probability)}, the per-example
         ``expert`` for per-example methods, method-specific values (``p_seen`` ...), and with
-        ``explain`` the experts used per routed module."""
+        ``explain`` the experts used per routed module. ``fitted``: the caller has checked that
+        each prompt plus its choices fit in ``max_length`` tokens (the server does)."""
         from recycle.data import Example
         from recycle.methods.method import check_finite
         from recycle.scoring import predict
 
         if not items:
             return []
-        for n, it in enumerate(items, 1):  # the prompt is cut from the left to fit; a choice never
-            check_tokens(it, self.tokenizer, max_length, where=f"example {n}", prompt_too=False)
+        if not fitted:  # the prompt is cut from the left to fit max_length; a choice never is
+            for n, it in enumerate(items, 1):
+                check_tokens(it, self.tokenizer, max_length, where=f"example {n}", prompt_too=False)
         examples = [Example(it["prompt"], list(it["choices"]), it["choices"][0], None, it.get("text") or it["prompt"])
                     for it in items]
         tasks = [it.get("task") for it in items]

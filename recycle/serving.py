@@ -399,11 +399,12 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
                 try:
                     if plain:
                         items = [reqs[i]["item"] for i in plain]
-                        for i, res in zip(plain, p.score(items, batch_size=min(len(plain), forward_batch_size))):
+                        for i, res in zip(plain, p.score(items, batch_size=min(len(plain), forward_batch_size),
+                                                         max_length=max_length, fitted=True)):
                             out[i] = res
                     for i in idx:
                         if reqs[i]["explain"]:
-                            out[i] = p.score([reqs[i]["item"]], explain=True)[0]
+                            out[i] = p.score([reqs[i]["item"]], explain=True, max_length=max_length, fitted=True)[0]
                 except RecycleError as e:  # bad input 400; no answer to give (non-finite scores) 500
                     for i in idx:
                         out[i] = Rejected(400 if e.exit_code == 2 else 500, str(e))
