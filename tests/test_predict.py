@@ -116,3 +116,10 @@ def test_requests_over_a_bound_are_refused_before_scoring(library, tmp_path, ite
     f.write_text(json.dumps({"prompt": "fine", "choices": [" a", " b"]}) + "\n" + json.dumps(item) + "\n")
     err = one_line_error(cli("predict", "uniform", "--input", f))
     assert words in err and ("in.jsonl:2" in err or "example 2" in err), err
+
+
+def test_shared_choices_are_bounded_too():
+    assert "--choices: the answer choice ' a' is given twice" in one_line_error(
+        cli("predict", "uniform", "--prompt", "x", "--choices", " a, b, a"))
+    assert "--choices: 65 answer choices; at most 64" in one_line_error(
+        cli("predict", "uniform", "--prompt", "x", "--choices", ",".join(f"c{i}" for i in range(65))))

@@ -118,6 +118,8 @@ def _read_inputs(prompt, input_file, choices) -> list[dict]:
     shared = choices.split(",") if choices is not None else None  # spaces kept: " yes" is not "yes"
     if shared is not None and (len(shared) < 2 or any(not c.strip() for c in shared)):
         raise RecycleError("--choices needs at least two non-empty comma-separated answers")
+    if shared is not None:
+        check_item({"prompt": "-", "choices": shared}, "--choices")  # the bounds and no answer twice
     items = [check_item({"prompt": prompt}, "--prompt")] if prompt else read_jsonl(input_file)
     for item in items:
         if shared and not item.get("choices"):
