@@ -10,20 +10,42 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from recycle.errors import RecycleError
-from recycle.routing.experts import CONFIG_NAME as CONFIG
-from recycle.routing.experts import LORA_KEY, pattern_key
-from recycle.routing.experts import WEIGHTS_NAME as WEIGHTS
 
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+# [base_model.model.]<module path>.lora_A.weight, or .lora_A.<adapter name>.weight
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+PATTERN_SECONDS = 1.0  # a rank/alpha pattern that takes longer than this to match is refused
 PICKLE_WEIGHTS = "adapter_model.bin"
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
+
+
+def pattern_key(patterns, module_path: str, where: str = "pattern") -> str | None:
+    """The first key of ``patterns`` that matches a suffix of ``module_path``, by PEFT's rule
+    (``peft.utils.other.get_pattern_key``: ``(.*[.])?(KEY)$``), or None. Matched with the
+    ``regex`` engine under a time bound, so that a crafted pattern cannot hang a process;
+    an invalid or runaway pattern is one clear error naming it."""
+    import regex
+
+    for key in patterns or ():
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", module_path, timeout=PATTERN_SECONDS)
+        except TimeoutError:
+            raise RecycleError(f"{where} key {key!r} takes too long to match (a runaway regular expression)") from None
+        except (regex.error, TypeError) as e:
+            raise RecycleError(f"{where} key {key!r} is not a valid regular expression ({e})") from None
+        if found:
+            return key
+    return None
 
 
 class AdapterError(RecycleError):

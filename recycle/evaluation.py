@@ -140,8 +140,7 @@ def routing_cost(stats: dict) -> dict:
 
 def lowest_adapted_layer(plan: Plan) -> int | None:
     """The lowest decoder layer any member of ``plan`` adapts (0 when unknown)."""
-    from recycle.adapters import read_safetensors_header
-    from recycle.routing.experts import LORA_KEY
+    from recycle.adapters import LORA_KEY, read_safetensors_header
 
     lowest = None
     for m in plan.members:

@@ -144,7 +144,7 @@ def test_the_layer_hands_back_the_mixture_delta(llama, adapters):
 
 
 def test_spectr_scores_are_the_spectral_norms_and_mix_the_deltas(llama, adapters):
-    from recycle.methods.spectr import SpectrRouter
+    from recycle.routing import SpectrRouter
 
     names = ["a", "b", "c", "e"]
     batch = inputs()
@@ -172,7 +172,7 @@ def test_spectr_scores_are_the_spectral_norms_and_mix_the_deltas(llama, adapters
 
 def test_spectr_on_rank_one_experts_chooses_as_arrow():
     """With rank-1 deltas, ‖V_iᵀx‖ = |v_i·x|: SpectR picks what Arrow picks."""
-    from recycle.methods.spectr import SpectrRouter
+    from recycle.routing import SpectrRouter
     from recycle.routing import ArrowRouter, ExpertModule, RoutedLoraLinear
 
     g = torch.Generator().manual_seed(4)

@@ -13,8 +13,9 @@ from torch import nn
 
 from recycle.errors import RecycleError
 from recycle.methods import build_routed_model
-from recycle.methods.moepp import MARGIN, MoeppRouter, MoeppSettings
+from recycle.methods.moepp import MoeppSettings
 from recycle.routing import ExpertModule, RoutedLoraLinear, RoutingContext
+from recycle.routing.moepp import MARGIN, MoeppRouter
 
 from tests.test_compose import cli, ok, one_line_error, registered, train_real_gates, world  # noqa: F401
 from tests.test_routing import adapters, inputs, llama, logits, random_gates  # noqa: F401  (fixtures)
@@ -184,7 +185,8 @@ def test_zero_initialised_composition_equals_phatgoose_on_a_model(llama, adapter
 
 
 def test_distillation_teacher_is_the_untrained_composition(llama, adapters):
-    from recycle.methods.moepp import distill_loss, plain_routing
+    from recycle.methods.moepp import distill_loss
+    from recycle.routing.moepp import plain_routing
 
     batch, expected, moepp = phatgoose_then_moepp(llama, adapters)
     with moepp() as h:

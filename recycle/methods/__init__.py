@@ -3,7 +3,8 @@
 ``METHODS`` (name -> :class:`~recycle.methods.method.Method`) is what the CLI help,
 ``compose``, ``eval``, pipelines and ``predict`` read. Adding a method is adding one module
 here (a ``Method`` subclass and ``METHOD = ...``) and its name to ``_MODULES``; see
-``base.py`` for the smallest one and ``spectr.py`` for a router in one file.
+``base.py`` for the smallest one and ``spectr.py`` for a routed one. The table imports no
+torch: a method module imports its routers and models inside the methods that use them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recycle.methods.method import Method, TokenSettings, setting
-from recycle.routing import ArrowRouter, install_routed
 
 
 @dataclass(frozen=True)
@@ -23,6 +22,8 @@ class Arrow(Method):
     token_routed = True
 
     def build(self, model, experts, settings):
+        from recycle.routing import ArrowRouter, install_routed
+
         s = settings
         return install_routed(
             model, experts,

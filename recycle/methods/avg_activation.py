@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from recycle.files import load_tensors, save_tensors
 from recycle.methods.method import Method, TokenSettings, cache_path, own_examples
-from recycle.routing import AvgActivationRouter, compute_prototypes, install_routed, load_expert
 
 EXAMPLES = 64  # training examples per expert averaged over
 
@@ -25,6 +24,7 @@ class AvgActivation(Method):
         """The prototypes, computed on the base model from each member's own sample, cached
         by (base, adapter, sample)."""
         from recycle.data import collate, encode_lm, pad_id_of
+        from recycle.routing import compute_prototypes, load_expert
 
         out = {}
         for m in plan.members:
@@ -44,6 +44,7 @@ class AvgActivation(Method):
 
     def build(self, model, experts, settings, prototypes=None):
         from recycle.methods.phatgoose import vectors_for
+        from recycle.routing import AvgActivationRouter, install_routed
 
         vectors = vectors_for(prototypes, [e.name for e in experts], "prototypes")
         return install_routed(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from recycle.methods.method import Method
-from recycle.routing import install_nothing
 
 
 class Base(Method):
@@ -12,9 +11,13 @@ class Base(Method):
     members = "none"
 
     def build(self, model, experts, settings):
+        from recycle.routing import install_nothing
+
         return install_nothing(model, [e.name for e in experts], self.name)
 
     def install(self, plan, model, tokenizer):
+        from recycle.routing import install_nothing
+
         return install_nothing(model, [m["name"] for m in plan.members], self.name)
 
 

@@ -47,8 +47,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import torch
-
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods.method import Method, Plan, Scored, own_examples, setting
@@ -78,11 +76,15 @@ class CosmoSettings(Settings):
 
 def probs(scores: list[float], temperature: float = 1.0) -> torch.Tensor:
     """An answer distribution from rank-classification scores (mean log-probs as logits)."""
+    import torch
+
     return torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, -1)
 
 
 def top_sorted(p: torch.Tensor, k: int = K) -> torch.Tensor:
     """The ``k`` largest values of ``p``, descending, zero-padded to ``k``."""
+    import torch
+
     v = torch.sort(p, descending=True).values[:k]
     return torch.cat([v, v.new_zeros(k - v.numel())])
 
@@ -98,6 +100,8 @@ def member_stats(h: torch.Tensor) -> dict:
 def identifier(stats: dict[str, dict], names: list[str]) -> dict:
     """The Gaussian classifier over ``names``: prototypes [E, d] and the shrunk shared
     precision matrix [d, d]."""
+    import torch
+
     means = torch.stack([stats[n]["mean"] for n in names])
     dof = max(1, sum(stats[n]["n"] for n in names) - len(names))
     cov = sum(stats[n]["scatter"] for n in names) / dof
@@ -108,6 +112,8 @@ def identifier(stats: dict[str, dict], names: list[str]) -> dict:
 
 def identify(ident: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior over the identifier's experts [n, E] and ``D_min / d`` [n] for vectors ``h``."""
+    import torch
+
     diff = h.double().unsqueeze(1) - ident["means"].unsqueeze(0)  # [n, E, d]
     dist = torch.einsum("ned,df,nef->ne", diff, ident["precision"], diff)
     return torch.softmax(-dist / 2, -1), dist.min(-1).values / h.shape[-1]
@@ -115,6 +121,8 @@ def identify(ident: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def features(posterior: torch.Tensor, p_seen_answers: torch.Tensor, p_routed: torch.Tensor, d_min: float) -> torch.Tensor:
     """The gate's features for one example (see the module docstring)."""
+    import torch
+
     return torch.cat([top_sorted(posterior), top_sorted(p_seen_answers), top_sorted(p_routed),
                       torch.tensor([math.log(max(d_min, 1e-12))], dtype=torch.float64)])
 
@@ -122,6 +130,8 @@ def features(posterior: torch.Tensor, p_seen_answers: torch.Tensor, p_routed: to
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0) -> dict:
     """L2 logistic regression as scikit-learn fits it (``C Σ log-loss + ½‖w‖²``, bias not
     penalised), on standardised features, by L-BFGS. Returns mean, std, w, b."""
+    import torch
+
     x, y = x.double(), y.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
     z = (x - mean) / std
@@ -141,6 +151,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0) -> dict:
 
 
 def predict_logistic(lr: dict, x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.sigmoid(((x.double() - lr["mean"]) / lr["std"]) @ lr["w"] + lr["b"])
 
 
@@ -264,6 +276,8 @@ class Sides:
         """The seen side's answer distributions (as log-probs) in each of ``modes`` (top1:
         the identified expert; posterior: the top experts mixed by the posterior), and the
         identified experts."""
+        import torch
+
         order = torch.argsort(posterior, -1, descending=True)
         top1 = [names[int(i)] for i in order[:, 0]]
         first = [probs(s) for s in self.experts(examples, top1, names)]
@@ -368,6 +382,8 @@ class CosmoScorer:
 
 def far_features(p_routed: torch.Tensor, p_base: torch.Tensor, d_min: float) -> torch.Tensor:
     """Features of the routed-or-base choice for one example."""
+    import torch
+
     return torch.cat([top_sorted(p_routed), top_sorted(p_base),
                       torch.tensor([math.log(max(d_min, 1e-12))], dtype=torch.float64)])
 
@@ -400,6 +416,8 @@ class FoldJob:
 def run_fold_job(job: FoldJob) -> dict:
     """One fold: every side's scores and the identifier over the kept members, for every
     validation example of every member task (worker side)."""
+    import torch
+
     from recycle.basemodels import load_base, resolve_base
 
     torch.set_num_threads(max(1, int(job.threads)))
@@ -438,6 +456,8 @@ def search_threshold(rows: list[dict], seen_side: list, unseen_side: list, g: to
     ``rows``, where a group is a task in a fold; returns ``(θ, T, {S, U, H})``. Vectorised:
     over the same choices, the combination's argmax is that of ``p_U P_U + (1 − p_U) P_S``
     (the smoothing terms add the same to every choice)."""
+    import torch
+
     width = max(p.numel() for p in seen_side)
 
     def padded(ps):
@@ -471,6 +491,8 @@ def search_threshold(rows: list[dict], seen_side: list, unseen_side: list, g: to
 def fit_gate(results: list[dict], member_task: dict[str, str]) -> dict:
     """Fit the gate (and the far regression) on the folds and choose θ, T per seen mode to
     maximise H; returns the fitted pieces and the fold metrics."""
+    import torch
+
     from recycle.stats import auc, expected_calibration_error
 
     rows = []  # one per (fold, example)

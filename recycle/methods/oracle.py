@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from recycle.errors import RecycleError
 from recycle.methods.method import Method
-from recycle.routing import ExampleRouter, install_routed
 
 
 class Oracle(Method):
@@ -15,6 +14,8 @@ class Oracle(Method):
     per_example = True
 
     def build(self, model, experts, settings):
+        from recycle.routing import ExampleRouter, install_routed
+
         return install_routed(model, experts, lambda layer: ExampleRouter(self.name), self.name)
 
     def assign(self, handle, plan, examples, tasks):

@@ -8,11 +8,12 @@ from collections.abc import Mapping
 
 from recycle.errors import RecycleError
 from recycle.methods.method import Method, TokenSettings
-from recycle.routing import GateRouter, install_routed, load_vectors
 
 
 def vectors_for(source: Mapping | None, names: list[str], what: str) -> dict:
     """``{expert: {module path: vector}}`` from dicts or safetensors files, one per expert."""
+    from recycle.routing import load_vectors
+
     source = source or {}
     missing = [n for n in names if n not in source]
     if missing:
@@ -32,6 +33,8 @@ class Phatgoose(Method):
         return {"gates": {m["name"]: m["gates"] for m in plan.members}}
 
     def build(self, model, experts, settings, gates=None):
+        from recycle.routing import GateRouter, install_routed
+
         vectors = vectors_for(gates, [e.name for e in experts], "gates")
         return install_routed(
             model, experts,

@@ -5,7 +5,6 @@ all-MiniLM-L6-v2 (cosine, 1-NN; see :mod:`recycle.routing.retrieval`)."""
 from __future__ import annotations
 
 from recycle.methods.method import Method, cache_path, own_examples
-from recycle.routing import ExampleRouter, RetrievalIndex, SentenceEmbedder, install_routed
 
 EXAMPLES = 1000  # training texts per expert (as in the paper)
 
@@ -20,6 +19,8 @@ class Retrieval(Method):
         own_examples(registry, plan, EXAMPLES, seed)
 
     def artifacts(self, plan, model, tokenizer):
+        from recycle.routing import RetrievalIndex, SentenceEmbedder
+
         embedder = SentenceEmbedder.from_folder(plan.settings.get("embedder"))
         names = [m["name"] for m in plan.members]
         path = cache_path(plan, "retrieval", {"members": plan.member_hashes, "texts": [plan.data[n] for n in names]})
@@ -31,6 +32,8 @@ class Retrieval(Method):
         return {"embedder": embedder, "index": index}
 
     def build(self, model, experts, settings, embedder=None, index=None):
+        from recycle.routing import ExampleRouter, install_routed
+
         handle = install_routed(model, experts, lambda layer: ExampleRouter(self.name), self.name)
         handle.extras.update(embedder=embedder, index=index)
         return handle

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from recycle.errors import RecycleError
 from recycle.methods.method import ExpertSettings, Method
-from recycle.routing import ExampleRouter, install_routed
 
 
 class Single(Method):
@@ -27,6 +26,8 @@ class Single(Method):
         return {"expert": experts[0]["name"]}
 
     def build(self, model, experts, settings):
+        from recycle.routing import ExampleRouter, install_routed
+
         names = [e.name for e in experts]
         if settings.expert not in names:
             raise RecycleError(f"{self.name}: expert {settings.expert!r} is not among the experts")

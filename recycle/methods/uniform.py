@@ -4,7 +4,6 @@ the products, never an average of A and B separately; no inference overhead."""
 from __future__ import annotations
 
 from recycle.methods.method import Method
-from recycle.routing import install_merged
 
 
 class Uniform(Method):
@@ -12,6 +11,8 @@ class Uniform(Method):
     summary = "merge of the deltas W + mean_i s_i B_i A_i"
 
     def build(self, model, experts, settings):
+        from recycle.routing import install_merged
+
         return install_merged(model, experts, self.name)
 
 

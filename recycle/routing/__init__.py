@@ -32,7 +32,9 @@ from recycle.routing.routers import (
     ExampleRouter,
     GateRouter,
     Router,
+    SpectrRouter,
     TokenRouter,
+    right_singular_vectors,
     select_top_k,
 )
 from recycle.routing.stats import RoutingRecord
@@ -52,6 +54,7 @@ __all__ = [
     "RoutingContext",
     "RoutingRecord",
     "SentenceEmbedder",
+    "SpectrRouter",
     "TokenRouter",
     "compute_prototypes",
     "default_embedder_path",
@@ -62,6 +65,7 @@ __all__ = [
     "load_vectors",
     "lora_scaling",
     "module_kind",
+    "right_singular_vectors",
     "save_vectors",
     "select_top_k",
 ]

@@ -16,39 +16,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from recycle.adapters import CONFIG as CONFIG_NAME
+from recycle.adapters import LORA_KEY, pattern_key
+from recycle.adapters import WEIGHTS as WEIGHTS_NAME
 from recycle.errors import RecycleError
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# [base_model.model.]<module path>.lora_A.weight, or .lora_A.<adapter name>.weight
-LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-PATTERN_SECONDS = 1.0  # a rank/alpha pattern that takes longer than this to match is refused
-
-
-def pattern_key(patterns, module_path: str, where: str = "pattern") -> str | None:
-    """The first key of ``patterns`` that matches a suffix of ``module_path``, by PEFT's rule
-    (``peft.utils.other.get_pattern_key``: ``(.*[.])?(KEY)$``), or None. Matched with the
-    ``regex`` engine under a time bound, so that a crafted pattern cannot hang a process;
-    an invalid or runaway pattern is one clear error naming it."""
-    import regex
-
-    for key in patterns or ():
-        try:
-            found = regex.match(rf"(.*\.)?({key})$", module_path, timeout=PATTERN_SECONDS)
-        except TimeoutError:
-            raise RecycleError(f"{where} key {key!r} takes too long to match (a runaway regular expression)") from None
-        except (regex.error, TypeError) as e:
-            raise RecycleError(f"{where} key {key!r} is not a valid regular expression ({e})") from None
-        if found:
-            return key
-    return None
 
 
 def lora_scaling(config: dict, module_path: str) -> float:
