@@ -79,7 +79,7 @@ def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int, layers:
     take turns within each repetition."""
     from peft import LoraConfig, get_peft_model
 
-    from recycle.training import answer_loss
+    from recycle.losses import answer_loss
 
     def lora_model():
         model, _ = load_base(resolve_base(base))

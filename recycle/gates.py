@@ -7,7 +7,7 @@ input: a forward pre-hook on ``lora_A`` scales ``x`` by ``σ(vᵀx)`` (``Δ`` is
 ``Δ(σ·x) = σ·Δ(x)``). LoRA dropout is off (the model stays in eval mode). Everything
 but the gates is frozen. AdamW, weight decay 0, linear warm-up over ``warmup`` of the
 steps then constant, LM loss on the target tokens of the expert's own training data
-(:func:`recycle.training.answer_loss`, the experts' own loss: the LM head runs only where
+(:func:`recycle.losses.answer_loss`, the experts' own loss: the LM head runs only where
 an answer token is predicted).
 
 Gates are stored as safetensors, one float32 tensor per routed module named by its
@@ -36,10 +36,10 @@ import torch
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
+from recycle.losses import answer_loss
 from recycle.schedule import lr_at, set_lr
 from recycle.scoring import inner_model
 from recycle.settings import Settings, setting
-from recycle.training import answer_loss
 
 ALGORITHM = "phatgoose-gates/1"
 ADAPTER_NAME = "default"

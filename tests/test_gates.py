@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from recycle import gates as G
+from recycle.losses import answer_loss
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -65,7 +66,7 @@ def train_lora(base, tok, task, out_dir, steps=100):
     model.train()
     it = batches(tok, task, seed=1)
     for _ in range(steps):
-        loss = G.answer_loss(model, next(it))
+        loss = answer_loss(model, next(it))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -156,7 +156,7 @@ def test_answer_loss_is_the_lm_loss_on_answer_tokens(tiny_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recycle.data import collate, encode_lm
-    from recycle.training import answer_loss
+    from recycle.losses import answer_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     tok = AutoTokenizer.from_pretrained(tiny_base)
@@ -178,8 +178,8 @@ def test_top_rows_gives_the_same_training_bit_for_bit(tiny_base):
 
     from recycle import gates as G
     from recycle.data import collate, encode_lm
+    from recycle.losses import answer_loss
     from recycle.scoring import _Rows
-    from recycle.training import answer_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
     pairs = [("Q: a?\nA:", " yes"), ("Q: a much longer question here?\nA:", " no no"), ("Q: c?\nA:", " maybe")]

@@ -216,9 +216,9 @@ def run_router_job(job: RouterJob) -> dict:
     from recycle.basemodels import load_base, resolve_base
     from recycle.data import Example, lm_batches
     from recycle.files import save_tensors
+    from recycle.losses import answer_loss
     from recycle.methods import Plan, get
     from recycle.schedule import lr_at, set_lr
-    from recycle.training import answer_loss
 
     torch.set_num_threads(max(1, int(job.threads)))
     s = RouterTrainSettings(**job.settings)
