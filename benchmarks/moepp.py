@@ -78,6 +78,8 @@ def forward_times(registry, labels: list[str], reps: int, batch: int) -> dict:
 
     from recycle import compose
     from recycle.basemodels import load_base, resolve_base
+    from recycle.methods import get
+    from recycle.methods.method import install
     from recycle.scoring import _encode, _left_pad
     from recycle.tasks import load_examples
 
@@ -98,7 +100,7 @@ def forward_times(registry, labels: list[str], reps: int, batch: int) -> dict:
     for rep in range(reps + 1):
         for name in times:
             if name != "base":
-                handles[name] = compose.install(plans[name], model, tok)
+                handles[name] = install(get(plans[name].method), plans[name], model, tok)
             t0 = time.perf_counter()
             run()
             dt = time.perf_counter() - t0

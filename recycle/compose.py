@@ -3,8 +3,8 @@
 A composition is stored in the registry (method, settings, members with the adapter hashes
 they had, and anything trained for it). :func:`plan` turns a composition, or an ad-hoc
 method over experts, into a :class:`~recycle.methods.Plan`: plain, picklable data that
-:func:`install` turns into a routed model inside any process, a Ray worker included,
-without touching the registry.
+:func:`recycle.methods.method.install` turns into a routed model inside any process, a Ray
+worker included, without touching the registry.
 """
 
 from __future__ import annotations
@@ -95,40 +95,3 @@ def plan(
     p = Plan(label, m.name, base, s.to_dict(), members, str(registry.artifacts_dir), state=state)
     m.gather(registry, p, data_seed)
     return p
-
-
-def install(plan: Plan, model, tokenizer):
-    """Install the plan's composition on ``model`` (in place), with anything trained for it;
-    returns the RoutedModel handle."""
-    from recycle.adapters import sha256_file
-    from recycle.files import load_tensors
-
-    handle = methods.get(plan.method).install(plan, model, tokenizer)
-    router = plan.state.get("router")
-    if router:
-        try:
-            if sha256_file(router["path"]) != router["sha256"]:
-                raise RecycleError(f"router parameters {router['path']} changed since they were trained; "
-                                   f"train them again (recycle {methods.get(plan.method).trains} {plan.label})")
-        except OSError:
-            handle.remove()
-            raise RecycleError(f"router parameters {router['path']} are missing; train them again") from None
-        except RecycleError:
-            handle.remove()
-            raise
-        try:
-            handle.load_router_state(load_tensors(router["path"], "router parameters"))
-        except BaseException:
-            handle.remove()
-            raise
-    return handle
-
-
-def assign_examples(handle, plan: Plan, examples, tasks=None):
-    """For per-example methods, each example's expert and the ``on_rows`` hook that sets it
-    before each forward pass; ``(None, None)`` for the others."""
-    m = methods.get(plan.method)
-    if not m.per_example:
-        return None, None
-    chosen = m.assign(handle, plan, examples, list(tasks) if tasks is not None else [None] * len(examples))
-    return methods.per_example_rows(handle, chosen), chosen

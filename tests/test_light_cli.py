@@ -1,19 +1,22 @@
 """The CLI answers at once: the read-only commands and every --help import no torch, Ray,
-transformers, PEFT, datasets or matplotlib (run in a fresh interpreter, on a registry with
-real experts)."""
+transformers, PEFT, datasets or matplotlib (each run in a fresh interpreter, on a registry
+with real experts); and no module of the package imports itself back (no import circles)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
 import typer
 from typer.testing import CliRunner
 
+import recycle
 from recycle.cli import app
 from recycle.registry import Registry
 
@@ -87,3 +90,57 @@ def test_read_commands_and_every_help_import_nothing_heavy(small_registry, monke
         assert heavy == [], f"recycle {' '.join(args)} imported {heavy}"
     listed = results[-len(reads)][3]
     assert all(f"ad{i}" in listed for i in range(3)), listed
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """``module -> modules of the package it imports``, at any depth of its code (a
+    function's import included), leaving out imports only a type checker runs."""
+    root = Path(recycle.__file__).parent
+    mods = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                node.body = []
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    edges.add(full if full in mods else node.module)
+        graph[name] = {e for e in edges if e in mods and e != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(v):
+        state[v] = "open"
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if state.get(w) == "open":
+                return stack[stack.index(w):] + [w]
+            if w not in state and (found := visit(w)):
+                return found
+        state[v] = "done"
+        stack.pop()
+        return None
+
+    for v in sorted(graph):
+        if v not in state and (found := visit(v)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_circle():
+    graph = _import_graph()
+    assert {"recycle.cli", "recycle.compose", "recycle.methods.method", "recycle.gates"} <= set(graph)
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check finds one
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))

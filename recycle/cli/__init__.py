@@ -2,112 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 
-import click
-import typer
-from typer.core import TyperGroup
-from typer.exceptions import TyperException  # the errors of the copy of click typer carries
+from recycle.cli.root import app
 
-from recycle.errors import RecycleError
-
-EPILOG = """\
-Examples:
-
-  recycle add-expert ./adapters/sentiment --task rt_sentiment --base smollm2-135m
-
-  recycle add-expert ./adapters --recursive
-
-  recycle experts list --json
-
-  recycle db path
-"""
-
-
-class RecycleGroup(TyperGroup):
-    """Turns a RecycleError anywhere below into one line on stderr and a non-zero exit."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except RecycleError as e:
-            if _debug(ctx):
-                traceback.print_exc()
-            click.echo(f"Error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            if _debug(ctx):
-                traceback.print_exc()
-            click.echo("Interrupted: what had finished is recorded whole; nothing partial was kept.", err=True)
-            ctx.exit(130)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort,
-                TyperException):
-            raise  # click's own handling: usage errors exit 2 with the usage line, help is help
-        except Exception as e:  # a bug, or an environment problem: still one line
-            if _debug(ctx):
-                traceback.print_exc()
-            else:
-                msg = " ".join(str(e).split())
-                click.echo(
-                    f"Error: {type(e).__name__}: {msg} (run with --debug for the traceback)",
-                    err=True,
-                )
-            ctx.exit(1)
-
-
-def _debug(ctx: click.Context) -> bool:
-    root = ctx.find_root()
-    return bool((root.obj or {}).get("debug")) or os.environ.get("RECYCLE_DEBUG") == "1"
-
-
-app = typer.Typer(
-    cls=RecycleGroup,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    pretty_exceptions_show_locals=False,
-    help="Recycle independently trained LoRA experts into one zero-shot model.",
-    epilog=EPILOG,
-    rich_markup_mode=None,
-)
-
-
-@app.callback()
-def _root(
-    ctx: typer.Context,
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-):
-    """Recycle independently trained LoRA experts into one zero-shot model."""
-    ctx.obj = {"debug": debug}
-    _quiet_libraries()
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (weight-loading bars, advisory warnings) off; our own progress stays."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def _register() -> None:
-    # Each room adds its commands to ``app`` when imported.
-    from recycle.cli import experts  # noqa: F401
-    from recycle.cli import tasks  # noqa: F401
-    from recycle.cli import gates  # noqa: F401
-    from recycle.cli import compose  # noqa: F401
-    from recycle.cli import evaluate  # noqa: F401
-    from recycle.cli import run  # noqa: F401
-    from recycle.cli import routers  # noqa: F401
-    from recycle.cli import serve  # noqa: F401
-
-
-_register()
+# Each room adds its commands to ``app`` when imported.
+from recycle.cli import experts  # noqa: F401, I001  (the order of --help)
+from recycle.cli import tasks  # noqa: F401
+from recycle.cli import gates  # noqa: F401
+from recycle.cli import compose  # noqa: F401
+from recycle.cli import evaluate  # noqa: F401
+from recycle.cli import run  # noqa: F401
+from recycle.cli import routers  # noqa: F401
+from recycle.cli import serve  # noqa: F401
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ from typer.core import TyperGroup
 
 from recycle import compose as comp
 from recycle import methods
-from recycle.cli import app
 from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json, split
+from recycle.cli.root import app
 from recycle.errors import RecycleError
 from recycle.settings import parse_cli_settings
 

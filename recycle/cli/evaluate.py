@@ -13,8 +13,8 @@ from rich.table import Table
 
 from recycle import evaluation as E
 from recycle import methods
-from recycle.cli import app
 from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json, split
+from recycle.cli.root import app
 from recycle.errors import RecycleError
 
 eval_app = typer.Typer(

@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from recycle.adapters import find_adapter_folders
-from recycle.cli import app
 from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json, progress
+from recycle.cli.root import app
 from recycle.errors import RecycleError
 from recycle.experts import BaseCache, add_expert, add_from_hub, describe, parse_meta, remove_expert, verify_experts
 

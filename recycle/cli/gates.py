@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from recycle.cli import app
 from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json
+from recycle.cli.root import app
 from recycle.errors import RecycleError
 
 gates_app = typer.Typer(no_args_is_help=True, help="Trained PHATGOOSE gates.")

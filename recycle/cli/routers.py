@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from recycle.cli import app
 from recycle.cli.common import AddressOption, DbOption, JsonOption, info, open_registry, print_json
+from recycle.cli.root import app
 
 
 @app.command("train-router")

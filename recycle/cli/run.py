@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from recycle.cli import app
 from recycle.cli.common import AddressOption, DbOption, info
+from recycle.cli.root import app
 
 
 @app.command("run")

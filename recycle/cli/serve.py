@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from recycle.cli import app
 from recycle.cli.common import AddressOption, DbOption, open_registry
+from recycle.cli.root import app
 from recycle.errors import RecycleError
 
 

@@ -15,7 +15,8 @@ A method is a :class:`Method` subclass with
   ``cosmo.train_gate``; PHATGOOSE's gates: :func:`recycle.gates.train`) and ``trains``, the
   command that calls it.
 
-A :class:`Plan` is the picklable hand-over from driver to worker.
+A :class:`Plan` is the picklable hand-over from driver to worker; :func:`install` builds a
+plan's composition on a model (with anything trained for it) inside the worker.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class Method:
     def scorer(self, plan: Plan, model, tokenizer) -> InstalledScorer:
         """What scores examples for this plan on a loaded base model (worker side): by
         default the composition installed once, rank classification through it."""
-        return InstalledScorer(plan, model, tokenizer)
+        return InstalledScorer(self, plan, model, tokenizer)
 
 
 @dataclass
@@ -207,20 +208,17 @@ def check_finite(scores: Sequence[Sequence[float]]) -> None:
 class InstalledScorer:
     """A plan installed on the model once; ``score`` rank-classifies through it."""
 
-    def __init__(self, plan: Plan, model, tokenizer):
-        from recycle.compose import install
-
-        self.plan, self.model, self.tokenizer = plan, model, tokenizer
-        self.handle = install(plan, model, tokenizer)
+    def __init__(self, method: Method, plan: Plan, model, tokenizer):
+        self.method, self.plan, self.model, self.tokenizer = method, plan, model, tokenizer
+        self.handle = install(method, plan, model, tokenizer)
 
     def score(self, examples: Sequence, tasks: Sequence[str | None], *, batch_size: int = 16,
               max_length: int = 256, record: bool = False, trunk=None) -> Scored:
         """``trunk``: lower layers shared with other scorers over the same examples
         (:class:`recycle.scoring.Trunk`)."""
-        from recycle.compose import assign_examples
         from recycle.scoring import score_choices
 
-        on_rows, chosen = assign_examples(self.handle, self.plan, examples, tasks)
+        on_rows, chosen = assign_examples(self.method, self.handle, self.plan, examples, tasks)
         kw = dict(batch_size=batch_size, max_length=max_length, on_rows=on_rows, trunk=trunk)
         if record and self.handle.routed:
             with self.handle.record() as rec:
@@ -230,10 +228,9 @@ class InstalledScorer:
 
     def explain(self, example, task: str | None, max_length: int = 256) -> tuple[list, dict]:
         """One example's scores and the experts used per routed module."""
-        from recycle.compose import assign_examples
         from recycle.scoring import score_choices
 
-        on_rows, _ = assign_examples(self.handle, self.plan, [example], [task])
+        on_rows, _ = assign_examples(self.method, self.handle, self.plan, [example], [task])
         hook = (lambda rows: on_rows([0] * len(rows))) if on_rows else None
         with self.handle.record() as rec:
             (scores,) = score_choices(self.model, self.tokenizer, [example], batch_size=1, on_rows=hook,
@@ -292,3 +289,39 @@ def per_example_rows(handle, chosen: list | None):
         handle.set_examples([chosen[i] for i in rows])
 
     return on_rows
+
+
+def install(method: Method, plan: Plan, model, tokenizer):
+    """Install the plan's composition (of ``method``) on ``model`` (in place), with anything
+    trained for it; returns the RoutedModel handle."""
+    from recycle.adapters import sha256_file
+    from recycle.files import load_tensors
+
+    handle = method.install(plan, model, tokenizer)
+    router = plan.state.get("router")
+    if router:
+        try:
+            if sha256_file(router["path"]) != router["sha256"]:
+                raise RecycleError(f"router parameters {router['path']} changed since they were trained; "
+                                   f"train them again (recycle {method.trains} {plan.label})")
+        except OSError:
+            handle.remove()
+            raise RecycleError(f"router parameters {router['path']} are missing; train them again") from None
+        except RecycleError:
+            handle.remove()
+            raise
+        try:
+            handle.load_router_state(load_tensors(router["path"], "router parameters"))
+        except BaseException:
+            handle.remove()
+            raise
+    return handle
+
+
+def assign_examples(method: Method, handle, plan: Plan, examples, tasks=None):
+    """For per-example methods, each example's expert and the ``on_rows`` hook that sets it
+    before each forward pass; ``(None, None)`` for the others."""
+    if not method.per_example:
+        return None, None
+    chosen = method.assign(handle, plan, examples, list(tasks) if tasks is not None else [None] * len(examples))
+    return per_example_rows(handle, chosen), chosen
