@@ -3,7 +3,7 @@
 On the quality benchmark's registry (benchmarks/quality/run.sh), a COSMO composition over
 the eight held-in experts (seen side: the identified expert; unseen side: PHATGOOSE top-2
 mixed with the base model where routing does not help) has its gate trained by leaving
-experts out (``train-gate``: 4 folds, 100 validation examples per member task), then is
+experts out (``train-cosmo-gate``: 4 folds, 100 validation examples per member task), then is
 evaluated on the benchmark's twelve tasks (n = 400, seed 0) and on two far tasks that no
 expert resembles (``us_timezone``, ``mfd_foundation``: n = 300). Every other method's results
 are the stored ones of the same examples (computed if missing).

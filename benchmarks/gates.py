@@ -91,7 +91,7 @@ def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int, layers:
 
     plain, plain_opt = lora_model()
     ours, ours_opt = lora_model()
-    gated, _ = G.load_expert(base, adapter)
+    gated, _ = G.load_peft_model(base, adapter)
     gates = G.Gates(gated)
     gate_opt = torch.optim.AdamW(gates.parameters(), lr=5e-3, weight_decay=0.0)
 

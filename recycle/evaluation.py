@@ -84,8 +84,8 @@ class EvalJob:
     batch_size: int = 16
     max_length: int = 512
     threads: int = 1
-    key: str = ""  # result key (settings hash, task, n, seed, data)
-    settings_hash: str = ""
+    key: str = ""  # result key (the plan's content key, task, n, seed, data)
+    content_key: str = ""  # stored as eval_results.settings_hash
     member_hashes: dict = field(default_factory=dict)
     n: int = 0
     seed: int = 0
@@ -253,10 +253,10 @@ def choose_tasks(registry: Registry, spec: str) -> list[tuple[str, str]]:
 
 
 def result_key(plan: Plan, registry: Registry, task: str, n: int | None, seed: int) -> str:
-    """Equal keys, equal results: the plan's settings hash, base, the task spec's hash (a
+    """Equal keys, equal results: the plan's content key, base, the task spec's hash (a
     changed spec means new examples), n and seed."""
     spec = registry.task(task)["spec_sha256"]
-    return hashlib.sha256(json.dumps([EVAL_FORMAT, plan.settings_hash, plan.base, task, spec, n, seed],
+    return hashlib.sha256(json.dumps([EVAL_FORMAT, plan.content_key, plan.base, task, spec, n, seed],
                                      sort_keys=True).encode()).hexdigest()
 
 
@@ -288,7 +288,7 @@ def plan_eval(registry: Registry, request: EvalRequest, threads: int = 1) -> tup
             exs = examples_cache[task]
             jobs.append(EvalJob(p.label, p.to_dict(), task, held, exs, batch_size=request.batch_size, threads=threads,
                                 key=result_key(p, registry, task, request.n, request.seed),
-                                settings_hash=p.settings_hash, member_hashes=p.member_hashes, n=len(exs),
+                                content_key=p.content_key, member_hashes=p.member_hashes, n=len(exs),
                                 seed=request.seed))
     return jobs, skipped
 
@@ -297,7 +297,7 @@ def _row(run_id: int, job: EvalJob, result: dict, reused_from: int | None = None
     keep = ("n", "correct", "accuracy", "ci_low", "ci_high", "routing", "predictions", "scores", "labels", "extra",
             "seconds")
     return {"run_id": run_id, "key": job.key, "label": job.label, "method": job.plan["method"],
-            "settings_hash": job.settings_hash, "member_hashes": job.member_hashes, "task": job.task,
+            "settings_hash": job.content_key, "member_hashes": job.member_hashes, "task": job.task,
             "held": job.held, "seed": job.seed, "reused_from": reused_from, **{k: result.get(k) for k in keep}}
 
 

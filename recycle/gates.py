@@ -71,8 +71,9 @@ class GateSettings(Settings):
 # ---- the gated model ---------------------------------------------------------------
 
 
-def load_expert(base: str, adapter_path: str | os.PathLike, dtype=None):
-    """The base model with the adapter loaded frozen (eval mode), and its tokenizer."""
+def load_peft_model(base: str, adapter_path: str | os.PathLike, dtype=None):
+    """The base model with the adapter loaded through PEFT (``PeftModel``), frozen, in eval
+    mode, and its tokenizer (not a routed :class:`~recycle.routing.LoraExpert`)."""
     from peft import PeftModel
 
     from recycle.basemodels import load_base, resolve_base
@@ -275,7 +276,7 @@ def run_gate_job(job: GateJob) -> dict:
     settings = GateSettings(**job.settings)
     if not job.examples:
         raise RecycleError(f"expert {job.expert}: its task has no training examples")
-    model, tok = load_expert(job.base, job.adapter_path)
+    model, tok = load_peft_model(job.base, job.adapter_path)
     device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
     model.to(device)
     result = train_on_examples(model, tok, job.examples, settings)

@@ -132,7 +132,7 @@ def predict_batch(
     by_length = sorted(range(len(items)), key=lambda i: _length(items[i]))
     index = [by_length[i:i + shard_size] for i in range(0, len(items), shard_size)]
     shards = [[items[j] for j in idx] for idx in index]
-    key = hashlib.sha256(json.dumps({"items": items, "plan": plan.settings_hash, "kind": kind, "options": options,
+    key = hashlib.sha256(json.dumps({"items": items, "plan": plan.content_key, "kind": kind, "options": options,
                                      "shard_size": shard_size, "shards": "by-length"},
                                     sort_keys=True).encode()).hexdigest()
     state = _state_dir(output)

@@ -263,7 +263,7 @@ def _train_gates_here(job: ExpertJob, device: str, trunk, folder: Path) -> dict:
 
     settings = gates.GateSettings(**job.gates)
     try:
-        model, tok = gates.load_expert(job.base, folder)
+        model, tok = gates.load_peft_model(job.base, folder)
         model.to(device)
         result = gates.train_on_examples(model, tok, job.examples, settings, trunk=trunk)
     except RecycleError as e:

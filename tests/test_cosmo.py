@@ -1,5 +1,5 @@
 """COSMO: the smoothing formula by hand, the identifier and the logistic gate, leaving experts
-out (a fold never uses its held-out experts), and train-gate on a real Ray with the gate
+out (a fold never uses its held-out experts), and train-cosmo-gate on a real Ray with the gate
 saved, used by eval and predict, and refused when changed."""
 
 from __future__ import annotations
@@ -128,10 +128,11 @@ def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     train_real_gates(["ea", "eb"])
     ok("compose", "c", "--method", "cosmo", "--all")
     assert "no gate yet" in one_line_error(cli("predict", "c", "--prompt", "Alpha: x\nAnswer:", "--choices", " a, b"))
-    out = json.loads(ok("train-gate", "c", "--folds", "2", "--examples", "6", "--json").stdout)
+    out = json.loads(ok("train-cosmo-gate", "c", "--folds", "2", "--examples", "6", "--json").stdout)
     assert out["status"] == "trained" and len(out["folds"]) == 2
     m = out["metrics"]["top1"]
     assert 0 <= m["auc"] <= 1 and 0 <= m["ece"] <= 1
+    # train-gate, the command's first name, is an alias of train-cosmo-gate
     assert json.loads(ok("train-gate", "c", "--folds", "2", "--examples", "6", "--json").stdout)["status"] == "skipped"
     pred = json.loads(ok("predict", "c", "--prompt", "Alpha: t_alpha item 3\nAnswer:", "--choices", " a, b").stdout)
     assert pred["answer"] in (" a", " b") and 0 <= pred["p_seen"] <= 1 and pred["seen_expert"] in ("ea", "eb")
@@ -160,6 +161,6 @@ def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     with open(state["path"], "ab") as f:
         f.write(b"x")
     assert "changed since it was trained" in one_line_error(cli("predict", "c", "--prompt", "x", "--choices", "a,b"))
-    assert "no composition named 'nope'" in one_line_error(cli("train-gate", "nope"))
+    assert "no composition named 'nope'" in one_line_error(cli("train-cosmo-gate", "nope"))
     ok("compose", "pg", "--method", "phatgoose", "--all")
-    assert "no COSMO gate to train" in one_line_error(cli("train-gate", "pg"))
+    assert "no COSMO gate to train" in one_line_error(cli("train-cosmo-gate", "pg"))

@@ -110,7 +110,7 @@ def trained(experts, base_dir):
     out = {}
     settings = G.GateSettings(steps=40, lr=5e-3, batch_size=16, seed=0)
     for task, path in experts.items():
-        model, tok = G.load_expert(base_dir, path)
+        model, tok = G.load_peft_model(base_dir, path)
         res = G.train_gates(model, batches(tok, task, seed=2), settings)
         out[task] = (model, tok, res)
     return out
@@ -134,7 +134,7 @@ def test_settings_hash_and_validation():
 
 
 def test_gates_start_at_zero_and_only_gates_change(experts, base_dir):
-    model, tok = G.load_expert(base_dir, experts["letters"])
+    model, tok = G.load_peft_model(base_dir, experts["letters"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert any("lora_A" in k for k in before)
     seen = {}
@@ -166,7 +166,7 @@ def test_gates_start_at_zero_and_only_gates_change(experts, base_dir):
 
 def test_gate_equals_scaled_delta(experts, base_dir):
     """The pre-hook on lora_A gives exactly W x + σ(vᵀx) Δ(x)."""
-    model, tok = G.load_expert(base_dir, experts["digits"])
+    model, tok = G.load_peft_model(base_dir, experts["digits"])
     name, layer = next(iter(G.routed_modules(model).items()))
     x = torch.randn(2, 3, layer.lora_A["default"].in_features)
     v = torch.randn(x.shape[-1])

@@ -1,4 +1,4 @@
-"""``train-router`` (MoE++) and ``train-gate`` (COSMO): train what a stored composition learns
+"""``train-router`` (MoE++) and ``train-cosmo-gate`` (COSMO): train what a stored composition learns
 on top of its experts."""
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def train_router_cmd(
         info(f"{name}: router {out['status']} ({out['path']})")
 
 
-@app.command("train-gate")
+@app.command("train-gate", hidden=True)  # its first name, kept as an alias
+@app.command("train-cosmo-gate")
 def train_gate_cmd(
     name: Annotated[str, typer.Argument(help="A stored COSMO composition (recycle compose NAME --method cosmo).")],
     folds: Annotated[int, typer.Option(help="Folds of held-out experts.")] = 4,
@@ -79,9 +80,9 @@ def train_gate_cmd(
 
     Examples:
 
-      recycle compose c --method cosmo --all && recycle train-gate c
+      recycle compose c --method cosmo --all && recycle train-cosmo-gate c
 
-      recycle compose c2 --method cosmo --all --unseen m && recycle train-gate c2 --folds 4 --examples 100
+      recycle compose c2 --method cosmo --all --unseen m && recycle train-cosmo-gate c2 --folds 4 --examples 100
     """
     from recycle.methods.cosmo import GateTrainSettings, train_gate
 

@@ -28,7 +28,7 @@ does not. Per example, over its answer choices:
   smoothing terms add the same amount to every choice: they change the calibration of P,
   not its argmax (the seen and unseen classes of the paper do not overlap; here they do).
 
-The gate is trained by ``recycle train-gate`` (:func:`train_gate`) by leaving experts out:
+The gate is trained by ``recycle train-cosmo-gate`` (:func:`train_gate`) by leaving experts out:
 the members are split into folds; in fold f the held-out members' tasks act as unseen, the
 identifier, the seen side and the unseen composition are rebuilt from the other members
 (a trained unseen composition in its untrained form), and features are computed on the
@@ -178,11 +178,11 @@ def combine(p_seen_side: torch.Tensor, p_unseen_side: torch.Tensor, g: float, th
 
 class Cosmo(Method):
     name = "cosmo"
-    summary = "COSMO: a seen/unseen gate between the identified expert and a routed composition (needs train-gate)"
+    summary = "COSMO: a seen/unseen gate between the identified expert and a routed composition (needs train-cosmo-gate)"
     Settings = CosmoSettings
     needs = "task"
     in_default_eval = False
-    trains = "train-gate"
+    trains = "train-cosmo-gate"
 
     def plan_members(self, registry, experts):
         members = super().plan_members(registry, experts)
@@ -208,7 +208,7 @@ class Cosmo(Method):
 
     def scorer(self, plan, model, tokenizer):
         if not plan.state.get("gate"):
-            raise RecycleError(f"composition {plan.label} has no gate yet: train it with recycle train-gate {plan.label}")
+            raise RecycleError(f"composition {plan.label} has no gate yet: train it with recycle train-cosmo-gate {plan.label}")
         return CosmoScorer(plan, model, tokenizer)
 
 
@@ -310,7 +310,7 @@ class CosmoScorer:
         try:
             if sha256_file(gate["path"]) != gate["sha256"]:
                 raise RecycleError(f"COSMO gate {gate['path']} changed since it was trained; train it again "
-                                   f"(recycle train-gate {plan.label})")
+                                   f"(recycle train-cosmo-gate {plan.label})")
         except OSError:
             raise RecycleError(f"COSMO gate {gate['path']} is missing; train it again") from None
         t = load_tensors(gate["path"], "COSMO gate")
@@ -570,11 +570,11 @@ def train_gate(
     if cpus <= 0:
         raise RecycleError(f"--cpus must be positive, not {cpus}")
     row = registry.composition(name)
-    if get(row["method"]).trains != "train-gate":
+    if get(row["method"]).trains != "train-cosmo-gate":
         raise RecycleError(f"composition {name} is {row['method']}: it has no COSMO gate to train")
     plan = comp.plan(registry, composition=name, data_seed=settings.seed)
     plan.state = {}
-    key = hashlib.sha256(json.dumps({"composition": plan.settings_hash, "settings": settings.to_dict()},
+    key = hashlib.sha256(json.dumps({"composition": plan.content_key, "settings": settings.to_dict()},
                                     sort_keys=True).encode()).hexdigest()
     old = (row.get("state") or {}).get("gate")
     if old and old.get("key") == key and not force and sha256_ok(old, sha256_file):

@@ -51,9 +51,9 @@ class Plan:
         return {m["name"]: m["sha256"] for m in self.members}
 
     @property
-    def settings_hash(self) -> str:
-        """What decides this composition's outputs: method, settings, members' content and
-        anything trained for it."""
+    def content_key(self) -> str:
+        """A hash of what decides this composition's outputs: method, settings, members'
+        content and anything trained for it (results and caches are keyed by it)."""
         key = {
             "method": self.method,
             "settings": self.settings,
@@ -63,7 +63,7 @@ class Plan:
         if self.state:
             key["state"] = {k: v.get("sha256") for k, v in sorted(self.state.items())}
         if self.data.get("parts"):
-            key["parts"] = {k: Plan(**v).settings_hash for k, v in sorted(self.data["parts"].items())}
+            key["parts"] = {k: Plan(**v).content_key for k, v in sorted(self.data["parts"].items())}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict:

@@ -299,7 +299,7 @@ def train_router(
     plan = comp.plan(registry, composition=name, data_seed=settings.seed)
     plan.state = {}  # train from the zero-initialised router
     rows, source = calibration(registry, plan, calibration_source, settings.examples, settings.seed)
-    key = hashlib.sha256(json.dumps({"composition": plan.settings_hash, "settings": settings.to_dict(),
+    key = hashlib.sha256(json.dumps({"composition": plan.content_key, "settings": settings.to_dict(),
                                      "calibration": source, "n": len(rows)}, sort_keys=True).encode()).hexdigest()
     old = (row.get("state") or {}).get("router")
     if old and old.get("key") == key and not force and Path(old["path"]).is_file() \
