@@ -22,6 +22,35 @@ console = Console(soft_wrap=True, markup=False, emoji=False, highlight=False,
 err_console = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A table of plain one-line cells on stdout, as Rich draws it (heavy head, left-justified,
+    one space of padding), written line by line: Rich renders each cell through its layout
+    engine, about 1 CPU-second per thousand rows. Anything else (wider than the console, a
+    line break in a cell, no rows, a terminal's bold header) goes to Rich itself."""
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    cells = [list(headers), *rows]
+    widths = [max(cell_len(r[i]) for r in cells) + 2 for i in range(len(headers))]
+    if not rows or console.is_terminal or sum(widths) + len(widths) + 1 > console.width \
+            or any("\n" in c or "\r" in c for r in cells for c in r):
+        table = Table(*headers)
+        for r in rows:
+            table.add_row(*r)
+        console.print(table, markup=False)
+        return
+
+    def line(left, fill, mid, right, values=None):
+        if values is None:
+            return left + mid.join(fill * w for w in widths) + right
+        return left + mid.join(f" {v}{' ' * (w - 2 - cell_len(v))} " for v, w in zip(values, widths)) + right
+
+    out = [line("┏", "━", "┳", "┓"), line("┃", "", "┃", "┃", headers), line("┡", "━", "╇", "┩"),
+           *(line("│", "", "│", "│", r) for r in rows), line("└", "─", "┴", "┘")]
+    console.file.write("\n".join(out) + "\n")
+    console.file.flush()
+
+
 def info(message: str) -> None:
     """One line to stderr, printed as it is (no markup)."""
     err_console.print(message, highlight=False, markup=False)

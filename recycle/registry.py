@@ -15,12 +15,22 @@ import datetime as _dt
 import json
 import os
 import sqlite3
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import sqlite_utils
+# sqlite_utils imports pandas and numpy if it can (0.43 CPU-s, most of a read command's
+# start) only to infer column types from their values when it creates a table from a row;
+# every table here is created by the migrations with its types, so it does without them.
+_SKIPPED = [m for m in ("pandas", "numpy") if m not in sys.modules]
+sys.modules.update(dict.fromkeys(_SKIPPED))  # None: `import` raises ImportError
+try:
+    import sqlite_utils
+finally:
+    for _m in _SKIPPED:
+        del sys.modules[_m]
 
 from recycle.errors import RecycleError
 from recycle.migrations import migrations

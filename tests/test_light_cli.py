@@ -144,3 +144,25 @@ def test_the_package_has_no_import_circle():
     assert {"recycle.cli", "recycle.compose", "recycle.methods.method", "recycle.gates"} <= set(graph)
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check finds one
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_list_tables_are_drawn_as_rich_draws_them(monkeypatch):
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from recycle import console as C
+
+    headers = ["name", "task", "params", "é"]
+    rows = [["a", "", "3,584", "日本語"], ["ümlaut expert", "t", "12", "x"], ["b", "long task name", "", ""]]
+    drawn, fast = io.StringIO(), io.StringIO()
+    table = Table(*headers)
+    for r in rows:
+        table.add_row(*r)
+    Console(file=drawn, soft_wrap=True, markup=False, emoji=False, highlight=False, width=200).print(table)
+    monkeypatch.setattr(C, "console", Console(file=fast, soft_wrap=True, markup=False, emoji=False, highlight=False,
+                                              width=200))
+    C.print_table(headers, rows)
+    assert fast.getvalue() == drawn.getvalue()
+    assert fast.getvalue().count("\n") == len(rows) + 4

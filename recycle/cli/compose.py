@@ -15,6 +15,7 @@ from recycle import compose as comp
 from recycle import methods
 from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json, split
 from recycle.cli.root import app
+from recycle.console import print_table
 from recycle.errors import RecycleError
 from recycle.settings import parse_cli_settings
 
@@ -79,10 +80,8 @@ def list_cmd(json_: JsonOption = False, db: DbOption = None):
     if json_:
         print_json(rows)
         return
-    table = Table("name", "method", "experts", "settings", "created")
-    for r in rows:
-        table.add_row(r["name"], r["method"], str(len(r["members"])), json.dumps(r["settings"]), r["created"])
-    console.print(table, markup=False)
+    print_table(["name", "method", "experts", "settings", "created"],
+                [[r["name"], r["method"], str(len(r["members"])), json.dumps(r["settings"]), r["created"]] for r in rows])
 
 
 @compose_app.command("show")

@@ -11,6 +11,7 @@ from rich.table import Table
 from recycle.adapters import find_adapter_folders
 from recycle.cli.common import DbOption, JsonOption, console, info, open_registry, print_json, progress
 from recycle.cli.root import app
+from recycle.console import print_table
 from recycle.errors import RecycleError
 from recycle.experts import BaseCache, add_expert, add_from_hub, describe, parse_meta, remove_expert, verify_experts
 
@@ -138,11 +139,9 @@ def list_cmd(
     if json_:
         print_json([describe(r) for r in rows])
         return
-    table = Table("name", "task", "base", "rank", "alpha", "modules", "params", "sha256")
-    for r in rows:
-        table.add_row(r["name"], r["task"] or "", r["base_model"], str(r["rank"]), f"{r['alpha']:g}",
-                      str(len(r["target_modules"] or [])), f"{r['n_params']:,}", r["sha256"][:12])
-    console.print(table, markup=False)
+    print_table(["name", "task", "base", "rank", "alpha", "modules", "params", "sha256"],
+                [[r["name"], r["task"] or "", r["base_model"], str(r["rank"]), f"{r['alpha']:g}",
+                  str(len(r["target_modules"] or [])), f"{r['n_params']:,}", r["sha256"][:12]] for r in rows])
     if not rows:
         info("no experts registered")
 

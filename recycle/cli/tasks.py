@@ -11,6 +11,7 @@ from rich.table import Table
 
 from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json
 from recycle.cli.root import app
+from recycle.console import print_table
 from recycle.errors import RecycleError
 
 tasks_app = typer.Typer(no_args_is_help=True, help="Registered tasks and the built-in catalogue.")
@@ -67,11 +68,9 @@ def list_cmd(json_: JsonOption = False, db: DbOption = None):
     if not rows:
         info("No tasks registered. Try: recycle tasks catalogue --add")
         return
-    table = Table("name", "kind", "choices", "train", "val", "test", "source")
-    for r in rows:
-        table.add_row(r["name"], r["kind"], str(r["n_choices"] or "-"), str(r["n_train"]),
-                      str(r["n_validation"]), str(r["n_test"]), r["source"])
-    console.print(table, markup=False)
+    print_table(["name", "kind", "choices", "train", "val", "test", "source"],
+                [[r["name"], r["kind"], str(r["n_choices"] or "-"), str(r["n_train"]), str(r["n_validation"]),
+                  str(r["n_test"]), r["source"]] for r in rows])
 
 
 @tasks_app.command("show")
