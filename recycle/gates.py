@@ -31,14 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
-
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
 from recycle.losses import answer_loss
 from recycle.schedule import lr_at, set_lr
-from recycle.scoring import inner_model
 from recycle.settings import Settings, setting
 
 ALGORITHM = "phatgoose-gates/1"
@@ -93,7 +90,10 @@ def load_peft_model(base: str, adapter_path: str | os.PathLike, dtype=None):
 
 def routed_modules(model) -> dict[str, torch.nn.Module]:
     """``{base-model module path: PEFT LoRA layer}`` for every Linear carrying the adapter."""
+    import torch
     from peft.tuners.lora import LoraLayer
+
+    from recycle.scoring import inner_model
 
     base = inner_model(model)
     found = {}
@@ -115,6 +115,8 @@ class Gates:
     """Zero-initialised gate vectors attached to a PEFT model by forward pre-hooks."""
 
     def __init__(self, model, init: dict[str, torch.Tensor] | None = None):
+        import torch
+
         self.modules = routed_modules(model)
         self.vectors: dict[str, torch.nn.Parameter] = {}
         self._handles = []
@@ -136,6 +138,8 @@ class Gates:
             raise RecycleError(f"gates name module {extra}, which the adapter does not adapt")
 
     def _hook(self, name: str):
+        import torch
+
         def pre_hook(module, args):
             v = self.vectors[name]
             x = args[0]
@@ -162,9 +166,11 @@ class Gates:
         self.remove()
 
 
-@torch.no_grad()
 def mean_loss(model, batches: Iterable[dict]) -> float:
-    losses = [answer_loss(model, b).item() for b in batches]
+    import torch
+
+    with torch.no_grad():
+        losses = [answer_loss(model, b).item() for b in batches]
     return sum(losses) / len(losses)
 
 
@@ -193,6 +199,8 @@ def train_gates(
     recorded while the expert trained on the same batches) replaces the layers below the
     first adapted one where it holds the batch: the same tensors, so the same gates.
     """
+    import torch
+
     torch.manual_seed(settings.seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -272,6 +280,8 @@ class GateJob:
 def run_gate_job(job: GateJob) -> dict:
     """Train one expert's gates and write them; returns a plain summary (what a Ray task
     returns to the driver)."""
+    import torch
+
     torch.set_num_threads(max(1, int(job.threads)))
     settings = GateSettings(**job.settings)
     if not job.examples:
