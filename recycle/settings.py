@@ -94,20 +94,20 @@ class Settings:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], where: str, *, names: Mapping[str, str] | None = None) -> Settings:
+    def from_dict(cls, values: Mapping[str, Any], where: str, *, flags: Mapping[str, str] | None = None) -> Settings:
         """Build from a mapping (a pipeline table, stored JSON, parsed options); ``where``
-        names the owner in messages, ``names`` maps a field to the name its user gave it
-        (``{"lr": "gate_lr"}``: a bad value is reported as ``--gate-lr``)."""
-        names = names or {}
+        names the owner in messages, ``flags`` maps a field to the option its user typed
+        (``{"lr": "--gate-lr"}``: a bad value is reported so)."""
+        flags = {f: flags.get(f, flag_of(f)) for f in cls.names()} if flags else {f: flag_of(f) for f in cls.names()}
         if not isinstance(values, Mapping):
             raise RecycleError(f"{where}: settings must be a table")
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
-            allowed = ", ".join(flag_of(names.get(n, n)) for n in cls.names()) or "none"
+            allowed = ", ".join(flags.values()) or "none"
             raise RecycleError(f"{where} takes no setting {flag_of(unknown[0])} (its settings: {allowed})")
         for f in fields(cls):
             if f.name in values:
-                flag = flag_of(names.get(f.name, f.name))
+                flag = flags[f.name]
                 check_value(flag, values[f.name], f.metadata)
                 _check_type(where, f, values[f.name], flag)
         try:
@@ -189,10 +189,11 @@ def parse_cli_settings(settings_cls: type[Settings], method: str, args: Sequence
 
 
 def options(param: str, cls: type[Settings], *, prefix: str = "", names: Mapping[str, str] | None = None,
+            flags: Mapping[str, str] | None = None,
             exclude: Sequence[str] = (), optional: bool | str = False, help: Mapping[str, str] | None = None,
             about: str = ""):
     """Decorator of a Typer command: its parameter ``param`` becomes one option per field of
-    ``cls`` (``--{prefix}{field}``, or ``--{names[field]}``), with the field's help, default
+    ``cls`` (``--{prefix}{field}``, or ``--{names[field]}``, or ``flags[field]`` as declared), with the field's help, default
     and choices, and the command receives ``cls`` built from them (the bounds checked by the
     dataclass, the message naming the option as typed). A field of type ``list[str]`` is a
     comma-separated option. ``optional``: every option defaults to unset, and the command
@@ -202,18 +203,17 @@ def options(param: str, cls: type[Settings], *, prefix: str = "", names: Mapping
     leaves fields out (the command gives them)."""
     import typer  # the settings classes themselves need no CLI
 
-    names = dict(names or {})
-    help = dict(help or {})
+    names, flags, help = dict(names or {}), dict(flags or {}), dict(help or {})
 
     def decorate(fn):
         sig = inspect.signature(fn, eval_str=True)
-        generated, flags = [], {}
+        generated, fields_of = [], {}
         for f in fields(cls):
             if f.name in exclude:
                 continue
             pname = names.setdefault(f.name, prefix + f.name)
-            flag = flag_of(pname)
-            flags[pname] = f.name
+            flag = flags.setdefault(f.name, flag_of(pname))
+            fields_of[pname] = f.name
             generated.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY,
                                                **_option(f, flag, bool(optional), help.get(f.name), about, typer,
                                                         show=f.name != optional)))
@@ -226,15 +226,15 @@ def options(param: str, cls: type[Settings], *, prefix: str = "", names: Mapping
 
         @functools.wraps(fn)
         def command(**kwargs):
-            given = {flags[k]: kwargs.pop(k) for k in list(kwargs) if k in flags}
+            given = {fields_of[k]: kwargs.pop(k) for k in list(kwargs) if k in fields_of}
             given = {k: v for k, v in given.items() if v is not None or not optional}
             if isinstance(optional, str) and given and optional not in given:
-                raise RecycleError(f"{flag_of(names[next(iter(given))])} needs {flag_of(names[optional])}")
+                raise RecycleError(f"{flags[next(iter(given))]} needs {flags[optional]}")
             for f in fields(cls):
                 if _type_name(f) == "list[str]" and isinstance(given.get(f.name), str):
                     given[f.name] = [x.strip() for x in given[f.name].split(",") if x.strip()] or None
             kwargs[param] = None if optional and not given else cls.from_dict(
-                given, "", names={k: v for k, v in names.items() if k in given})
+                given, "", flags=flags)
             return fn(**kwargs)
 
         command.__signature__ = sig.replace(parameters=params)
@@ -341,4 +341,15 @@ class GateTrainSettings(Settings):
     folds: int = setting(4, "folds of held-out experts (at most the number of members)", minimum=2)
     examples: int = setting(100, "validation examples per member task", minimum=1)
     seed: int = setting(0, "seed of the folds and the sample")
+    batch_size: int = setting(16, "examples per forward pass", minimum=1)
+
+
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    """What an evaluation runs on (``eval``, a pipeline's ``[[evaluations]]``)."""
+
+    tasks: str = setting("held-out", "held-out, held-in, all, or comma-separated task names")
+    n: int | None = setting(None, "test examples per task (seeded sample; default all)", minimum=1)
+    seed: int = setting(0, "seed of the example sample")
+    top_k: int | None = setting(None, "experts per token for token-routed methods (default 2)", minimum=1)
     batch_size: int = setting(16, "examples per forward pass", minimum=1)

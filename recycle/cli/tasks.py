@@ -12,7 +12,7 @@ from rich.table import Table
 from recycle.cli import app
 from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json
 from recycle.errors import RecycleError
-from recycle.settings import GateSettings, Resources, TrainSettings, options
+from recycle.settings import GateSettings, Resources, TrainSettings, bounded, options
 
 tasks_app = typer.Typer(no_args_is_help=True, help="Registered tasks and the built-in catalogue.")
 app.add_typer(tasks_app, name="tasks")
@@ -115,7 +115,7 @@ def _split_rule(split: dict) -> str:
 @tasks_app.command("preview")
 def preview_cmd(
     name: Annotated[str, typer.Argument(help="Task name.", show_default=False)],
-    n: Annotated[int, typer.Option("-n", help="How many examples.")] = 3,
+    n: Annotated[int, typer.Option("-n", help="How many examples.", callback=bounded(minimum=1))] = 3,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "train",
     seed: Annotated[int, typer.Option(help="Which examples to sample.")] = 0,
     json_: JsonOption = False,
