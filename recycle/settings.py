@@ -239,7 +239,6 @@ def options(param: str, cls: type[Settings], *, prefix: str = "", names: Mapping
 
         command.__signature__ = sig.replace(parameters=params)
         command.__annotations__ = {p.name: p.annotation for p in params}
-        command.settings_options = {**getattr(fn, "settings_options", {}), param: (cls, names)}
         return command
 
     return decorate
