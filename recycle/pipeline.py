@@ -314,7 +314,8 @@ class Runner:
         from recycle.registry import Registry
 
         made = {c["name"] for c in self.p.compositions}
-        wanted = [(i, n) for i, ev in enumerate(self.p.evaluations) for n in ev.get("compositions", []) if n not in made]
+        wanted = [(i, n) for i, ev in enumerate(self.p.evaluations) for n in ev.get("compositions", [])
+                  if n not in made]
         if not wanted:
             return
         try:

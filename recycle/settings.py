@@ -127,7 +127,8 @@ class Settings:
 
 def _type_name(f) -> str:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return t.replace(" | None", "").replace("Optional[", "").rstrip("]")
+    t = t.replace(" | None", "")
+    return t[len("Optional["):-1] if t.startswith("Optional[") else t
 
 
 def _check_type(where: str, f, value, flag: str | None = None) -> None:
@@ -143,8 +144,8 @@ def _check_type(where: str, f, value, flag: str | None = None) -> None:
     if value is None and "None" in str(f.type):
         ok = True
     if not ok:
-        raise RecycleError(f"{where + ': ' if where else ''}{flag or flag_of(f.name)} must be {want.replace('list[str]', 'a list of names')}, "
-                           f"not {value!r}")
+        want = want.replace("list[str]", "a list of names")
+        raise RecycleError(f"{where + ': ' if where else ''}{flag or flag_of(f.name)} must be {want}, not {value!r}")
 
 
 def parse_cli_settings(settings_cls: type[Settings], method: str, args: Sequence[str]) -> dict:
@@ -189,14 +190,13 @@ def parse_cli_settings(settings_cls: type[Settings], method: str, args: Sequence
 
 
 def options(param: str, cls: type[Settings], *, prefix: str = "", names: Mapping[str, str] | None = None,
-            flags: Mapping[str, str] | None = None,
-            exclude: Sequence[str] = (), optional: bool | str = False, help: Mapping[str, str] | None = None,
-            about: str = ""):
+            flags: Mapping[str, str] | None = None, exclude: Sequence[str] = (), optional: bool | str = False,
+            help: Mapping[str, str] | None = None, about: str = ""):
     """Decorator of a Typer command: its parameter ``param`` becomes one option per field of
-    ``cls`` (``--{prefix}{field}``, or ``--{names[field]}``, or ``flags[field]`` as declared), with the field's help, default
-    and choices, and the command receives ``cls`` built from them (the bounds checked by the
-    dataclass, the message naming the option as typed). A field of type ``list[str]`` is a
-    comma-separated option. ``optional``: every option defaults to unset, and the command
+    ``cls`` (``--{prefix}{field}``, or ``--{names[field]}``, or ``flags[field]`` as declared),
+    with the field's help, default and choices, and the command receives ``cls`` built from
+    them (the bounds checked by the dataclass, the message naming the option as typed). A
+    field of type ``list[str]`` is a comma-separated option. ``optional``: every option defaults to unset, and the command
     receives None when none is given (the field's default is shown in the help); a field's
     name: the group is given by giving that option, the others need it. ``help`` overrides
     a field's help text for this command, ``about`` is added to every other; ``exclude``
@@ -233,8 +233,7 @@ def options(param: str, cls: type[Settings], *, prefix: str = "", names: Mapping
             for f in fields(cls):
                 if _type_name(f) == "list[str]" and isinstance(given.get(f.name), str):
                     given[f.name] = [x.strip() for x in given[f.name].split(",") if x.strip()] or None
-            kwargs[param] = None if optional and not given else cls.from_dict(
-                given, "", flags=flags)
+            kwargs[param] = None if optional and not given else cls.from_dict(given, "", flags=flags)
             return fn(**kwargs)
 
         command.__signature__ = sig.replace(parameters=params)
@@ -304,7 +303,8 @@ class TrainSettings(Settings):
 
     rank: int = setting(8, "LoRA rank r", minimum=1)
     alpha: float = setting(16.0, "LoRA alpha", positive=True)
-    targets: list[str] | None = setting(None, "module names (default: the q,k,v,o,gate,up,down projections the base has)")
+    targets: list[str] | None = setting(None, "module names (default: the q,k,v,o,gate,up,down projections the base "
+                                              "has)")
     layers: str | None = setting(None, "layers to adapt: 'top8', '22-29' or '0,3,5' (default all)")
     steps: int = setting(100, "optimiser steps", minimum=1)
     lr: float = setting(1e-3, "peak learning rate (AdamW)", positive=True)
