@@ -94,10 +94,11 @@ class Settings:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], where: str, *, flags: Mapping[str, str] | None = None) -> Settings:
-        """Build from a mapping (a pipeline table, stored JSON, parsed options); ``where``
-        names the owner in messages, ``flags`` maps a field to the option its user typed
-        (``{"lr": "--gate-lr"}``: a bad value is reported so)."""
+    def from_dict(cls, values: Mapping[str, Any], where: str, *, flags: Mapping[str, str] | None = None,
+                  typed: bool = False) -> Settings:
+        """Build from a mapping (a pipeline table, stored JSON, parsed options: ``typed``);
+        ``where`` names the owner in messages, ``flags`` maps a field to the option its user
+        typed (``{"lr": "--gate-lr"}``: a bad value is reported so)."""
         flags = {f: flags.get(f, flag_of(f)) for f in cls.names()} if flags else {f: flag_of(f) for f in cls.names()}
         if not isinstance(values, Mapping):
             raise RecycleError(f"{where}: settings must be a table")
@@ -108,8 +109,9 @@ class Settings:
         for f in fields(cls):
             if f.name in values:
                 flag = flags[f.name]
+                if not typed:
+                    _check_type(where, f, values[f.name], flag)
                 check_value(flag, values[f.name], f.metadata)
-                _check_type(where, f, values[f.name], flag)
         try:
             return cls(**values)
         except TypeError as e:
@@ -144,7 +146,7 @@ def _check_type(where: str, f, value, flag: str | None = None) -> None:
     if value is None and "None" in str(f.type):
         ok = True
     if not ok:
-        want = want.replace("list[str]", "a list of names")
+        want = want.replace("list[str]", "a list of names") + (" (a finite number)" if want == "float" else "")
         raise RecycleError(f"{where + ': ' if where else ''}{flag or flag_of(f.name)} must be {want}, not {value!r}")
 
 
@@ -233,7 +235,7 @@ def options(param: str, cls: type[Settings], *, prefix: str = "", names: Mapping
             for f in fields(cls):
                 if _type_name(f) == "list[str]" and isinstance(given.get(f.name), str):
                     given[f.name] = [x.strip() for x in given[f.name].split(",") if x.strip()] or None
-            kwargs[param] = None if optional and not given else cls.from_dict(given, "", flags=flags)
+            kwargs[param] = None if optional and not given else cls.from_dict(given, "", flags=flags, typed=True)
             return fn(**kwargs)
 
         command.__signature__ = sig.replace(parameters=params)

@@ -168,5 +168,5 @@ def test_settings_refuse_bad_values_themselves():
         S.TrainSettings(lr=float("inf"))
     with pytest.raises(RecycleError, match="--gpus must be 0 or more"):
         S.Resources(gpus=-0.5)
-    with pytest.raises(RecycleError, match=r"\[gates\]: --gate-lr must be float, not 'x'"):
+    with pytest.raises(RecycleError, match=r"\[gates\]: --gate-lr must be float \(a finite number\), not 'x'"):
         S.GateSettings.from_dict({"lr": "x"}, "[gates]", flags={"lr": "--gate-lr"})
