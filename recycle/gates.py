@@ -36,33 +36,10 @@ from recycle.errors import RecycleError
 from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
 from recycle.losses import answer_loss
 from recycle.schedule import lr_at, set_lr
-from recycle.settings import Settings, setting
+from recycle.settings import GATES_ALGORITHM as ALGORITHM
+from recycle.settings import GateSettings  # noqa: F401  (re-exported)
 
-ALGORITHM = "phatgoose-gates/1"
 ADAPTER_NAME = "default"
-
-
-# ---- settings ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GateSettings(Settings):
-    """What decides a gate file's content (with the adapter and the data)."""
-
-    steps: int = setting(100, "training steps per expert", minimum=1)
-    lr: float = setting(5e-3, "AdamW learning rate", positive=True)
-    batch_size: int = setting(8, "examples per step", minimum=1)
-    max_length: int = setting(256, "tokens per example (prompt cut from the left)", minimum=2)
-    warmup: float = setting(0.06, "fraction of steps of linear warm-up", minimum=0, below=1)
-    seed: int = setting(0, "seed of the batch order")
-    weight_decay: float = setting(0.0, "AdamW weight decay", minimum=0)
-
-    def to_dict(self) -> dict:
-        return {"algorithm": ALGORITHM, **asdict(self)}
-
-    @property
-    def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.steps))
 
 
 # ---- the gated model ---------------------------------------------------------------

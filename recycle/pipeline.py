@@ -41,6 +41,7 @@ never turned into command lines.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -49,17 +50,19 @@ from pathlib import Path
 from recycle import methods
 from recycle.console import Reporter
 from recycle.errors import RecycleError
-from recycle.gates import GateSettings
 from recycle.names import check_name
-from recycle.training import TrainSettings
+from recycle.settings import EvalSettings, GateSettings, Resources, Settings, TrainSettings
 
+# The keys of each table: its settings' fields (recycle/settings.py), plus what names things.
+TASK_RESOURCES = {"cpus": "cpus_per_task", "gpus": "gpus_per_task"}
+EXPERT_RESOURCES = {"cpus": "cpus_per_expert", "gpus": "gpus_per_expert"}
 TOP_KEYS = {"name", "description", "base", "tasks", "train", "experts", "gates", "compositions", "evaluations"}
-TRAIN_KEYS = {"rank", "alpha", "targets", "layers", "steps", "lr", "batch_size", "max_length", "warmup", "seed"}
+TRAIN_KEYS = set(TrainSettings.names())
 EXPERT_KEYS = TRAIN_KEYS | {"task", "multitask", "name", "adapter", "dataset"}
-GATE_KEYS = {"steps", "lr", "batch_size", "max_length", "warmup", "seed", "cpus_per_expert", "gpus_per_expert"}
+GATE_KEYS = set(GateSettings.names()) | set(EXPERT_RESOURCES.values())
 COMPOSITION_KEYS = {"name", "method", "experts"}  # plus the method's own settings
-EVAL_KEYS = {"methods", "compositions", "tasks", "n", "seed", "top_k", "batch_size", "cpus_per_task",
-             "gpus_per_task", "output", "plot_method"}
+EVAL_KEYS = set(EvalSettings.names()) | set(TASK_RESOURCES.values()) | {"methods", "compositions", "output",
+                                                                         "plot_method"}
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Pipeline:
     gates: dict | None = None
     cpus_per_task: float = 1.0  # per expert being trained
     gpus_per_task: float | None = None
+    gate_resources: Resources = field(default_factory=Resources)
     compositions: list[dict] = field(default_factory=list)
     evaluations: list[dict] = field(default_factory=list)
 
@@ -91,7 +95,9 @@ def _check_keys(path, where: str, table, allowed: set) -> None:
 
 
 def load(path: str | Path) -> Pipeline:
-    """Parse and check a pipeline file; every problem is one line naming the file."""
+    """Parse and check a whole pipeline file before anything runs: every key, every value's
+    type and range (by the settings it becomes), every name, the task specs, and that every
+    output's folder is writable. Every problem is one line naming the file and the key."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -107,21 +113,20 @@ def load(path: str | Path) -> Pipeline:
         raise _bad(path, "needs name = \"...\"")
     if not isinstance(raw.get("base"), str):
         raise _bad(path, "needs base = \"...\" (an alias such as smollm2-135m, a folder or a hub id)")
+    if not isinstance(raw.get("description", ""), str):
+        raise _bad(path, "description must be a string")
     p = Pipeline(path=path.resolve(), name=raw["name"], base=raw["base"])
     tasks = raw.get("tasks", {})
     _check_keys(path, "tasks", tasks, {"catalogue", "specs"})
     p.tasks_catalogue = _str_list(path, "tasks.catalogue", tasks.get("catalogue", []))
     p.task_specs = [(path.parent / s).resolve() for s in _str_list(path, "tasks.specs", tasks.get("specs", []))]
+    p.tasks_catalogue = [_named(path, "tasks.catalogue", "task", t) for t in p.tasks_catalogue]
+    _checked(path, "[tasks]", lambda: _load_specs(p))
     p.train = _train_values(path, "train", raw.get("train", {}))
-    _check_keys(path, "train", p.train, TRAIN_KEYS | {"cpus_per_task", "gpus_per_task"})
-    for key in ("cpus_per_task", "gpus_per_task"):
-        if key in p.train:
-            value = p.train.pop(key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or (
-                    key == "cpus_per_task" and not value > 0):
-                raise _bad(path, f"[train] {key} must be a positive number")
-            setattr(p, key, float(value))
-    _checked(path, "[train]", lambda: TrainSettings.from_dict(p.train, "[train]"))
+    _check_keys(path, "train", p.train, TRAIN_KEYS | set(TASK_RESOURCES.values()))
+    resources = _settings(path, "[train]", Resources, _take(p.train, TASK_RESOURCES), TASK_RESOURCES)
+    p.cpus_per_task, p.gpus_per_task = resources.cpus, resources.gpus
+    _settings(path, "[train]", TrainSettings, p.train)
     for i, e in enumerate(_table_list(path, "experts", raw.get("experts", []))):
         _check_keys(path, f"experts {i + 1}", e, EXPERT_KEYS)
         kinds = [k for k in ("task", "multitask", "adapter") if k in e]
@@ -136,20 +141,20 @@ def load(path: str | Path) -> Pipeline:
         if "multitask" in e:
             for t in _str_list(path, f"expert {i + 1} multitask", e["multitask"]):
                 _named(path, f"expert {i + 1} multitask", "task", t)
-        if "adapter" in e and not isinstance(e["adapter"], str):
-            raise _bad(path, f"expert {i + 1}: adapter must be a folder path")
+        for key in ("adapter", "dataset"):
+            if key in e and not isinstance(e[key], str):
+                raise _bad(path, f"expert {i + 1}: {key} must be a string")
         e = _train_values(path, f"experts {i + 1}", e)
         own = {k: v for k, v in e.items() if k in TRAIN_KEYS}
         if "adapter" in e and own:
             raise _bad(path, f"expert {i + 1}: an adapter is not trained here, so {sorted(own)[0]} does not apply")
-        _checked(path, f"[[experts]] {i + 1}", lambda: TrainSettings.from_dict({**p.train, **own}, f"expert {i + 1}"))
+        _settings(path, f"[[experts]] {i + 1}", TrainSettings, {**p.train, **own})
         p.experts.append(e)
     if "gates" in raw:
         _check_keys(path, "gates", raw["gates"], GATE_KEYS)
-        p.gates = raw["gates"]
-        values = {k: v for k, v in p.gates.items() if k not in ("cpus_per_expert", "gpus_per_expert")}
-        _checked(path, "[gates]", lambda: GateSettings.from_dict(values, "[gates]"))
-    p.tasks_catalogue = [_named(path, "tasks.catalogue", "task", t) for t in p.tasks_catalogue]
+        p.gates = dict(raw["gates"])
+        p.gate_resources = _settings(path, "[gates]", Resources, _take(p.gates, EXPERT_RESOURCES), EXPERT_RESOURCES)
+        _settings(path, "[gates]", GateSettings, p.gates)
     for i, c in enumerate(_table_list(path, "compositions", raw.get("compositions", []))):
         if not isinstance(c.get("name"), str) or not isinstance(c.get("method"), str):
             raise _bad(path, f"composition {i + 1} needs name and method")
@@ -162,21 +167,77 @@ def load(path: str | Path) -> Pipeline:
         if "experts" in c:
             for name in _str_list(path, f"composition {i + 1} experts", c["experts"]):
                 _named(path, f"composition {i + 1} experts", "expert", name)
+        _settings(path, f"[[compositions]] {i + 1}", m.Settings,
+                  {k: v for k, v in c.items() if k not in COMPOSITION_KEYS})
         p.compositions.append(c)
     for i, ev in enumerate(_table_list(path, "evaluations", raw.get("evaluations", []))):
+        where = f"[[evaluations]] {i + 1}"
         _check_keys(path, f"evaluations {i + 1}", ev, EVAL_KEYS)
         if not ev.get("methods") and not ev.get("compositions"):
             raise _bad(path, f"evaluation {i + 1} needs methods or compositions")
         for key in ("methods", "compositions"):
             if key in ev:
                 _str_list(path, f"evaluation {i + 1} {key}", ev[key])
+        for name in ev.get("compositions", []):
+            _named(path, f"evaluation {i + 1} compositions", "composition", name)
         try:
             for spec in ev.get("methods", []):
                 methods.parse(spec)
         except RecycleError as e:
             raise _bad(path, f"evaluation {i + 1}: {e}") from None
+        _settings(path, where, EvalSettings, {k: v for k, v in ev.items() if k in EvalSettings.names()})
+        _settings(path, where, Resources, _take(dict(ev), TASK_RESOURCES), TASK_RESOURCES)
+        for key in ("output", "plot_method"):
+            if key in ev and (not isinstance(ev[key], str) or not ev[key].strip()):
+                raise _bad(path, f"{where}: {key} must be a non-empty string, not {ev[key]!r}")
+        if "output" in ev:
+            _writable_folder(path, f"{where} output", output_target(ev["output"]).parent)
         p.evaluations.append(ev)
     return p
+
+
+def output_target(output: str) -> Path:
+    """An evaluation's ``output`` (relative: to the working folder)."""
+    target = Path(output).expanduser()
+    return target if target.is_absolute() else Path.cwd() / target
+
+
+def _writable_folder(path, where: str, folder: Path) -> None:
+    """``folder`` (or the nearest of its parents that exists, where it will be made) takes a
+    new file; the probe is removed at once."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise _bad(path, f"{where}: {probe} is not a folder")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise _bad(path, f"{where}: cannot write in {probe} ({e.strerror or e})") from None
+
+
+def _take(table: dict, keys: dict) -> dict:
+    """Pop a table's resource keys (``cpus_per_task``) as :class:`Resources` fields."""
+    return {field_name: table.pop(key) for field_name, key in keys.items() if key in table}
+
+
+def _settings(path, where: str, cls: type[Settings], values: dict, keys: dict | None = None) -> Settings:
+    """``cls`` built from a table's values, every type and bound checked by the settings
+    themselves; a problem names the key as the file gives it."""
+    flags = {f: (keys or {}).get(f, f) for f in cls.names()}
+    try:
+        return cls.from_dict(values, where, flags=flags)
+    except RecycleError as e:
+        raise _bad(path, str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def _load_specs(p: Pipeline) -> None:
+    from recycle.tasks import catalogue_spec, load_spec_file
+
+    for name in p.tasks_catalogue:
+        catalogue_spec(name)
+    for f in p.task_specs:
+        load_spec_file(f)
 
 
 def _train_values(path, where: str, table) -> dict:
@@ -226,6 +287,7 @@ class Runner:
         from recycle import cluster
         from recycle.registry import Registry
 
+        self.check_references()
         registry = Registry(self.db)
         registry.check_writable()
         p = self.p
@@ -245,6 +307,25 @@ class Runner:
                 self.step(f"evaluation {i + 1}", lambda ev=ev: outputs.append(self.evaluate(registry, ev)))
         self.say(f"pipeline {p.name}: done in {time.time() - t0:.0f} s; registry {registry.path}")
         return outputs
+
+    def check_references(self) -> None:
+        """Every composition an evaluation names is made by the pipeline or stored already
+        (checked before anything, a new registry file included, is written)."""
+        from recycle.registry import Registry
+
+        made = {c["name"] for c in self.p.compositions}
+        wanted = [(i, n) for i, ev in enumerate(self.p.evaluations) for n in ev.get("compositions", [])
+                  if n not in made]
+        if not wanted:
+            return
+        try:
+            registry = Registry(self.db, create=False)
+        except RecycleError:
+            registry = None  # no registry yet: nothing stored
+        for i, name in wanted:
+            if registry is None or registry.composition_or_none(name) is None:
+                raise RecycleError(f"{self.p.path.name}: evaluation {i + 1}: no composition {name} (neither in the "
+                                   "pipeline's [[compositions]] nor in the registry)")
 
     def step(self, name: str, fn) -> None:
         t = time.time()
@@ -303,11 +384,9 @@ class Runner:
 
         if self.p.gates is None:
             return None
-        values = dict(self.p.gates)
-        resources = (values.pop("cpus_per_expert", 1.0), values.pop("gpus_per_expert", None))
-        if resources != (self.p.cpus_per_task, self.p.gpus_per_task):
+        if (self.p.gate_resources.cpus, self.p.gate_resources.gpus) != (self.p.cpus_per_task, self.p.gpus_per_task):
             return None
-        return gates.GateSettings.from_dict(values, "[gates]")
+        return gates.GateSettings.from_dict(self.p.gates, "[gates]")
 
     def train_gates(self, registry) -> None:
         from recycle import gates
@@ -315,12 +394,10 @@ class Runner:
         experts = [e for e in registry.experts() if not methods.is_multitask(e)]
         if not experts:
             raise RecycleError("[gates] given but no single-task experts to train gates for")
-        values = dict(self.p.gates or {})
-        cpus = values.pop("cpus_per_expert", 1.0)
-        gpus = values.pop("gpus_per_expert", None)
-        settings = gates.GateSettings.from_dict(values, "[gates]")
-        outcomes = gates.train(registry, experts, settings, address=self.address, gpus_per_expert=gpus,
-                               cpus_per_expert=cpus, report=self.report)
+        settings = gates.GateSettings.from_dict(self.p.gates or {}, "[gates]")
+        outcomes = gates.train(registry, experts, settings, address=self.address,
+                               gpus_per_expert=self.p.gate_resources.gpus, cpus_per_expert=self.p.gate_resources.cpus,
+                               report=self.report)
         failed = [o for o in outcomes if o["status"] == "failed"]
         if failed:
             raise RecycleError(f"gates failed for {len(failed)} expert(s): "
@@ -346,8 +423,8 @@ class Runner:
         if outcome.failures:
             raise RecycleError(f"{len(outcome.failures)} evaluation job(s) failed: " + "; ".join(outcome.failures))
         out = {"run": outcome.run_id}
-        target = ev.get("output") or str(registry.artifacts_dir / "results" / f"{self.p.name}-run{outcome.run_id}")
-        target = Path(target) if Path(target).is_absolute() else (Path.cwd() / target)
+        default = registry.artifacts_dir / "results" / f"{self.p.name}-run{outcome.run_id}"
+        target = output_target(ev.get("output") or str(default))
         about = {"pipeline": self.p.name, "command": f"recycle run {os.path.relpath(self.p.path)}", "evaluation": ev}
         out.update(E.export(registry, outcome.run_id, target, about=about, plot_method=ev.get("plot_method")))
         for k in ("json", "markdown", "plot"):

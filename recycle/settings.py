@@ -1,30 +1,76 @@
-"""Settings: frozen dataclasses, checked when built, hashed into result keys.
+"""Settings: frozen dataclasses, checked when built, hashed into result keys, and the one
+place every option is declared.
 
-Every group of settings a user gives (a method's, gate training's, expert training's) is a
-:class:`Settings` subclass: its fields are typed and carry a help text (:func:`setting`),
-``__post_init__`` refuses bad values in one line, :meth:`Settings.from_dict` refuses
-unknown keys and wrong types (from a pipeline file or the command line) before anything
-runs, and :attr:`Settings.hash` identifies what was computed with them.
+Every group of settings a user gives (a method's, gate training's, expert training's, the
+resources a Ray task asks for) is a :class:`Settings` subclass: its fields are typed and
+carry a help text and bounds (:func:`setting`), ``__post_init__`` refuses bad values in one
+line, :meth:`Settings.from_dict` refuses unknown keys and wrong types (from a pipeline file
+or the command line) before anything runs, and :attr:`Settings.hash` identifies what was
+computed with them. :func:`options` turns a group into a command's Typer options (help,
+default, bounds, choices from the fields), so no option is declared twice.
+
+This module imports neither torch nor Ray: every command's options are built from it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import math
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any, Optional
 
 from recycle.errors import RecycleError
 
 
-def setting(default, help: str, *, minimum=None, positive: bool = False, below=None, choices=None):
-    """A settings field with its help text (shown by ``recycle compose --help``) and its
-    bounds, checked by :class:`Settings` when it is built: ``minimum`` (inclusive),
-    ``positive`` (> 0), ``below`` (exclusive), ``choices``."""
+def setting(default, help: str, *, minimum=None, positive: bool = False, below=None, maximum=None, choices=None):
+    """A settings field with its help text (shown by ``--help``) and its bounds, checked by
+    :class:`Settings` when it is built: ``minimum`` and ``maximum`` (inclusive), ``positive``
+    (> 0), ``below`` (exclusive), ``choices``. Numbers must be finite."""
     return field(default=default, metadata={"help": help, "minimum": minimum, "positive": positive,
-                                            "below": below, "choices": choices})
+                                            "below": below, "maximum": maximum, "choices": choices})
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_value(flag: str, value, m: Mapping) -> None:
+    """``value`` against a field's bounds (:func:`setting`), one line naming ``flag``."""
+    if value is None:
+        return
+    if m.get("choices") is not None and value not in m["choices"]:
+        raise RecycleError(f"{flag} must be {' or '.join(map(str, m['choices']))}, not {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    low, high, top = m.get("minimum"), m.get("below"), m.get("maximum")
+    if m.get("positive") and not value > 0:
+        raise RecycleError(f"{flag} must be positive, not {value}")
+    if low is not None and high is not None and not low <= value < high:
+        raise RecycleError(f"{flag} must be in [{low:g}, {high:g}), not {value}")
+    if low is not None and top is not None and not low <= value <= top:
+        raise RecycleError(f"{flag} must be from {low:g} to {top:g}, not {value}")
+    if low is not None and high is None and not value >= low:
+        raise RecycleError(f"{flag} must be {'0 or more' if low == 0 else f'at least {low}'}, not {value}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecycleError(f"{flag} must be a finite number, not {value}")
+
+
+def bounded(**bounds):
+    """A Typer ``callback`` checking a lone numeric option (one not in a settings group)
+    with :func:`setting`'s bounds, before the command runs: ``typer.Option(callback=
+    bounded(minimum=1))``. The message names the option as typed."""
+    meta = {"minimum": None, "positive": False, "below": None, "maximum": None, "choices": None, **bounds}
+
+    def callback(ctx, param, value):
+        if not ctx.resilient_parsing:
+            check_value(param.opts[0], value, meta)
+        return value
+
+    return callback
 
 
 @dataclass(frozen=True)
@@ -34,23 +80,7 @@ class Settings:
 
     def __post_init__(self):
         for f in fields(self):
-            m, value = f.metadata, getattr(self, f.name)
-            flag = "--" + f.name.replace("_", "-")
-            if value is None or not m:
-                continue
-            if m.get("choices") is not None and value not in m["choices"]:
-                raise RecycleError(f"{flag} must be {' or '.join(map(str, m['choices']))}, not {value!r}")
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            low, high = m.get("minimum"), m.get("below")
-            if m.get("positive") and not value > 0:
-                raise RecycleError(f"{flag} must be positive, not {value}")
-            if low is not None and high is not None and not low <= value < high:
-                raise RecycleError(f"{flag} must be in [{low:g}, {high:g}), not {value}")
-            if low is not None and high is None and not value >= low:
-                raise RecycleError(f"{flag} must be {'0 or more' if low == 0 else f'at least {low}'}, not {value}")
-            if isinstance(value, float) and not math.isfinite(value):  # as from_dict's type check says
-                raise RecycleError(f"{flag} must be a finite number, not {value}")
+            check_value(flag_of(f.name), getattr(self, f.name), f.metadata)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,22 +94,28 @@ class Settings:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], where: str) -> Settings:
-        """Build from a mapping (a pipeline table, stored JSON, parsed options); ``where``
-        names the owner in messages."""
+    def from_dict(cls, values: Mapping[str, Any], where: str, *, flags: Mapping[str, str] | None = None,
+                  typed: bool = False) -> Settings:
+        """Build from a mapping (a pipeline table, stored JSON, parsed options: ``typed``);
+        ``where`` names the owner in messages, ``flags`` maps a field to the option its user
+        typed (``{"lr": "--gate-lr"}``: a bad value is reported so)."""
+        flags = {f: flags.get(f, flag_of(f)) for f in cls.names()} if flags else {f: flag_of(f) for f in cls.names()}
         if not isinstance(values, Mapping):
             raise RecycleError(f"{where}: settings must be a table")
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
-            allowed = ", ".join(f"--{n.replace('_', '-')}" for n in cls.names()) or "none"
-            raise RecycleError(f"{where} takes no setting --{unknown[0].replace('_', '-')} (its settings: {allowed})")
+            allowed = ", ".join(flags.values()) or "none"
+            raise RecycleError(f"{where} takes no setting {flag_of(unknown[0])} (its settings: {allowed})")
         for f in fields(cls):
             if f.name in values:
-                _check_type(where, f, values[f.name])
+                flag = flags[f.name]
+                if not typed:
+                    _check_type(where, f, values[f.name], flag)
+                check_value(flag, values[f.name], f.metadata)
         try:
             return cls(**values)
         except TypeError as e:
-            raise RecycleError(f"{where}: {e}") from None
+            raise RecycleError(f"{where + ': ' if where else ''}{e}") from None
 
     @classmethod
     def describe(cls) -> list[dict]:
@@ -93,10 +129,11 @@ class Settings:
 
 def _type_name(f) -> str:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return t.replace(" | None", "").replace("Optional[", "").rstrip("]")
+    t = t.replace(" | None", "")
+    return t[len("Optional["):-1] if t.startswith("Optional[") else t
 
 
-def _check_type(where: str, f, value) -> None:
+def _check_type(where: str, f, value, flag: str | None = None) -> None:
     want = _type_name(f)
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -109,8 +146,8 @@ def _check_type(where: str, f, value) -> None:
     if value is None and "None" in str(f.type):
         ok = True
     if not ok:
-        raise RecycleError(f"{where}: --{f.name.replace('_', '-')} must be {want.replace('list[str]', 'a list of names')}, "
-                           f"not {value!r}")
+        want = want.replace("list[str]", "a list of names") + (" (a finite number)" if want == "float" else "")
+        raise RecycleError(f"{where + ': ' if where else ''}{flag or flag_of(f.name)} must be {want}, not {value!r}")
 
 
 def parse_cli_settings(settings_cls: type[Settings], method: str, args: Sequence[str]) -> dict:
@@ -149,3 +186,171 @@ def parse_cli_settings(settings_cls: type[Settings], method: str, args: Sequence
         except ValueError:
             raise RecycleError(f"--{name} must be {kind}, not {raw!r}") from None
     return out
+
+
+# ---- Typer options from settings fields ------------------------------------------------
+
+
+def options(param: str, cls: type[Settings], *, prefix: str = "", names: Mapping[str, str] | None = None,
+            flags: Mapping[str, str] | None = None, exclude: Sequence[str] = (), optional: bool | str = False,
+            help: Mapping[str, str] | None = None, about: str = ""):
+    """Decorator of a Typer command: its parameter ``param`` becomes one option per field of
+    ``cls`` (``--{prefix}{field}``, or ``--{names[field]}``, or ``flags[field]`` as declared),
+    with the field's help, default and choices, and the command receives ``cls`` built from
+    them (the bounds checked by the dataclass, the message naming the option as typed). A
+    field of type ``list[str]`` is a comma-separated option. ``optional``: every option defaults to unset, and the command
+    receives None when none is given (the field's default is shown in the help); a field's
+    name: the group is given by giving that option, the others need it. ``help`` overrides
+    a field's help text for this command, ``about`` is added to every other; ``exclude``
+    leaves fields out (the command gives them)."""
+    import typer  # the settings classes themselves need no CLI
+
+    names, flags, help = dict(names or {}), dict(flags or {}), dict(help or {})
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        generated, fields_of = [], {}
+        for f in fields(cls):
+            if f.name in exclude:
+                continue
+            pname = names.setdefault(f.name, prefix + f.name)
+            flag = flags.setdefault(f.name, flag_of(pname))
+            fields_of[pname] = f.name
+            generated.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY,
+                                               **_option(f, flag, bool(optional), help.get(f.name), about, typer,
+                                                        show=f.name != optional)))
+        params = []
+        for p in sig.parameters.values():
+            if p.name == param:
+                params.extend(generated)
+            else:
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            given = {fields_of[k]: kwargs.pop(k) for k in list(kwargs) if k in fields_of}
+            given = {k: v for k, v in given.items() if v is not None or not optional}
+            if isinstance(optional, str) and given and optional not in given:
+                raise RecycleError(f"{flags[next(iter(given))]} needs {flags[optional]}")
+            for f in fields(cls):
+                if _type_name(f) == "list[str]" and isinstance(given.get(f.name), str):
+                    given[f.name] = [x.strip() for x in given[f.name].split(",") if x.strip()] or None
+            kwargs[param] = None if optional and not given else cls.from_dict(given, "", flags=flags, typed=True)
+            return fn(**kwargs)
+
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def _option(f, flag: str, optional: bool, help_text: str | None, about: str, typer, show: bool) -> dict:
+    kind = _type_name(f)
+    typ = {"int": int, "float": float, "bool": bool}.get(kind, str)
+    text = help_text or f.metadata.get("help", "") + about
+    text = text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+    if kind == "list[str]":
+        text = "Comma-separated. " + text
+    if f.metadata.get("choices"):
+        text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+    default = f.default
+    decls = (f"{flag}/--no-{flag[2:]}",) if typ is bool else (flag,)
+    if optional or default is None:
+        show = False if default is None or not show else (
+            ("on" if default else "off") if typ is bool else str(default))
+        info = typer.Option(*decls, help=text, show_default=show)
+        return {"default": None, "annotation": Annotated[Optional[typ], info]}
+    return {"default": default, "annotation": Annotated[typ, typer.Option(*decls, help=text)]}
+
+
+# ---- the groups every training command shares ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources(Settings):
+    """What each Ray task of a command asks for (``--cpus-per-expert`` and the like)."""
+
+    cpus: float = setting(1.0, "CPUs per Ray task (also its torch threads)", positive=True)
+    gpus: float | None = setting(None, "GPUs per Ray task, fractions allowed (default: 1 if the cluster has GPUs, "
+                                       "else 0)", minimum=0)
+
+
+GATES_ALGORITHM = "phatgoose-gates/1"
+
+
+@dataclass(frozen=True)
+class GateSettings(Settings):
+    """What decides a PHATGOOSE gate file's content (with the adapter and the data)."""
+
+    steps: int = setting(100, "training steps per expert", minimum=1)
+    lr: float = setting(5e-3, "AdamW learning rate", positive=True)
+    batch_size: int = setting(8, "examples per step", minimum=1)
+    max_length: int = setting(256, "tokens per example (prompt cut from the left)", minimum=2)
+    warmup: float = setting(0.06, "fraction of steps of linear warm-up", minimum=0, below=1)
+    seed: int = setting(0, "seed of the batch order")
+    weight_decay: float = setting(0.0, "AdamW weight decay", minimum=0)
+
+    def to_dict(self) -> dict:
+        return {"algorithm": GATES_ALGORITHM, **asdict(self)}
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.steps))
+
+
+@dataclass(frozen=True)
+class TrainSettings(Settings):
+    """A LoRA expert's training (``train-expert``, a pipeline's ``[train]``)."""
+
+    rank: int = setting(8, "LoRA rank r", minimum=1)
+    alpha: float = setting(16.0, "LoRA alpha", positive=True)
+    targets: list[str] | None = setting(None, "module names (default: the q,k,v,o,gate,up,down projections the base "
+                                              "has)")
+    layers: str | None = setting(None, "layers to adapt: 'top8', '22-29' or '0,3,5' (default all)")
+    steps: int = setting(100, "optimiser steps", minimum=1)
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", positive=True)
+    batch_size: int = setting(8, "examples per step", minimum=1)
+    max_length: int = setting(128, "tokens per example (prompt cut from the left)", minimum=8)
+    warmup: float = setting(0.06, "warm-up, as a fraction of the steps", minimum=0, below=1)
+    seed: int = setting(0, "seed for init and data order")
+    weight_decay: float = setting(0.0, "AdamW weight decay", minimum=0)
+    dropout: float = setting(0.0, "LoRA dropout", minimum=0, below=1)
+
+
+@dataclass(frozen=True)
+class RouterTrainSettings(Settings):
+    """A MoE++ composition's router training (``train-router``)."""
+
+    steps: int = setting(200, "optimiser steps", minimum=1)
+    lr: float = setting(5e-3, "AdamW learning rate", positive=True)
+    beta: float = setting(0.1, "weight of the balance loss", minimum=0)
+    batch_size: int = setting(8, "examples per step", minimum=1)
+    max_length: int = setting(128, "tokens per example (prompt cut from the left)", minimum=8)
+    warmup: float = setting(0.06, "fraction of steps of linear warm-up", minimum=0, below=1)
+    examples: int = setting(400, "calibration examples (spread over the members' tasks by default)", minimum=1)
+    seed: int = setting(0, "seed of the sample and the batch order")
+    objective: str = setting("lm", "what the router learns: the calibration answers (lm, the paper's loss) or "
+                             "to keep the PHATGOOSE composition's next-token distributions (distill)",
+                             choices=("lm", "distill"))
+
+
+@dataclass(frozen=True)
+class GateTrainSettings(Settings):
+    """A COSMO composition's gate training by leaving experts out (``train-gate``)."""
+
+    folds: int = setting(4, "folds of held-out experts (at most the number of members)", minimum=2)
+    examples: int = setting(100, "validation examples per member task", minimum=1)
+    seed: int = setting(0, "seed of the folds and the sample")
+    batch_size: int = setting(16, "examples per forward pass", minimum=1)
+
+
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    """What an evaluation runs on (``eval``, a pipeline's ``[[evaluations]]``)."""
+
+    tasks: str = setting("held-out", "held-out, held-in, all, or comma-separated task names")
+    n: int | None = setting(None, "test examples per task (seeded sample; default all)", minimum=1)
+    seed: int = setting(0, "seed of the example sample")
+    top_k: int | None = setting(None, "experts per token for token-routed methods (default 2)", minimum=1)
+    batch_size: int = setting(16, "examples per forward pass", minimum=1)

@@ -29,25 +29,10 @@ from recycle.errors import RecycleError
 from recycle.losses import answer_loss
 from recycle.names import check_name
 from recycle.schedule import lr_at, set_lr
-from recycle.settings import Settings, setting
+from recycle.settings import TrainSettings  # noqa: F401  (re-exported)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-@dataclass(frozen=True)
-class TrainSettings(Settings):
-    rank: int = setting(8, "LoRA rank r", minimum=1)
-    alpha: float = setting(16.0, "LoRA alpha", positive=True)
-    targets: list[str] | None = setting(None, "module names (default: the q,k,v,o,gate,up,down projections the base has)")
-    layers: str | None = setting(None, "layers to adapt: 'top8', '22-29' or '0,3,5' (default all)")
-    steps: int = setting(100, "optimiser steps", minimum=1)
-    lr: float = setting(1e-3, "peak learning rate (AdamW)", positive=True)
-    batch_size: int = setting(8, "examples per step", minimum=1)
-    max_length: int = setting(128, "tokens per example (prompt cut from the left)", minimum=8)
-    warmup: float = setting(0.06, "warm-up, as a fraction of the steps", minimum=0, below=1)
-    seed: int = setting(0, "seed for init and data order")
-    weight_decay: float = setting(0.0, "AdamW weight decay", minimum=0)
-    dropout: float = setting(0.0, "LoRA dropout", minimum=0, below=1)
 
 def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:
     """``top8`` (the last 8), ``22-29``, ``0,3,5`` or a mix of ranges and indices."""

@@ -318,9 +318,9 @@ def test_task_data_errors(tmp_path, split, data, words):
 def test_pipeline_types_are_checked_at_load(tmp_path):
     f = tmp_path / "p.toml"
     f.write_text('name = "x"\nbase = "tiny-llama"\n[train]\nsteps = "many"\n')
-    assert "--steps must be int" in one_line_error(cli("run", f))
+    assert "[train]: steps must be int" in one_line_error(cli("run", f))
     f.write_text('name = "x"\nbase = "tiny-llama"\n[gates]\nlr = "fast"\n')
-    assert "--lr must be float" in one_line_error(cli("run", f))
+    assert "[gates]: lr must be float" in one_line_error(cli("run", f))
 
 
 def test_data_prints_literally(world, tmp_path):

@@ -116,6 +116,49 @@ def test_bad_pipeline_file(tmp_path, text, message):
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+CHECKED_WHOLE = [
+    ('[[compositions]]\nname = "c"\nmethod = "phatgoose"\ntop_k = "two"', "[[compositions]] 1: top_k must be int"),
+    ('[[compositions]]\nname = "c"\nmethod = "phatgoose"\ntop_k = -3', "[[compositions]] 1: top_k must be at least 1"),
+    ('[[compositions]]\nname = "c"\nmethod = "arrow"\ntemperature = nan', "[[compositions]] 1: temperature must be"),
+    ('[[evaluations]]\nmethods = ["base"]\nn = -5', "[[evaluations]] 1: n must be at least 1, not -5"),
+    ('[gates]\ncpus_per_expert = -1', "[gates]: cpus_per_expert must be positive, not -1"),
+    ('[gates]\ncpus_per_expert = "x"', "[gates]: cpus_per_expert must be float (a finite number), not 'x'"),
+    ('[gates]\ngpus_per_expert = nan', "[gates]: gpus_per_expert must be float (a finite number), not nan"),
+    ('[gates]\nweight_decay = -1.0', "[gates]: weight_decay must be 0 or more"),
+    ('[train]\ncpus_per_task = inf', "[train]: cpus_per_task must be float (a finite number), not inf"),
+    ('[train]\ndropout = 1.5', "[train]: dropout must be in [0, 1), not 1.5"),
+    ('[[experts]]\ntask = "t_one"\nsteps = 0', "[[experts]] 2: steps must be at least 1, not 0"),
+    ('[[evaluations]]\nmethods = ["base"]\ntasks = ["a"]', "[[evaluations]] 1: tasks must be str, not ['a']"),
+    ('[[evaluations]]\nmethods = ["base"]\ntop_k = 1.5', "[[evaluations]] 1: top_k must be int, not 1.5"),
+    ('[[evaluations]]\nmethods = ["base"]\ncpus_per_task = 0', "[[evaluations]] 1: cpus_per_task must be positive"),
+    ('[[evaluations]]\nmethods = ["base"]\noutput = "/proc/x"', "[[evaluations]] 1 output: cannot write in /proc"),
+    ('[[evaluations]]\nmethods = ["base"]\noutput = 3', "[[evaluations]] 1: output must be a non-empty string"),
+    ('[[evaluations]]\ncompositions = ["nowhere"]', "evaluation 1: no composition nowhere"),
+    ('[[evaluations]]\ncompositions = ["../x"]', "evaluation 1 compositions"),
+    ('[[compositions]]\nname = "c"\nmethod = "cosmo"\nseen = "all"', "[[compositions]] 1: seen must be top1 or"),
+]
+
+
+@pytest.mark.parametrize("text, message", CHECKED_WHOLE, ids=[m.split(":")[-1][:40] for _, m in CHECKED_WHOLE])
+def test_pipeline_checked_whole_before_any_step_writes(tmp_path, text, message):
+    """A bad value anywhere stops the run before its first step: a task and an expert come
+    before it in the file, and neither is written (nor is a registry file made)."""
+    (tmp_path / "t_one.jsonl").write_text("".join(json.dumps({"text": f"x{j}", "label": j % 2}) + "\n"
+                                                  for j in range(30)))
+    (tmp_path / "t_one.toml").write_text('name = "t_one"\ntemplate = "{text}"\nchoices = [" y", " n"]\n'
+                                         'label_field = "label"\n[source]\nbuilder = "json"\n'
+                                         'data_files = "t_one.jsonl"\n')
+    f = tmp_path / "p.toml"
+    f.write_text('name = "x"\nbase = "tiny-llama"\n[tasks]\nspecs = ["t_one.toml"]\n'
+                 '[[experts]]\ntask = "t_one"\n' + text + "\n")
+    db = Path(os.environ["RECYCLE_DB"])
+    r = runner.invoke(app, ["run", str(f)])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], r.stderr
+    assert not db.exists()  # nothing written, not even an empty registry
+
+
 def test_missing_pipeline_file(tmp_path):
     r = runner.invoke(app, ["run", str(tmp_path / "nope.toml")])
     assert r.exit_code == 2 and "not found" in r.stderr

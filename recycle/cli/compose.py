@@ -17,6 +17,7 @@ from recycle.cli.common import AddressOption, DbOption, JsonOption, console, inf
 from recycle.cli.root import app
 from recycle.console import print_table
 from recycle.errors import RecycleError
+from recycle.settings import Resources, bounded, options
 from recycle.settings import parse_cli_settings
 
 
@@ -130,6 +131,7 @@ def _read_inputs(prompt, input_file, choices) -> list[dict]:
 
 
 @app.command("predict")
+@options("resources", Resources, names={"cpus": "cpus_per_worker", "gpus": "gpus_per_worker"})
 def predict_cmd(
     name: Annotated[str, typer.Argument(help="A stored composition, or a method over all experts.")],
     prompt: Annotated[Optional[str], typer.Option(help="One prompt.")] = None,
@@ -137,19 +139,18 @@ def predict_cmd(
         Optional[Path], typer.Option("--input", help='JSONL: {"prompt": ..., "choices": [...], "task": ...}')
     ] = None,
     choices: Annotated[Optional[str], typer.Option(help="Comma-separated answer choices for every prompt.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation length when there are no choices.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length when there are no choices.",
+                                                callback=bounded(minimum=1))] = 32,
     explain: Annotated[bool, typer.Option("--explain", help="Add the experts used per routed module.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.", callback=bounded(minimum=1))] = 16,
     output: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of stdout.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Batch prediction on Ray: this many workers, each loading "
                                                         "the composition once (needs --input and --output).",
-                                                   show_default=False)] = None,
+                                                   show_default=False, callback=bounded(minimum=1))] = None,
     address: AddressOption = None,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker (also its torch threads).")] = 1.0,
-    gpus_per_worker: Annotated[Optional[float], typer.Option(
-        help="GPUs per worker (default: 1 if the cluster has GPUs, else 0).", show_default=False)] = None,
+    resources: Resources = None,
     shard_size: Annotated[Optional[int], typer.Option(help="Examples per shard (default: 2 batches).",
-                                                      show_default=False)] = None,
+                                                      show_default=False, callback=bounded(minimum=1))] = None,
     db: DbOption = None,
 ):
     """Run a composition: rank classification over choices, or generation. JSONL out.
@@ -168,12 +169,6 @@ def predict_cmd(
     from recycle.files import write_text
     from recycle.predict import Predictor, resolve
 
-    if batch_size < 1:
-        raise RecycleError(f"--batch-size must be at least 1, not {batch_size}")
-    if max_new_tokens < 1:
-        raise RecycleError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
-    if shard_size is not None and shard_size < 1:
-        raise RecycleError(f"--shard-size must be at least 1, not {shard_size}")
     distributed = workers is not None or address is not None
     if distributed and (input_file is None or output is None):
         raise RecycleError("batch prediction on Ray (--workers/--address) needs --input and --output")
@@ -189,7 +184,7 @@ def predict_cmd(
         kind = "score" if items[0].get("choices") else "generate"
         options = {"batch_size": batch_size, "explain": explain, "max_new_tokens": max_new_tokens}
         res = predict_batch(resolve(registry, name), items, output, kind=kind, options=options,
-                            workers=workers or 1, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                            workers=workers or 1, cpus_per_worker=resources.cpus, gpus_per_worker=resources.gpus,
                             shard_size=shard_size, address=address)
         info(f"wrote {res.examples} predictions to {output} ({res.shards} shards, {res.resumed} resumed, "
              f"{res.retried} retried; {res.examples_per_second:.1f} examples/s)")

@@ -16,6 +16,7 @@ from recycle import methods
 from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json, split
 from recycle.cli.root import app
 from recycle.errors import RecycleError
+from recycle.settings import EvalSettings, Resources, options
 
 eval_app = typer.Typer(
     no_args_is_help=False,
@@ -26,6 +27,8 @@ app.add_typer(eval_app, name="eval")
 
 
 @eval_app.callback()
+@options("resources", Resources, names={"cpus": "cpus_per_task", "gpus": "gpus_per_task"})
+@options("settings", EvalSettings, flags={"n": "-n"})
 def eval_cmd(
     ctx: typer.Context,
     methods_: Annotated[
@@ -34,18 +37,9 @@ def eval_cmd(
                      + " ('single NAME' for one expert; default: " + ",".join(methods.DEFAULT_EVAL) + ")."),
     ] = None,
     compositions: Annotated[Optional[str], typer.Option(help="Comma-separated stored compositions.")] = None,
-    tasks: Annotated[str, typer.Option(help="held-out, held-in, all, or comma-separated task names.")] = "held-out",
-    n: Annotated[Optional[int], typer.Option("-n", help="Test examples per task (seeded sample; default all).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the example sample.")] = 0,
-    top_k: Annotated[Optional[int], typer.Option(help="Experts per token for token-routed methods (default 2).",
-                                                 show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
+    settings: EvalSettings = None,
     address: AddressOption = None,
-    gpus_per_task: Annotated[
-        Optional[float],
-        typer.Option(help="GPUs per task, fractions allowed (default: 1 if the cluster has GPUs, else 0).", show_default=False),
-    ] = None,
-    cpus_per_task: Annotated[float, typer.Option(help="CPUs per task (also its torch threads).")] = 1.0,
+    resources: Resources = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute results stored for the same settings.")] = False,
     json_: JsonOption = False,
     csv_: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
@@ -66,9 +60,8 @@ def eval_cmd(
         return
     comp_list = split(compositions)
     method_list = split(methods_) if methods_ else ([] if comp_list else list(methods.DEFAULT_EVAL))
-    request = E.EvalRequest(methods=tuple(method_list), compositions=tuple(comp_list), tasks=tasks, n=n, seed=seed,
-                            top_k=top_k, batch_size=batch_size, cpus_per_task=cpus_per_task,
-                            gpus_per_task=gpus_per_task, force=force, address=address)
+    request = E.EvalRequest(methods=tuple(method_list), compositions=tuple(comp_list), **settings.to_dict(),
+                            cpus_per_task=resources.cpus, gpus_per_task=resources.gpus, force=force, address=address)
     registry = open_registry(db)
     outcome = E.evaluate(registry, request)
     _output(registry, outcome.run_id, registry.run_results(outcome.run_id), json_, csv_)

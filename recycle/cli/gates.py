@@ -10,29 +10,23 @@ from rich.table import Table
 from recycle.cli.common import AddressOption, DbOption, JsonOption, console, info, open_registry, print_json
 from recycle.cli.root import app
 from recycle.errors import RecycleError
+from recycle.settings import GateSettings, Resources, options
 
 gates_app = typer.Typer(no_args_is_help=True, help="Trained PHATGOOSE gates.")
 app.add_typer(gates_app, name="gates")
 
 
 @app.command("train-gates")
+@options("resources", Resources, names={"cpus": "cpus_per_expert", "gpus": "gpus_per_expert"})
+@options("settings", GateSettings)
 def train_gates_cmd(
     names: Annotated[Optional[list[str]], typer.Argument(help="Experts to train gates for.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every registered expert.")] = False,
     task: Annotated[Optional[str], typer.Option("--task", help="Every expert of this task.")] = None,
-    steps: Annotated[int, typer.Option(help="Training steps per expert.")] = 100,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-3,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
-    max_length: Annotated[int, typer.Option(help="Tokens per example (prompt cut from the left).")] = 256,
-    warmup: Annotated[float, typer.Option(help="Fraction of steps of linear warm-up.")] = 0.06,
-    seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
+    settings: GateSettings = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even if gates exist for these settings.")] = False,
     address: AddressOption = None,
-    gpus_per_expert: Annotated[
-        Optional[float],
-        typer.Option(help="GPUs per task, fractions allowed (default: 1 if the cluster has GPUs, else 0).", show_default=False),
-    ] = None,
-    cpus_per_expert: Annotated[float, typer.Option(help="CPUs per task (also its torch threads).")] = 1.0,
+    resources: Resources = None,
     json_: JsonOption = False,
     db: DbOption = None,
 ):
@@ -51,11 +45,9 @@ def train_gates_cmd(
     from recycle import gates as G
 
     registry = open_registry(db)
-    settings = G.GateSettings(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
-                              seed=seed)
     experts = G.select_experts(registry, names or [], all_, task)
-    rows = G.train(registry, experts, settings, force=force, address=address, gpus_per_expert=gpus_per_expert,
-                   cpus_per_expert=cpus_per_expert)
+    rows = G.train(registry, experts, settings, force=force, address=address, gpus_per_expert=resources.gpus,
+                   cpus_per_expert=resources.cpus)
     failed = [r for r in rows if r["status"] == "failed"]
     if json_:
         print_json({"settings_hash": settings.hash, "settings": settings.to_dict(), "experts": rows})

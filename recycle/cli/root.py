@@ -4,7 +4,6 @@ the one place an error becomes one line."""
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 
 import click

@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from recycle.cli.common import AddressOption, DbOption, open_registry
 from recycle.cli.root import app
-from recycle.errors import RecycleError
+from recycle.settings import Resources, bounded, options
 
 
 @app.command("serve")
+@options("resources", Resources, names={"cpus": "cpus_per_replica", "gpus": "gpus_per_replica"})
 def serve_cmd(
     names: Annotated[list[str], typer.Argument(help="Stored compositions (or methods over every expert) to serve.",
                                                show_default=False)],
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="HTTP port.", callback=bounded(minimum=1, maximum=65535))] = 8000,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    replicas: Annotated[int, typer.Option(help="Copies of the deployment (each holds every composition).")] = 1,
-    cpus_per_replica: Annotated[float, typer.Option(help="CPUs per replica (also its torch threads).")] = 1.0,
-    gpus_per_replica: Annotated[Optional[float], typer.Option(
-        help="GPUs per replica (default: 1 if the cluster has GPUs, else 0).", show_default=False)] = None,
-    max_batch_size: Annotated[int, typer.Option(help="Requests scored together at most.")] = 16,
-    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 10.0,
+    replicas: Annotated[int, typer.Option(help="Copies of the deployment (each holds every composition).",
+                                          callback=bounded(minimum=1))] = 1,
+    resources: Resources = None,
+    max_batch_size: Annotated[int, typer.Option(help="Requests scored together at most.",
+                                                callback=bounded(minimum=1))] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.",
+                                                 callback=bounded(minimum=0))] = 10.0,
     forward_batch_size: Annotated[int, typer.Option(
-        help="Requests per forward pass within a batch (sorted by length first, so each pass pads little).")] = 8,
+        help="Requests per forward pass within a batch (sorted by length first, so each pass pads little).",
+        callback=bounded(minimum=1))] = 8,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Dynamic request batching.")] = True,
-    max_length: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens (longer: HTTP 400).")] = 512,
+    max_length: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens (longer: HTTP 400).",
+                                            callback=bounded(minimum=1))] = 512,
     address: AddressOption = None,
     db: DbOption = None,
 ):
@@ -48,19 +52,11 @@ def serve_cmd(
     from recycle.predict import resolve
     from recycle.serving import serve
 
-    for value, flag in ((replicas, "--replicas"), (max_batch_size, "--max-batch-size"),
-                        (forward_batch_size, "--forward-batch-size"), (max_length, "--max-length")):
-        if value < 1:
-            raise RecycleError(f"{flag} must be at least 1, not {value}")
-    if not 1 <= port <= 65535:
-        raise RecycleError(f"--port must be from 1 to 65535, not {port}")
-    if cpus_per_replica <= 0 or batch_wait_ms < 0:
-        raise RecycleError("--cpus-per-replica must be positive and --batch-wait-ms not negative")
     registry = open_registry(db, create=False)
     plans = {n: resolve(registry, n).to_dict() for n in dict.fromkeys(names)}
     with cluster.connect(address):
-        gpus = cluster.default_gpus(gpus_per_replica)
-        cluster.check_fits(cpus_per_replica, gpus)
-        serve(plans, host=host, port=port, address=address, replicas=replicas, cpus=cpus_per_replica, gpus=gpus,
+        gpus = cluster.default_gpus(resources.gpus)
+        cluster.check_fits(resources.cpus, gpus)
+        serve(plans, host=host, port=port, address=address, replicas=replicas, cpus=resources.cpus, gpus=gpus,
               max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, batching=batching, max_length=max_length,
               forward_batch_size=forward_batch_size)

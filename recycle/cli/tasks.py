@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace as replace_fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,6 +13,7 @@ from recycle.cli.common import AddressOption, DbOption, JsonOption, console, inf
 from recycle.cli.root import app
 from recycle.console import print_table
 from recycle.errors import RecycleError
+from recycle.settings import GateSettings, Resources, TrainSettings, bounded, options
 
 tasks_app = typer.Typer(no_args_is_help=True, help="Registered tasks and the built-in catalogue.")
 app.add_typer(tasks_app, name="tasks")
@@ -113,7 +114,7 @@ def _split_rule(split: dict) -> str:
 @tasks_app.command("preview")
 def preview_cmd(
     name: Annotated[str, typer.Argument(help="Task name.", show_default=False)],
-    n: Annotated[int, typer.Option("-n", help="How many examples.")] = 3,
+    n: Annotated[int, typer.Option("-n", help="How many examples.", callback=bounded(minimum=1))] = 3,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "train",
     seed: Annotated[int, typer.Option(help="Which examples to sample.")] = 0,
     json_: JsonOption = False,
@@ -175,6 +176,14 @@ def catalogue_cmd(
 
 
 @app.command("train-expert")
+@options("resources", Resources, names={"cpus": "cpus_per_task", "gpus": "gpus_per_task"}, optional=True,
+         help={"cpus": "Train as a Ray task with this many CPUs (also its torch threads)."})
+@options("gates", GateSettings, prefix="gate_", optional="steps", exclude=("batch_size", "max_length", "seed"),
+         about=" of the gates (with --gate-steps)", help={"steps": (
+             "Also train its PHATGOOSE gates, this many steps, right after it: the gates `train-gates NAME --steps N "
+             "--batch-size B --max-length L --seed S` would train (the expert's batch size, length and seed), at "
+             "less cost (their steps reuse the expert's pass through the layers below the adapted ones).")})
+@options("settings", TrainSettings)
 def train_expert_cmd(
     task: Annotated[Optional[str], typer.Option(help="Task to train on (its train split).")] = None,
     multitask: Annotated[
@@ -184,32 +193,11 @@ def train_expert_cmd(
         str, typer.Option(help="Base model: alias (smollm2-135m, tiny-llama), local folder or hub id.")
     ] = "smollm2-135m",
     name: Annotated[Optional[str], typer.Option(help="Expert name (default: the task name).")] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
-    targets: Annotated[
-        Optional[str], typer.Option(help="Comma-separated module names (default q,k,v,o,gate,up,down projections).")
-    ] = None,
-    layers: Annotated[
-        Optional[str], typer.Option(help="Layers to adapt: 'top8', '22-29' or '0,5,7' (default all).")
-    ] = None,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 100,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
-    max_length: Annotated[int, typer.Option(help="Tokens per example (prompt cut from the left).")] = 128,
-    warmup: Annotated[float, typer.Option(help="Warm-up, as a fraction of the steps.")] = 0.06,
-    seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
+    settings: TrainSettings = None,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite an expert of the same name.")] = False,
-    gate_steps: Annotated[Optional[int], typer.Option(
-        help="Also train its PHATGOOSE gates, this many steps, right after it: the gates `train-gates NAME "
-             "--steps N --batch-size B --max-length L --seed S` would train (the expert's batch size, length and "
-             "seed), at less cost (their steps reuse the expert's pass through the layers below the adapted ones).",
-        show_default=False)] = None,
-    gate_lr: Annotated[float, typer.Option(help="AdamW learning rate of the gates (with --gate-steps).")] = 5e-3,
+    gates: GateSettings = None,
     address: AddressOption = None,
-    cpus_per_task: Annotated[Optional[float], typer.Option(
-        help="Train as a Ray task with this many CPUs (also its torch threads).", show_default=False)] = None,
-    gpus_per_task: Annotated[Optional[float], typer.Option(
-        help="GPUs for the Ray task (default: 1 if the cluster has GPUs, else 0).", show_default=False)] = None,
+    resources: Resources = None,
     json_: JsonOption = False,
     db: DbOption = None,
 ):
@@ -227,42 +215,28 @@ def train_expert_cmd(
 
       recycle train-expert --task sms_spam --layers top8 --steps 80 --gate-steps 80
     """
-    from recycle.training import TrainSettings, parse_layers, plan_expert, train_expert, train_experts
+    from recycle.training import parse_layers, plan_expert, train_expert, train_experts
 
     if bool(task) == bool(multitask):
         raise RecycleError("give exactly one of --task or --multitask")
-    if gate_steps is not None and multitask:
+    if gates is not None and multitask:
         raise RecycleError("--gate-steps: gates are trained for single-task experts only (a multitask expert is not routed)")
     task_names = [t.strip() for t in (multitask or task).split(",") if t.strip()]
     if not task_names:
         raise RecycleError("no task named")
-    settings = TrainSettings(
-        rank=rank, alpha=alpha,
-        targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-        layers=layers, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
-        warmup=warmup, seed=seed,
-    )
-    parse_layers(layers, None)  # syntax check before loading anything
+    parse_layers(settings.layers, None)  # syntax check before loading anything
     gate_settings = None
-    if gate_steps is not None:
-        from recycle.gates import GateSettings
-
-        if gate_steps < 1:
-            raise RecycleError(f"--gate-steps must be at least 1, not {gate_steps}")
-        if not gate_lr > 0:
-            raise RecycleError(f"--gate-lr must be positive, not {gate_lr:g}")
-        if not math.isfinite(gate_lr):
-            raise RecycleError(f"--gate-lr must be a finite number, not {gate_lr:g}")
-        gate_settings = GateSettings(steps=gate_steps, lr=gate_lr, batch_size=batch_size, max_length=max_length,
-                                     seed=seed)
+    if gates is not None:
+        gate_settings = replace_fields(gates, batch_size=settings.batch_size, max_length=settings.max_length,
+                                       seed=settings.seed)
     registry = open_registry(db)
-    if address is None and cpus_per_task is None and gpus_per_task is None:
+    if address is None and resources is None:
         row = train_expert(registry, task_names, base, settings, name=name, multitask=bool(multitask),
                            replace=replace, progress=True, gates=gate_settings)
     else:
         job = plan_expert(registry, task_names, base, settings, name=name, multitask=bool(multitask), replace=replace)
-        (out,) = train_experts(registry, [job], address=address, cpus_per_task=cpus_per_task or 1.0,
-                               gpus_per_task=gpus_per_task, replace=replace, gates=gate_settings)
+        (out,) = train_experts(registry, [job], address=address, cpus_per_task=(resources or Resources()).cpus,
+                               gpus_per_task=(resources or Resources()).gpus, replace=replace, gates=gate_settings)
         if out["status"] == "failed":
             raise RecycleError(out["reason"], exit_code=1)
         row = {**registry.expert(job.name), "status": out["status"], "training": out}

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods.method import Method, Plan, Scored, own_examples, setting
-from recycle.settings import Settings
+from recycle.settings import GateTrainSettings, Settings  # noqa: F401  (re-exported)
 
 K = 5  # top-K sorted probabilities per feature block (COSMO)
 SEEN_TEMPERATURE = 3.0  # the seen side's answers at T = 3 in the gate features (COSMO)
@@ -390,13 +390,6 @@ def far_features(p_routed: torch.Tensor, p_base: torch.Tensor, d_min: float) -> 
 
 # ---- training the gate by leaving experts out ------------------------------------------
 
-
-@dataclass(frozen=True)
-class GateTrainSettings(Settings):
-    folds: int = setting(4, "folds of held-out experts (at most the number of members)", minimum=2)
-    examples: int = setting(100, "validation examples per member task", minimum=1)
-    seed: int = setting(0, "seed of the folds and the sample")
-    batch_size: int = setting(16, "examples per forward pass", minimum=1)
 
 @dataclass
 class FoldJob:

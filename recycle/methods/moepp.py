@@ -57,7 +57,7 @@ from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods.method import Method, setting
 from recycle.methods.phatgoose import vectors_for
-from recycle.settings import Settings
+from recycle.settings import RouterTrainSettings, Settings  # noqa: F401  (re-exported)
 
 MAX_FREE = 64  # computation-free experts per module (zero + copy + constant), refused beyond when stored
 
@@ -111,20 +111,6 @@ METHOD = Moepp()
 
 # ---- training ------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class RouterTrainSettings(Settings):
-    steps: int = setting(200, "optimiser steps", minimum=1)
-    lr: float = setting(5e-3, "AdamW learning rate", positive=True)
-    beta: float = setting(0.1, "weight of the balance loss", minimum=0)
-    batch_size: int = setting(8, "examples per step", minimum=1)
-    max_length: int = setting(128, "tokens per example (prompt cut from the left)", minimum=8)
-    warmup: float = setting(0.06, "fraction of steps of linear warm-up", minimum=0, below=1)
-    examples: int = setting(400, "calibration examples (spread over the members' tasks by default)", minimum=1)
-    seed: int = setting(0, "seed of the sample and the batch order")
-    objective: str = setting("lm", "what the router learns: the calibration answers (lm, the paper's loss) or "
-                             "to keep the PHATGOOSE composition's next-token distributions (distill)",
-                             choices=("lm", "distill"))
 
 @dataclass
 class RouterJob:
