@@ -302,7 +302,8 @@ def test_predict_options_and_encoding(world, library, tmp_path):
 @pytest.mark.parametrize("split, data, words", [
     ("train = nan\ntest = 0.5", None, "split.train"),
     ("train = 0.6\nvalidation = 0.1\ntest = 0.2", None, "add up to 0.9"),
-    (None, "", "cannot load"),
+    (None, "", "is empty"),
+    (None, "\n  \n", "is empty"),
     (None, "not json\nat all\n", "cannot load"),
 ])
 def test_task_data_errors(tmp_path, split, data, words):
