@@ -64,8 +64,11 @@ def eval_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
+    for option, value in (("--methods", methods_), ("--compositions", compositions)):
+        if value is not None and not split(value):
+            raise RecycleError(f"{option} is empty: name at least one, or leave the option out")
     comp_list = split(compositions)
-    method_list = split(methods_) if methods_ else ([] if comp_list else list(methods.DEFAULT_EVAL))
+    method_list = split(methods_) if methods_ is not None else ([] if comp_list else list(methods.DEFAULT_EVAL))
     request = E.EvalRequest(methods=tuple(method_list), compositions=tuple(comp_list), tasks=tasks, n=n, seed=seed,
                             top_k=top_k, batch_size=batch_size, cpus_per_task=cpus_per_task,
                             gpus_per_task=gpus_per_task, force=force, address=address)
