@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -46,7 +47,7 @@ def serve_cmd(
     """
     from recycle import cluster
     from recycle.predict import resolve
-    from recycle.serving import serve
+    from recycle.serving import check_listen, serve
 
     for value, flag in ((replicas, "--replicas"), (max_batch_size, "--max-batch-size"),
                         (forward_batch_size, "--forward-batch-size"), (max_length, "--max-length")):
@@ -58,6 +59,8 @@ def serve_cmd(
         raise RecycleError("--cpus-per-replica must be positive and --batch-wait-ms not negative")
     registry = open_registry(db, create=False)
     plans = {n: resolve(registry, n).to_dict() for n in dict.fromkeys(names)}
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":  # this machine serves: check before Ray
+        check_listen(host, port)
     with cluster.connect(address):
         gpus = cluster.default_gpus(gpus_per_replica)
         cluster.check_fits(cpus_per_replica, gpus)
