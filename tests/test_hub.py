@@ -269,3 +269,11 @@ def test_a_tampered_cache_cannot_point_outside_itself(hub_cache, make_adapter, t
     r = cli("add-expert", "org/lora-a")
     assert r.exit_code == 0, r.output
     assert json.loads(rows()[0]["meta"])["hub"]["commit"] == c1
+    assert cli("experts", "verify").exit_code == 0
+    # linked out of the cache after it was registered (same bytes): verify says so
+    w.unlink()
+    w.symlink_to(tmp_path / "somewhere" / "x" / "adapter_model.safetensors")
+    v = cli("experts", "verify", "--json")
+    assert v.exit_code == 1
+    (entry,) = json.loads(v.stdout)
+    assert entry["status"] == "modified" and "points outside the cache" in entry["detail"]
