@@ -81,13 +81,16 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         try:
             if address in (None, "local"):
                 temp = {"_temp_dir": os.environ["RECYCLE_RAY_TMPDIR"]} if os.environ.get("RECYCLE_RAY_TMPDIR") else {}
-                ray.init(
-                    address="local",
-                    num_cpus=num_cpus or os.cpu_count() or 1,
-                    include_dashboard=False,
-                    **temp,
-                    **common,
-                )
+                private_token()
+                with _loopback_node():
+                    ray.init(
+                        address="local",
+                        num_cpus=num_cpus or os.cpu_count() or 1,
+                        include_dashboard=False,
+                        _node_ip_address="127.0.0.1",
+                        **temp,
+                        **common,
+                    )
                 where = "local"
             else:
                 ray.init(address=address, **common)
@@ -105,6 +108,77 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         yield where
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While a local Ray starts: keep its node address 127.0.0.1, so that its servers (GCS,
+    raylet, object manager, workers, dashboard and runtime-env agents) listen on loopback only.
+
+    Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the machine's own address
+    (``services.resolve_ip_for_localhost`` asks ``get_node_ip_address``, which asks the
+    network), and its servers then listen on every interface. It keeps loopback only where
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is off (macOS and Windows, where Ray clusters are
+    single-machine); that constant is read from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when
+    ray is imported, so it is turned off here, for the start only. A Ray without it starts
+    as before (everywhere, behind the token); tests/test_cluster.py checks where every
+    socket listens."""
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # a Ray that moved it: start as Ray does
+        yield
+        return
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is None:
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def private_token() -> None:
+    """The token of a local Ray, readable by its owner only.
+
+    A new local Ray turns token authentication on (unless ``RAY_AUTH_MODE=disabled``) and
+    writes a missing ``~/.ray/auth_token`` with the default umask: world-readable (644).
+    Here a missing token file is created first, with mode 0600 from the start (a temporary
+    file opened 0600, then linked into place; one written meanwhile by another process is
+    kept), and an existing one of ours that others may read is narrowed to 0600.
+    ``RAY_AUTH_TOKEN`` in the environment needs no file; ``RAY_AUTH_TOKEN_PATH`` names the
+    file instead of ``~/.ray/auth_token``."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    try:
+        if path.exists():
+            st = path.stat()
+            if path.is_file() and st.st_uid == os.getuid() and st.st_mode & 0o077:
+                os.chmod(path, 0o600)
+            return
+        if named:
+            return  # a path the user chose: Ray reports it missing
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))  # what Ray's own generator writes: 256 random bits
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # a home folder we cannot write: Ray says what it needs
 
 
 def cluster_resources() -> dict[str, float]:

@@ -34,12 +34,14 @@ def create(
     chosen = [check_files(registry, e) for e in m.select(registry, experts, values)]
     members = m.plan_members(registry, chosen)
     s = m.settings(m.complete(values, chosen))
+    base = chosen[0]["base_model"] if chosen else registry.first_base_name()
+    m.check_stored(registry, name, s, members, base)
     row = {
         "name": name,
         "method": m.name,
         "settings": encode_json(s.to_dict()),
         "members": encode_json([{k: mem[k] for k in ("name", "sha256", "config_sha256")} for mem in members]),
-        "base_model": chosen[0]["base_model"] if chosen else registry.first_base_name(),
+        "base_model": base,
         "created": now(),
     }
     return registry.save_composition(row, replace=replace)

@@ -63,6 +63,11 @@ class EvalRequest:
             raise RecycleError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.top_k is not None and self.top_k < 1:
             raise RecycleError(f"--top-k must be at least 1, not {self.top_k}")
+        # a method or composition named twice runs once (order kept)
+        object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
+        object.__setattr__(self, "compositions", tuple(dict.fromkeys(self.compositions)))
+        if not self.tasks or not self.tasks.strip(" ,"):
+            raise RecycleError("--tasks is empty: give held-out, held-in, all, or task names")
         for m in self.methods:
             methods.parse(m)
 
@@ -243,7 +248,7 @@ def choose_tasks(registry: Registry, spec: str) -> list[tuple[str, str]]:
     elif spec == "all":
         chosen = held_in + held_out
     else:
-        chosen = [t.strip() for t in spec.split(",") if t.strip()]
+        chosen = list(dict.fromkeys(t.strip() for t in spec.split(",") if t.strip()))  # each task once, in order
         unknown = [t for t in chosen if t not in held_in + held_out]
         if unknown:
             raise RecycleError(f"unknown task(s): {', '.join(unknown)} (see recycle tasks list)")

@@ -103,6 +103,18 @@ def add_from_hub(registry: Registry, repo_id: str, revision: str | None = None, 
                       meta={**(meta or {}), "hub": source}, **kw)
 
 
+def _outside_cache(folder: Path, source: dict) -> str | None:
+    """Why a hub expert's snapshot no longer lies inside the cache it was registered from
+    (a file linked elsewhere), or None."""
+    from recycle import hub
+
+    try:
+        hub.check_snapshot(folder, source["repo"], str(folder.parent.parent.parent), source["repo"])
+    except RecycleError as e:
+        return str(e)
+    return None
+
+
 def _check_base(info: AdapterInfo, base: str | None, group_base: BaseRef | None, cache: BaseCache) -> BaseRef:
     if base:
         ref = cache.ref(base)
@@ -222,6 +234,8 @@ def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bo
             entry.update(status="moved", detail=f"fetched again at {folder} (path updated)", new_path=str(folder))
         if source and folder.name != source["commit"]:
             entry.update(status="modified", detail=f"not the snapshot of {source['repo']} commit {source['commit']}")
+        elif source and folder.is_dir() and (outside := _outside_cache(folder, source)):
+            entry.update(status="modified", detail=outside)
         elif (folder / WEIGHTS).is_file():
             if sha256_file(folder / WEIGHTS) != e["sha256"]:
                 entry.update(status="modified", detail="weights differ from the registered sha256")

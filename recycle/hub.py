@@ -35,6 +35,45 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def check_revision(revision: str) -> None:
+    """A branch, tag or commit as git allows it (``git check-ref-format``), never a path:
+    no ``..``, no leading ``/``, no backslash, no empty or dot-led component, no control
+    characters."""
+    parts = revision.split("/")
+    bad = (not revision or revision.startswith(("/", "-")) or revision.endswith((".", "/", ".lock"))
+           or any(not p or p.startswith(".") for p in parts) or ".." in revision or "@{" in revision
+           or any(c in revision for c in "\\ ~^:?*[") or any(ord(c) < 32 or ord(c) == 127 for c in revision)
+           or len(revision) > 255)
+    if bad:
+        raise RecycleError(f"revision {revision!r} is not a branch, tag or commit name (a path is not a revision)")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_snapshot(folder: Path, repo_id: str, cache: str | None, label: str) -> str:
+    """The commit of a cached snapshot, refused unless everything in it resolves inside the
+    repository's own folder of the cache: ``refs/<branch>`` must hold a commit hash, not a
+    path (``../../somewhere``), the snapshot folder must be ``snapshots/<commit>`` itself,
+    not a link elsewhere, and every file in it must resolve (through the cache's links to
+    ``blobs/``) inside the repository's folder."""
+    from huggingface_hub import constants
+
+    root = Path(cache or constants.HF_HUB_CACHE).expanduser().resolve()
+    repo_dir = root / f"models--{repo_id.replace('/', '--')}"
+    commit = folder.name
+    refused = f"{label}: the Hugging Face cache entry points outside the cache"
+    if not COMMIT.fullmatch(commit) or folder.resolve() != repo_dir / "snapshots" / commit:
+        raise RecycleError(f"{refused} ({folder}); refusing it (a tampered refs/ or snapshots/ entry?)")
+    for dirpath, dirnames, filenames in os.walk(folder):  # links to folders are not followed, just checked
+        for name in dirnames + filenames:
+            entry = Path(dirpath) / name
+            if not _inside(entry.resolve(), repo_dir):
+                raise RecycleError(f"{refused} ({entry.relative_to(folder)} -> {entry.resolve()}); refusing it")
+    return commit
+
+
 def _label(repo_id: str, revision: str | None) -> str:
     return f"{repo_id}@{revision}" if revision else repo_id
 
@@ -55,13 +94,15 @@ def fetch(repo_id: str, revision: str | None = None, *, files: list[str], requir
 
     if not HUB_ID.fullmatch(repo_id):
         raise RecycleError(f"{repo_id!r} is not a hub id (org/name) nor an existing folder")
+    if revision is not None:
+        check_revision(revision)
     label = _label(repo_id, revision)
     cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not when huggingface_hub was imported
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=files, local_files_only=True,
                                         cache_dir=cache))
         if all((folder / f).is_file() for f in required):
-            return folder, folder.name
+            return folder, check_snapshot(folder, repo_id, cache, label)
     except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError, ValueError):
         pass
     if offline():
@@ -88,7 +129,7 @@ def fetch(repo_id: str, revision: str | None = None, *, files: list[str], requir
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLES) if folder.is_dir() else []
         why = (f"; it holds only {', '.join(pickles)} (a pickle, which recycle never loads)" if pickles else "")
         raise RecycleError(f"{what} {label} has no {', '.join(missing)}{why}")
-    return folder, folder.name
+    return folder, check_snapshot(folder, repo_id, cache, label)
 
 
 def fetch_adapter(repo_id: str, revision: str | None = None) -> tuple[Path, str]:

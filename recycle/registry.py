@@ -86,9 +86,14 @@ def _decode(table: str, row: dict | None) -> dict | None:
 
 class Registry:
     """``Registry(path)`` opens (and migrates) the registry; ``create=False`` refuses to
-    make a new one (read-only commands must not leave an empty registry behind a typo)."""
+    make a new one (read-only commands must not leave an empty registry behind a typo).
 
-    def __init__(self, path: str | os.PathLike | None = None, *, create: bool = True):
+    ``lazy=True`` (what the CLI's commands use) creates a missing file only with the first
+    write: a command refused before it records anything leaves no file behind. Until then,
+    and for an existing empty file opened with ``create=False``, reads see an empty
+    registry held in memory; the file is never touched by reading."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, create: bool = True, lazy: bool = False):
         self.path = Path(path).expanduser().absolute() if path else default_db_path()
         if self.path.exists() and self.path.is_dir():
             raise RecycleError(f"registry path {self.path} is a folder, not a database file")
@@ -96,14 +101,53 @@ class Registry:
             raise RecycleError(f"no registry at {self.path} (register something first, or give --db)")
         if not self.path.parent.is_dir():
             raise RecycleError(f"registry folder {self.path.parent} does not exist")
-        conn = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
+        empty = self.path.is_file() and self.path.stat().st_size == 0
+        self._unwritten = (lazy and not self.path.exists()) or (empty and not create)
+        self._open(":memory:" if self._unwritten else str(self.path))
+
+    def _open(self, target: str) -> None:
+        self._in_memory = target == ":memory:"
+        conn = sqlite3.connect(target, timeout=60, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
+        self._opening = True
         try:
-            _retry_locked(self._wal)
+            if not self._in_memory:
+                _retry_locked(self._wal)
             _retry_locked(self._migrate)
         except sqlite3.DatabaseError as e:
             raise RecycleError(f"{self.path} is not a usable registry: {e}") from None
+        finally:
+            self._opening = False
         self.db.execute("PRAGMA foreign_keys = ON")
+
+    def _materialise(self) -> None:
+        """Create the file of a lazily opened registry: the schema is written to a temporary
+        file that is then linked into place, so no other process sees a half-made registry
+        and one made meanwhile by another process (or an empty file) is used, not replaced."""
+        self.db.close()
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+        try:
+            if not self.path.exists():
+                fresh = sqlite3.connect(str(tmp))
+                try:
+                    db = sqlite_utils.Database(fresh)
+                    db.enable_wal()
+                    migrations.apply(db)
+                finally:
+                    fresh.close()
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    pass  # another process made it first: use theirs
+                except OSError:
+                    pass  # no hard links on this file system: sqlite creates it below
+        except sqlite3.OperationalError as e:
+            self._open(":memory:")
+            raise RecycleError(f"cannot create the registry {self.path}: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._unwritten = False
+        self._open(str(self.path))
 
     def _wal(self):
         if self.db.journal_mode != "wal" and os.access(self.path, os.W_OK):
@@ -121,7 +165,7 @@ class Registry:
                     "here); upgrade recycle to use it")
         if not migrations.pending(self.db):
             return
-        if self.path.exists() and not os.access(self.path, os.W_OK):
+        if not self._in_memory and self.path.exists() and not os.access(self.path, os.W_OK):
             raise RecycleError(f"registry {self.path} is read-only and needs an upgrade")
         with self.transaction():
             migrations.apply(self.db)
@@ -133,11 +177,20 @@ class Registry:
     def artifacts_dir(self) -> Path:
         return self.path.with_name(self.path.stem + ".artifacts")
 
+    def writable(self) -> bool:
+        """Whether this process may write the file and its folder (the folder holds the
+        write-ahead log); for a registry not created yet, its folder."""
+        if self._unwritten and not self.path.exists():
+            return os.access(self.path.parent, os.W_OK)
+        return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+
     def check_writable(self) -> None:
         """Refuse, at once, a registry this process cannot write (permissions, an immutable
         file, a read-only file system): an empty write transaction is tried and rolled back."""
-        if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
+        if not self.writable():
             raise RecycleError(f"registry {self.path} is read-only")
+        if self._unwritten:
+            return
         conn = self.db.conn
         if conn.in_transaction:
             return
@@ -159,20 +212,37 @@ class Registry:
             with self.db.atomic():
                 yield self.db
             return
+        if self._unwritten and not self._opening:  # not the in-memory stand-in's own schema
+            if not self.writable():
+                raise RecycleError(f"registry {self.path} is read-only")
+            self._materialise()
+            conn = self.db.conn
+        elif not self._in_memory and not self.writable():
+            # every writing command ends here: a read-only file or folder is one line, not the
+            # OperationalError of the first insert (or a write into the WAL beside an immutable file)
+            raise RecycleError(f"registry {self.path} is read-only")
         try:
             _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
+            yield self.db
         except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             if "readonly" in str(e) or "read-only" in str(e):
                 raise RecycleError(f"registry {self.path} is read-only") from None
             raise
-        try:
-            yield self.db
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         else:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if "readonly" in str(e) or "read-only" in str(e):
+                    raise RecycleError(f"registry {self.path} is read-only") from None
+                raise
 
     def _rows(self, table: str, sql: str, params=()) -> list[dict]:
         return [_decode(table, r) for r in self.db.query(sql, list(params))]
@@ -273,7 +343,7 @@ class Registry:
 
     def set_expert_files(self, expert_id: int, values: dict) -> None:
         """Record the config hash and the files' sizes and mtimes of an unchanged adapter."""
-        if not os.access(self.path, os.W_OK):
+        if self._unwritten or not self.writable():
             return  # a read-only registry: the check still holds, it is just not remembered
         with self.transaction() as db:
             db["experts"].update(expert_id, values)
@@ -443,7 +513,7 @@ class Registry:
         for r in self._rows("eval_runs", "select id, pid, host from eval_runs where status = 'running'"):
             if r.get("host") == host and r.get("pid") and not _alive(r["pid"]):
                 dead.append(r["id"])
-        if dead:
+        if dead and self.writable():  # a read-only registry keeps showing them as running
             with self.transaction() as db:
                 for run_id in dead:
                     db["eval_runs"].update(run_id, {"status": "died"})

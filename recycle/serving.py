@@ -484,6 +484,36 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before Ray starts, an address this machine cannot listen on: a port in use,
+    a host that is not one of its addresses (or no address at all). The same options as
+    Serve's server (``SO_REUSEADDR``), so a port it could take is not refused. On a remote
+    cluster (``--address``) the proxy listens on the head node, so this checks this machine
+    only where that is the one that serves."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise RecycleError(f"--host {host!r} is not an address or host name this machine knows ({e})") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    s = socket.socket(family, kind, proto)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(sockaddr)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise RecycleError(f"port {port} on {host} is in use (another server?): give another --port") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise RecycleError(f"--host {host} is not an address of this machine") from None
+        if e.errno == errno.EACCES:
+            raise RecycleError(f"no permission to listen on port {port} (ports below 1024 need privileges)") from None
+        raise RecycleError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    finally:
+        s.close()
+
+
 def serve(plans: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           report: Reporter | None = None, block: bool = True, **app_options) -> None:
     """Run the endpoint (see the module docstring) until interrupted (``block``), then
@@ -494,7 +524,12 @@ def serve(plans: dict, *, host: str = "127.0.0.1", port: int = 8000, address: st
 
     report = report or Reporter()
     with cluster.connect(address) as where:
-        rserve.start(http_options={"host": host, "port": port})
+        try:
+            rserve.start(http_options={"host": host, "port": port})
+        except Exception as e:  # noqa: BLE001 - Ray's error is a page long: one line
+            if type(e).__module__.startswith("ray"):
+                raise RecycleError(f"cannot start serving on {host}:{port}: {cluster.describe_error(e)[:200]}") from None
+            raise
         try:
             rserve.run(make_app(plans, **app_options), name="recycle", route_prefix="/")
             report.say(f"serving {', '.join(plans)} on http://{host}:{port} (Ray: {where}); Ctrl-C stops")

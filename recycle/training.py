@@ -168,6 +168,7 @@ def run_expert_job(job: ExpertJob) -> dict:
     warmup_steps = int(round(settings.warmup * settings.steps))
     batches = lm_batches(job.examples, tokenizer, settings.batch_size, settings.max_length, settings.seed)
     trunk, record_steps = _gate_trunk(job, settings, layers)
+    no_reuse = _why_no_reuse(job, settings, layers)
 
     losses: list[float] = []
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -218,9 +219,27 @@ def run_expert_job(job: ExpertJob) -> dict:
             # registered path that the registry does not know
             model = opt = params = None
             summary["gates"] = _train_gates_here(job, device, trunk, tmp)
+            if no_reuse and "error" not in summary["gates"]:
+                summary["gates"]["no_reuse"] = no_reuse
 
     replace_dir(build, job.out_dir)
     return summary
+
+
+def _why_no_reuse(job: ExpertJob, settings: TrainSettings, layers: list[int] | None) -> str | None:
+    """Why the gates trained with an expert cannot skip any layer (None where they can):
+    an adapter on every layer (the default ``--layers``) leaves none below it, whatever the
+    data; other batch settings draw other batches."""
+    if job.gates is None:
+        return None
+    if _first_layer(layers) == 0:
+        return "the adapter covers layer 0, so there are no layers below it to skip (--layers topN leaves some)"
+    from recycle.gates import GateSettings
+
+    gs = GateSettings(**job.gates)
+    if (gs.batch_size, gs.max_length, gs.seed) != (settings.batch_size, settings.max_length, settings.seed):
+        return "the gates' batch size, length or seed differ from the expert's, so their batches differ"
+    return None
 
 
 def _gate_trunk(job: ExpertJob, settings: TrainSettings, layers: list[int] | None):
@@ -415,9 +434,10 @@ def _record_gates(registry, row: dict, settings, trained: dict, report) -> str:
     except RecycleError as e:
         report.fail(f"{row['name']}: gates not recorded: {e}")
         return str(e)
+    reuse = (f"nothing reused: {trained['no_reuse']}" if trained.get("no_reuse") else
+             f"{trained['replayed']} of {trained['steps']} steps reused the expert's lower-layer pass")
     report.ok(f"{row['name']} gates: loss {trained['loss_start']:.4f} → {trained['loss_end']:.4f}, "
-              f"{trained['seconds']:.1f} s ({trained['replayed']} of {trained['steps']} steps reused the "
-              f"expert's lower-layer pass)")
+              f"{trained['seconds']:.1f} s ({reuse})")
     return "trained"
 
 

@@ -164,3 +164,20 @@ def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     assert "no composition named 'nope'" in one_line_error(cli("train-cosmo-gate", "nope"))
     ok("compose", "pg", "--method", "phatgoose", "--all")
     assert "no COSMO gate to train" in one_line_error(cli("train-cosmo-gate", "pg"))
+
+
+def test_unseen_must_name_another_stored_composition(registered):
+    """Checked when stored, not when used: no such composition, itself, a path, a method's
+    name, a COSMO composition, other members."""
+    ok("compose", "u", "--method", "uniform", "--all")
+    for unseen, words in (("nope", "no stored composition"), ("c", "its own unseen side"),
+                          ("/tmp/x", "no stored composition"), ("phatgoose", "no stored composition"),
+                          ("none", "no stored composition")):
+        err = one_line_error(cli("compose", "c", "--method", "cosmo", "--all", "--unseen", unseen))
+        assert words in err and "--unseen" in err
+    ok("compose", "c1", "--method", "cosmo", "--all", "--unseen", "u")
+    assert "cannot be the unseen side" in one_line_error(cli("compose", "c2", "--method", "cosmo", "--all",
+                                                             "--unseen", "c1"))
+    ok("compose", "ua", "--method", "uniform", "--experts", "ea")
+    assert "members differ" in one_line_error(cli("compose", "c3", "--method", "cosmo", "--all", "--unseen", "ua"))
+    assert sorted(c["name"] for c in json.loads(ok("compose", "list", "--json").stdout)) == ["c1", "u", "ua"]

@@ -212,3 +212,20 @@ def test_a_task_group_shares_the_layers_below_the_experts_exactly(registered, ma
     assert not [r for r in shared["results"] + alone["results"] if "error" in r], shared["results"]
     assert shared["trunk"] == 2 and alone["trunk"] is None
     assert [r["result"]["scores"] for r in shared["results"]] == [r["result"]["scores"] for r in alone["results"]]
+
+
+def test_empty_and_repeated_lists(registered):
+    """An empty --methods, --compositions or --tasks is refused before anything runs (it used
+    to mean every method, or 'no tasks registered'); a task or method named twice runs once."""
+    from recycle import evaluation as E
+    from recycle.registry import Registry
+
+    for option in ("--methods", "--compositions", "--tasks"):
+        for value in ("", " , "):
+            err = one_line_error(runner.invoke(app, ["eval", option, value]))
+            assert f"{option} is empty" in err
+    assert json.loads(ok("eval", "runs", "--json").stdout) == []
+    jobs, _ = E.plan_eval(Registry(), E.EvalRequest(methods=("base",), tasks="t_alpha,t_beta,t_alpha"))
+    assert [j.task for j in jobs] == ["t_alpha", "t_beta"]
+    request = E.EvalRequest(methods=("base", "uniform", "base"), compositions=("c", "c"))
+    assert request.methods == ("base", "uniform") and request.compositions == ("c",)

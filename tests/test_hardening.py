@@ -246,6 +246,56 @@ def test_a_read_only_registry_is_refused_at_once(library, tmp_path):
         os.chmod(db, stat.S_IRUSR | stat.S_IWUSR)
 
 
+def test_every_writing_command_refuses_a_read_only_registry(library, tmp_path):
+    import subprocess
+
+    db = Path(os.environ["RECYCLE_DB"])
+    _ok("add-expert", library["a"], "--base", "tiny-llama")
+    _ok("add-expert", library["b"], "--base", "tiny-llama")
+    _ok("compose", "u", "--method", "uniform", "--all")
+    before = dump()
+    os.chmod(db, stat.S_IRUSR)
+    immutable = False
+    if os.access(db, os.W_OK):  # root writes read-only files: make it immutable instead
+        immutable = subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode == 0
+        if not immutable:
+            pytest.skip("cannot make a file read-only for this user")
+    try:
+        for args in (("compose", "v", "--method", "uniform", "--all"), ("compose", "remove", "u"),
+                     ("experts", "remove", "a", "--yes"), ("add-expert", library["c"], "--base", "tiny-llama")):
+            r = cli(*args)
+            assert r.exit_code == 2 and "read-only" in one_line_error(r), (args, r.output)
+            assert "OperationalError" not in r.output
+        assert cli("experts", "list").exit_code == 0  # reading still works
+        assert dump() == before
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(db)])
+        os.chmod(db, stat.S_IRUSR | stat.S_IWUSR)
+
+
+def test_a_refused_first_command_leaves_no_registry_file(library, tmp_path):
+    db = Path(os.environ["RECYCLE_DB"])
+    alpha = copy(library["a"], tmp_path / "nana")
+    cfg = json.loads((alpha / "adapter_config.json").read_text())
+    (alpha / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": float("nan")}))
+    assert "NaN" in one_line_error(cli("add-expert", alpha, "--base", "tiny-llama"))
+    assert "no experts" in one_line_error(cli("compose", "u", "--method", "uniform", "--all"))
+    assert not db.exists() and sorted(p.name for p in db.parent.iterdir() if "registry" in p.name) == []
+    _ok("add-expert", library["a"], "--base", "tiny-llama")  # the first write creates it
+    assert [r["name"] for r in rows()] == ["a"]
+
+
+def test_reading_an_empty_file_writes_nothing_into_it(library):
+    db = Path(os.environ["RECYCLE_DB"])
+    db.touch()
+    r = _ok("experts", "list", "--json")
+    assert json.loads(r.stdout) == [] and db.stat().st_size == 0
+    assert _ok("compose", "list", "--json").stdout.strip() == "[]" and db.stat().st_size == 0
+    _ok("add-expert", library["a"], "--base", "tiny-llama")  # a writing command makes it a registry
+    assert [r["name"] for r in rows()] == ["a"]
+
+
 def test_dead_and_interrupted_runs_agree(world):
     import sqlite3
 
@@ -302,7 +352,8 @@ def test_predict_options_and_encoding(world, library, tmp_path):
 @pytest.mark.parametrize("split, data, words", [
     ("train = nan\ntest = 0.5", None, "split.train"),
     ("train = 0.6\nvalidation = 0.1\ntest = 0.2", None, "add up to 0.9"),
-    (None, "", "cannot load"),
+    (None, "", "is empty"),
+    (None, "\n  \n", "is empty"),
     (None, "not json\nat all\n", "cannot load"),
 ])
 def test_task_data_errors(tmp_path, split, data, words):

@@ -218,3 +218,62 @@ def test_online_through_a_hub_mirror_on_loopback(tmp_path, make_adapter):
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         server.shutdown()
+
+
+def _hub_adapter(make_adapter, folder: Path, seed: int) -> Path:
+    a = make_adapter(folder, seed=seed)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "tiny-llama"
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    return a
+
+
+@pytest.mark.parametrize("revision", ["../../..", "/tmp", "refs/../../x", "a\\b", "-x", ".hidden", "a b", "x.lock"])
+def test_a_revision_is_a_ref_or_commit_never_a_path(hub_cache, make_adapter, tmp_path, revision):
+    put_in_cache(hub_cache, "org/lora-a", _hub_adapter(make_adapter, tmp_path / "a", 1), commit_of("a1"))
+    err = one_line_error(cli("add-expert", "org/lora-a", "--revision", revision))
+    assert "is not a branch, tag or commit name" in err
+    assert rows() == []
+
+
+def test_a_tampered_cache_cannot_point_outside_itself(hub_cache, make_adapter, tmp_path):
+    """refs/main holding a path, a snapshot folder linked elsewhere and a weights file linked
+    outside the cache are each refused; the untampered entry is then accepted."""
+    a = _hub_adapter(make_adapter, tmp_path / "a", 1)
+    root = hub_cache / "models--org--lora-a"
+    c1 = commit_of("a1")
+    put_in_cache(hub_cache, "org/lora-a", a, c1)
+    shutil.copytree(a, tmp_path / "somewhere" / "x")
+    # refs/main names a folder outside the cache
+    (root / "refs" / "main").write_text(os.path.relpath(tmp_path / "somewhere" / "x", root / "snapshots"))
+    err = one_line_error(cli("add-expert", "org/lora-a"))
+    assert "points outside the cache" in err
+    # refs/main looks like a commit, but that snapshot folder is a link to elsewhere
+    c2 = commit_of("a2")
+    (root / "snapshots" / c2).symlink_to(tmp_path / "somewhere" / "x", target_is_directory=True)
+    (root / "refs" / "main").write_text(c2)
+    assert "points outside the cache" in one_line_error(cli("add-expert", "org/lora-a"))
+    # the snapshot is in place, but its weights are a link out of the cache
+    (root / "refs" / "main").write_text(c1)
+    w = root / "snapshots" / c1 / "adapter_model.safetensors"
+    w.unlink()
+    w.symlink_to(tmp_path / "somewhere" / "x" / "adapter_model.safetensors")
+    err = one_line_error(cli("add-expert", "org/lora-a"))
+    assert "points outside the cache" in err and "adapter_model.safetensors" in err
+    assert rows() == []
+    # a link into the cache's own blobs (how huggingface_hub lays a snapshot out) is fine
+    (root / "blobs").mkdir()
+    shutil.copy(a / "adapter_model.safetensors", root / "blobs" / "w")
+    w.unlink()
+    w.symlink_to(Path("..") / ".." / "blobs" / "w")
+    r = cli("add-expert", "org/lora-a")
+    assert r.exit_code == 0, r.output
+    assert json.loads(rows()[0]["meta"])["hub"]["commit"] == c1
+    assert cli("experts", "verify").exit_code == 0
+    # linked out of the cache after it was registered (same bytes): verify says so
+    w.unlink()
+    w.symlink_to(tmp_path / "somewhere" / "x" / "adapter_model.safetensors")
+    v = cli("experts", "verify", "--json")
+    assert v.exit_code == 1
+    (entry,) = json.loads(v.stdout)
+    assert entry["status"] == "modified" and "points outside the cache" in entry["detail"]

@@ -327,3 +327,26 @@ def test_oversized_and_malformed_requests_are_400_with_the_limit_named(registere
     while ours(ray_tmp) and time.time() < deadline:
         time.sleep(0.5)
     assert not ours(ray_tmp), "a Ray process of this test outlived the server"
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_ray_starts(registered):
+    """A port in use, a host that is not this machine's, a host that does not resolve: one
+    short line each, exit 2, and no Ray started (the error used to be a 940-character
+    RayTaskError line after Ray and Serve had started)."""
+    from tests.test_compose import cli, one_line_error
+
+    ok("compose", "u", "--method", "uniform", "--all")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        for args, words in ((["--port", str(port)], f"port {port} on 127.0.0.1 is in use"),
+                            (["--host", "192.0.2.123"], "not an address of this machine"),
+                            (["--host", "no-such-host.invalid"], "is not an address or host name")):
+            t0 = time.time()
+            err = one_line_error(cli("serve", "u", *args))
+            assert words in err and len(err) < 200, err
+            assert time.time() - t0 < 30 and not __import__("ray").is_initialized()
+    finally:
+        taken.close()

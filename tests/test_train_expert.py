@@ -328,3 +328,25 @@ def test_an_interrupt_while_gates_train_leaves_the_registered_adapter_as_it_was(
     assert sha256_file(Path(first.out_dir) / "adapter_model.safetensors") == row["sha256"]
     assert registry.expert("toy-x")["sha256"] == row["sha256"]
     assert sorted(p.name for p in Path(first.out_dir).parent.iterdir()) == before
+
+
+def test_gates_with_an_every_layer_expert_say_why_nothing_is_reused(toy, capsys):
+    """An expert on every layer (the default --layers) leaves no layer below it for its
+    gates to skip, long inputs or short: nothing is reused and the report says why instead
+    of '0 of N steps reused'."""
+    from recycle import gates
+    from recycle.console import Reporter
+    from recycle.registry import Registry
+    from recycle.training import TrainSettings, _record_gates, plan_expert, register_trained, run_expert_job
+
+    registry = Registry(os.environ["RECYCLE_DB"])
+    job = plan_expert(registry, ["toy"], "tiny-llama", TrainSettings(steps=2, batch_size=4, max_length=48, rank=4))
+    settings = gates.GateSettings(steps=2, batch_size=4, max_length=48)
+    job.gates, job.threads = {k: v for k, v in settings.to_dict().items() if k != "algorithm"}, 1
+    summary = run_expert_job(job)
+    assert summary["gates"]["replayed"] == 0 and "covers layer 0" in summary["gates"]["no_reuse"]
+    row = register_trained(registry, job, summary)
+    capsys.readouterr()
+    assert _record_gates(registry, row, settings, summary["gates"], Reporter()) == "trained"
+    said = capsys.readouterr()
+    assert "nothing reused: the adapter covers layer 0" in said.out + said.err

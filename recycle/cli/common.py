@@ -34,8 +34,10 @@ AddressOption = Annotated[
 
 
 def open_registry(db: Path | None, *, create: bool = True) -> Registry:
-    """The registry; read-only commands pass ``create=False`` (no new file behind a typo)."""
-    return Registry(db, create=create)
+    """The registry; read-only commands pass ``create=False`` (no new file behind a typo).
+    A missing file is created by the command's first write, so a command refused before it
+    records anything leaves no file behind."""
+    return Registry(db, create=create, lazy=True)
 
 
 def jsonable(value: Any) -> Any:

@@ -58,8 +58,11 @@ def eval_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
+    for option, value in (("--methods", methods_), ("--compositions", compositions)):
+        if value is not None and not split(value):
+            raise RecycleError(f"{option} is empty: name at least one, or leave the option out")
     comp_list = split(compositions)
-    method_list = split(methods_) if methods_ else ([] if comp_list else list(methods.DEFAULT_EVAL))
+    method_list = split(methods_) if methods_ is not None else ([] if comp_list else list(methods.DEFAULT_EVAL))
     request = E.EvalRequest(methods=tuple(method_list), compositions=tuple(comp_list), **settings.to_dict(),
                             cpus_per_task=resources.cpus, gpus_per_task=resources.gpus, force=force, address=address)
     registry = open_registry(db)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -50,10 +51,12 @@ def serve_cmd(
     """
     from recycle import cluster
     from recycle.predict import resolve
-    from recycle.serving import serve
+    from recycle.serving import check_listen, serve
 
     registry = open_registry(db, create=False)
     plans = {n: resolve(registry, n).to_dict() for n in dict.fromkeys(names)}
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":  # this machine serves: check before Ray
+        check_listen(host, port)
     with cluster.connect(address):
         gpus = cluster.default_gpus(resources.gpus)
         cluster.check_fits(resources.cpus, gpus)

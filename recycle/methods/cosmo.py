@@ -190,6 +190,27 @@ class Cosmo(Method):
             raise RecycleError("cosmo needs at least two members (folds leave experts out)")
         return members
 
+    def check_stored(self, registry, name, settings, members, base):
+        """``--unseen`` names another stored composition, not a COSMO one, over the same base
+        and the same members (what :meth:`gather` needs when the composition is used)."""
+        unseen = settings.unseen
+        if not unseen:
+            return
+        if unseen == name:
+            raise RecycleError(f"--unseen {unseen}: a composition cannot be its own unseen side")
+        other = registry.composition_or_none(unseen)
+        if other is None:
+            known = [c["name"] for c in registry.compositions() if c["method"] != self.name]
+            raise RecycleError(f"--unseen {unseen!r}: no stored composition of that name (store one first, e.g. "
+                               f"recycle compose pg --method phatgoose --all; stored: {', '.join(known) or 'none'})")
+        if other["method"] == self.name:
+            raise RecycleError(f"--unseen {unseen}: a COSMO composition cannot be the unseen side of another")
+        if other.get("base_model") != base:
+            raise RecycleError(f"--unseen {unseen}: it is over base model {other.get('base_model')}, not {base}")
+        if sorted((m["name"], m["sha256"]) for m in other["members"]) != sorted((m["name"], m["sha256"])
+                                                                               for m in members):
+            raise RecycleError(f"--unseen {unseen}: its members differ from this composition's")
+
     def gather(self, registry, plan, seed=0):
         from recycle import compose
 

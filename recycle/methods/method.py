@@ -150,6 +150,10 @@ class Method:
         """The settings values once the members are known (e.g. the one expert's name)."""
         return values
 
+    def check_stored(self, registry, name: str, settings: Settings, members: list[dict], base: str | None) -> None:
+        """Refuse, when the composition ``name`` is stored, settings that could only fail
+        when it is used (nothing to check here)."""
+
     def gather(self, registry, plan: Plan, seed: int = 0) -> None:
         """Add to ``plan.data`` what workers need beyond the members' files (nothing here)."""
 

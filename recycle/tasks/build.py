@@ -40,10 +40,25 @@ def _check_local(files: Any) -> None:
             if "://" in f:
                 continue
             if glob.has_magic(f):
-                if not glob.glob(f):
+                found = glob.glob(f)
+                if not found:
                     raise RecycleError(f"no data file matches {f}")
             elif not Path(f).exists():
                 raise RecycleError(f"data file {f} does not exist")
+            else:
+                found = [f]
+            for one in found:  # datasets reports an empty file as "StopIteration" or a generic failure
+                if Path(one).is_file() and _blank_file(Path(one)):
+                    raise RecycleError(f"data file {one} is empty")
+
+
+def _blank_file(path: Path) -> bool:
+    """Nothing but white space in the file (read until the first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def local_paths(spec: TaskSpec) -> list[Path]:
