@@ -15,6 +15,7 @@ from recycle.cli import evaluate  # noqa: F401
 from recycle.cli import run  # noqa: F401
 from recycle.cli import routers  # noqa: F401
 from recycle.cli import serve  # noqa: F401
+from recycle.cli import lmeval  # noqa: F401
 
 
 def main() -> None:
