@@ -33,6 +33,7 @@ from pathlib import Path
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.registry import Registry
+from recycle.results import prompt_id
 
 LM_EVAL_VERSION = "0.4.13"  # the version pyproject.toml's [lm-eval] extra pins
 INSTALL_HINT = ('lm-evaluation-harness is not installed: pip install -e ".[lm-eval]" '
@@ -111,11 +112,6 @@ class LMEvalOutcome:
     run_id: int
     failures: list[str]
     results: dict  # lm-eval's own results JSON, merged over the tasks
-
-
-def prompt_id(text: str) -> str:
-    """A short stable id of a prompt's text."""
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _jsonable(value):

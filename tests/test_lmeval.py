@@ -167,6 +167,55 @@ def test_lm_eval_command_stores_a_run(registered, tmp_path, ray_local):
     conn = sqlite3.connect(os.environ["RECYCLE_DB"])
     (n,) = conn.execute("select n from eval_results where run_id = ? and task = 'lm_t_alpha'", [run]).fetchone()
     assert n == N
+    # per example, out: the lm-eval run's rows carry the harness's documents and choices
+    rows = [json.loads(x) for x in ok("eval", "export", run).stdout.splitlines()]
+    assert len(rows) == 2 * N and {r["method"] for r in rows} == {"single ea"}
+    alpha = [r for r in rows if r["task"] == "lm_t_alpha"]
+    assert [r["example_id"] for r in alpha] == list(range(N))
+    assert all(r["choices"] == [" a", " b"] and r["prediction"] == max(range(2), key=r["scores"].__getitem__)
+               for r in alpha)
+    assert sum(r["correct"] for r in alpha) / N == pytest.approx(a["acc,none"])
+    assert all(r["routing"] == {"expert_share": {"ea": 1.0}} for r in rows)  # every token through its one expert
+    shown = ok("eval", "show", run, "--examples", "lm_t_beta").stdout
+    assert shown.count("single ea") == N and "' d e'" in shown
+
+
+def test_export_of_an_eval_run(registered, tmp_path, ray_local):
+    """recycle eval export / show --examples: one row per (example, method), the choices
+    re-read from the task, in jsonl, csv and parquet; the same rows in every format."""
+    import pyarrow.parquet as pq
+
+    from recycle.registry import Registry
+    from recycle.tasks import load_examples
+
+    r = ok("eval", "--methods", "base,single ea", "--tasks", "t_beta", "--json")
+    run = json.loads(r.stdout)["run"]
+    rows = [json.loads(x) for x in ok("eval", "export", run).stdout.splitlines()]
+    full = load_examples(Registry(), "t_beta", "test")
+    assert len(rows) == 2 * len(full) and [r["method"] for r in rows[:2]] == ["base", "base"]
+    for r in rows:
+        ex = full[r["example_id"]]
+        assert r["choices"] == ex.choices and r["label"] == ex.label and len(r["scores"]) == 2
+        assert r["correct"] == (r["prediction"] == r["label"])
+    stored = {x["label"]: x["accuracy"] for x in json.loads(ok("eval", "show", run, "--json").stdout)["results"]}
+    for label, acc in stored.items():
+        mine = [x["correct"] for x in rows if x["method"] == label]
+        assert sum(mine) / len(mine) == pytest.approx(acc)
+    ok("eval", "export", run, "--format", "csv", "--output", tmp_path / "x.csv")
+    with open(tmp_path / "x.csv") as f:
+        as_csv = list(csv.DictReader(f))
+    assert [json.loads(x["scores"]) for x in as_csv] == [x["scores"] for x in rows]
+    ok("eval", "export", run, "--format", "parquet", "--output", tmp_path / "x.parquet")
+    table = pq.read_table(tmp_path / "x.parquet").to_pylist()
+    assert [x["scores"] for x in table] == [x["scores"] for x in rows]
+    assert [x["choices"] for x in table] == [x["choices"] for x in rows]
+    shown = ok("eval", "show", run, "--examples", "t_beta").stdout
+    assert "' d e'" in shown and shown.count("single ea") == len(full)
+    for args, message in ((["eval", "export", run, "--format", "xml"], "choose from"),
+                          (["eval", "export", run, "--format", "parquet"], "--output"),
+                          (["eval", "show", run, "--examples", "nope"], "no results for task")):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == 2 and message in res.stderr, res.output
 
 
 def test_lm_eval_errors(registered, tmp_path):

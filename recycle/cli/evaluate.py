@@ -122,16 +122,23 @@ def show_cmd(
     run: int,
     compare: Annotated[Optional[str], typer.Option(help="A,B: paired comparison of two methods on the same examples "
                                                         "(McNemar per task, paired bootstrap over tasks).")] = None,
+    examples: Annotated[Optional[str], typer.Option(help="TASK: every example of this task, one row per method "
+                                                         "(choices, scores, prediction, label, routing).",
+                                                    show_default=False)] = None,
     json_: JsonOption = False,
     csv_: Annotated[bool, typer.Option("--csv")] = False,
     db: DbOption = None,
 ):
-    """Show one run's results table, or compare two of its methods.
+    """Show one run's results table, or compare two of its methods, or its examples of a task.
 
-    Examples: recycle eval show 3 --json ; recycle eval show 3 --compare phatgoose,arrow
+    Examples: recycle eval show 3 --json ; recycle eval show 3 --compare phatgoose,arrow ;
+    recycle eval show 3 --examples rt_sentiment
     """
     registry = open_registry(db, create=False)
     registry.run(run)
+    if examples:
+        _examples(registry, run, examples, json_, csv_)
+        return
     rows = registry.run_results(run)
     if not compare:
         _output(registry, run, rows, json_, csv_)
@@ -154,6 +161,58 @@ def show_cmd(
         console.print(f"{name} ({p['tasks']} tasks): mean accuracy difference {p['diff']:+.4f}, 95% CI "
                       f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], paired bootstrap p = {p['p']:.3g}",
                       markup=False, highlight=False)
+
+
+def _examples(registry, run: int, task: str, json_: bool, csv_: bool) -> None:
+    from recycle import results as R
+
+    rows = R.example_rows(registry, run, task)
+    if json_:
+        print_json(rows)
+        return
+    if csv_:
+        sys.stdout.write(R.render(rows, "csv"))
+        return
+    table = Table("method", "example", "prediction", "label", "right", "scores", "routing",
+                  title=f"run {run}, {task}: every example (choices by index: 0, 1, ...)")
+    for r in rows:
+        def choice(i):
+            return f"{i} {r['choices'][i]!r}" if r["choices"] and i is not None else str(i)
+
+        routing = ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 3)}" for k, v in (r["routing"] or {}).items()
+                            if k != "expert_share")
+        table.add_row(r["method"], "" if r["example_id"] is None else str(r["example_id"]), choice(r["prediction"]),
+                      choice(r["label"]), "yes" if r["correct"] else "no", " ".join(f"{s:.3f}" for s in r["scores"]),
+                      routing)
+    console.print(table, markup=False)
+
+
+@eval_app.command("export")
+def export_cmd(
+    run: int,
+    format_: Annotated[str, typer.Option("--format", help="jsonl, csv or parquet (parquet needs --output).")] = "jsonl",
+    output: Annotated[Optional[Path], typer.Option(help="Write here (default: stdout).", show_default=False)] = None,
+    task: Annotated[Optional[str], typer.Option(help="Only this task.", show_default=False)] = None,
+    db: DbOption = None,
+):
+    """Export a run's per-example results: one row per example and method (task, example id,
+    prompt id, choices, scores, prediction, label, correct, routing).
+
+    Examples: recycle eval export 3 > run3.jsonl ; recycle eval export 3 --format parquet --output run3.parquet
+    """
+    from recycle import results as R
+
+    if format_ not in R.FORMATS:
+        raise RecycleError(f"--format {format_!r}: choose from {', '.join(R.FORMATS)}")
+    if format_ == "parquet" and output is None:
+        raise RecycleError("--format parquet writes a file: give --output")
+    registry = open_registry(db, create=False)
+    rows = R.example_rows(registry, run, task)
+    if output is None:
+        sys.stdout.write(R.render(rows, format_))
+        return
+    R.write(rows, format_, output)
+    info(f"wrote {len(rows)} rows to {output}")
 
 
 @app.command("report")
