@@ -89,6 +89,15 @@ def test_tiny_pipeline_runs_and_resumes(tmp_path):
     assert "H" in out["summary"]["methods"]["phatgoose"]
     assert "| method |" in (tmp_path / "out" / "tiny.md").read_text()
     assert (tmp_path / "out" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    # it ends with the evaluation's table on stdout (S/U/H: the run mixes held-in and held-out
+    # tasks), the progress on stderr
+    cells = [[c.strip() for c in line.replace("┃", "│").split("│")[1:-1]] for line in r.stdout.splitlines()
+             if line.count("│") + line.count("┃") > 2]
+    assert "evaluation run" in r.stdout and cells[0][-5:] == ["held-in avg", "held-out avg", "S", "U", "H"]
+    assert "t_out (out)" in cells[0]
+    pg = next(row for row in cells if row[0] == "pg")
+    assert pg[cells[0].index("held-out avg")] == f"{out['summary']['methods']['pg']['held_out_avg']:.3f}"
+    assert "held-out avg" not in r.stderr and "── tiny" not in r.stdout
     # again: every step is found done (no new experts, gates or computed results)
     r = runner.invoke(app, ["run", str(pipe)])
     assert r.exit_code == 0, r.output

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from recycle.cli.common import AddressOption, DbOption, info
+from recycle.cli.common import AddressOption, DbOption, info, open_registry
 from recycle.cli.root import app
 
 
@@ -18,7 +18,8 @@ def run_cmd(
     db: DbOption = None,
 ):
     """Run a pipeline's steps in order (tasks, experts, gates, compositions, evaluations),
-    skipping steps already done, so a crashed or interrupted run resumes.
+    skipping steps already done, so a crashed or interrupted run resumes; ends by printing
+    each evaluation's results table on stdout (progress goes to stderr).
 
     Examples:
 
@@ -29,14 +30,26 @@ def run_cmd(
     from recycle import pipeline as P
 
     p = P.load(pipeline)
-    P.Runner(p, db, address).run()
+    print_tables(P.Runner(p, db, address).run(), db)
+
+
+def print_tables(outs: list[dict], db) -> None:
+    """Each evaluation's results table on stdout (progress and paths stay on stderr)."""
+    from recycle.cli.evaluate import _output
+
+    registry = open_registry(db, create=False)
+    for o in outs:
+        rows = registry.run_results(o["run"])
+        if rows:
+            _output(registry, o["run"], rows, False, False)
 
 
 @app.command("demo")
 def demo_cmd(address: AddressOption = None, db: DbOption = None):
     """The whole pipeline on real data in one command: SmolLM2-135M, real catalogue tasks,
     a handful of held-in experts (cached), their gates, and a zero-shot evaluation on
-    held-out tasks (pipelines/demo.toml).
+    held-out tasks (pipelines/demo.toml); ends by printing each evaluation's results table
+    on stdout and where the files are on stderr.
 
     Example: recycle demo
     """
@@ -48,3 +61,4 @@ def demo_cmd(address: AddressOption = None, db: DbOption = None):
         info(f"results: {o.get('markdown')} and {o.get('json')}")
         if o.get("plot"):
             info(f"routing plot: {o['plot']}")
+    print_tables(outs, db)
