@@ -33,7 +33,7 @@ from pathlib import Path
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.registry import Registry
-from recycle.results import prompt_id
+from recycle.results import PER_EXAMPLE_EXTRA, prompt_id
 
 LM_EVAL_VERSION = "0.4.13"  # the version pyproject.toml's [lm-eval] extra pins
 INSTALL_HINT = ('lm-evaluation-harness is not installed: pip install -e ".[lm-eval]" '
@@ -172,6 +172,14 @@ def run_lmeval_job(job: LMEvalJob) -> dict:
     for call in lm.calls:
         for path, s in (call["scored"].stats or {}).items():
             stats.setdefault(path, []).append(s)
+    per_doc: dict[tuple, dict] = {}  # per-example routing the scorer reports (COSMO's p_seen...), by document
+    for call in lm.calls:
+        scored = call["scored"]
+        lists = {k: v for k, v in scored.extra.items() if k in PER_EXAMPLE_EXTRA and isinstance(v, list)}
+        if scored.experts is not None:
+            lists["experts"] = scored.experts
+        for i, key in enumerate(call["keys"]):
+            per_doc[key[:2]] = {k: v[i] for k, v in lists.items()}
     per_task = {}
     for name, samples in (out.get("samples") or {}).items():
         samples = sorted(samples, key=lambda s: s["doc_id"])
@@ -188,8 +196,9 @@ def run_lmeval_job(job: LMEvalJob) -> dict:
             "extra": {"lm_eval": _jsonable(metrics), "doc_ids": [s["doc_id"] for s in samples],
                       "prompt_ids": [prompt_id(c) for c in contexts],
                       "choices": [[a[1] for a in s["arguments"]] for s in samples]},
-            "harness_acc": metrics.get("acc,none"),
         }
+        for k in sorted({k for s in samples for k in per_doc.get((name, s["doc_id"]), {})}):
+            per_task[name]["extra"][k] = [per_doc.get((name, s["doc_id"]), {}).get(k) for s in samples]
     results = _jsonable({k: v for k, v in out.items() if k != "samples"})
     merged = merge_stats(stats)
     if methods.get(plan.method).token_routed and merged:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from recycle.cli import app
 
-from tests.test_compose import world  # noqa: F401  (fixture)
+from tests.test_compose import train_real_gates, world  # noqa: F401  (fixture)
 
 runner = CliRunner()
 N = 6  # the tiny tasks' test splits hold 6 examples
@@ -218,6 +218,43 @@ def test_export_of_an_eval_run(registered, tmp_path, ray_local):
         assert res.exit_code == 2 and message in res.stderr, res.output
 
 
+def test_routed_moepp_and_cosmo_behind_the_harness(registered, tmp_path, ray_local):
+    """PHATGOOSE, MoE++ and a trained COSMO composition through the harness (one worker
+    each, in this process): what it received equals what recycle eval stored for the same
+    examples: the token-routed ones' mean per token × tokens, COSMO's log-probabilities of
+    its combined answer distribution as they are (they sum to 1 over a document's
+    choices); and its acc equals recycle eval's accuracy (two-token choices)."""
+    from recycle import compose
+    from recycle.lmeval import LMEvalJob, run_lmeval_job
+    from recycle.registry import Registry
+
+    ok("add-expert", registered["adapters"]["eb"], "--task", "t_beta", "--base", "tiny-llama")
+    train_real_gates(["ea", "eb"])
+    ok("compose", "pg", "--method", "phatgoose", "--all")
+    ok("compose", "moe", "--method", "moepp", "--all")
+    ok("compose", "c", "--method", "cosmo", "--all")
+    ok("train-gate", "c", "--folds", "2", "--examples", "6")
+    ours = json.loads(ok("eval", "--compositions", "pg,moe,c", "--tasks", "t_alpha", "-n", N, "--json").stdout)
+    conn = sqlite3.connect(os.environ["RECYCLE_DB"])
+    stored = {label: json.loads(s) for label, s in conn.execute("select label, scores from eval_results")}
+    reg = Registry()
+    folder = write_lm_eval_tasks(tmp_path / "lm_tasks", reg)
+    for r in ours["results"]:
+        label = r["label"]
+        plan = compose.plan(reg, composition=label)
+        res = run_lmeval_job(LMEvalJob(label, plan.to_dict(), "lm_t_alpha", str(folder), batch_size=4))
+        got = res["tasks"]["lm_t_alpha"]
+        factor = 1 if label == "c" else 2  # " a" and " b" are two tokens each
+        for g, w in zip(got["scores"], stored[label]):
+            assert g == pytest.approx([factor * x for x in w], abs=1e-4), label
+        assert got["accuracy"] == pytest.approx(r["accuracy"]) == res["results"]["results"]["lm_t_alpha"]["acc,none"]
+        if label == "c":
+            assert all(sum(math.exp(x) for x in g) == pytest.approx(1.0, abs=1e-6) for g in got["scores"])
+            assert len(got["extra"]["p_seen"]) == N
+        else:
+            assert got["extra"]["lora_products"] > 0 and res["routing"]
+
+
 def test_lm_eval_errors(registered, tmp_path):
     r = runner.invoke(app, ["lm-eval", "--tasks", "x"])
     assert r.exit_code == 2 and "composition" in r.stderr
@@ -225,3 +262,12 @@ def test_lm_eval_errors(registered, tmp_path):
     assert r.exit_code == 2 and "--tasks" in r.stderr
     r = runner.invoke(app, ["lm-eval", "--method", "base", "--tasks", "x", "--include-path", tmp_path / "nope"])
     assert r.exit_code == 2 and "not a folder" in r.stderr
+
+
+def test_missing_lm_eval_is_one_line(registered, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: its import fails
+    r = runner.invoke(app, ["lm-eval", "--method", "base", "--tasks", "arc_easy"])
+    assert r.exit_code != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert 'pip install -e ".[lm-eval]"' in r.stderr
