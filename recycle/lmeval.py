@@ -129,6 +129,23 @@ def check_task(task) -> None:
                            "tasks only (rank classification)")
 
 
+def _gold(sample: dict) -> int | None:
+    """The gold choice index of a harness sample (its target: an index, or the answer's
+    text); None where it names several or none."""
+    target, choices = sample["target"], [a[1] for a in sample["arguments"]]
+    if isinstance(target, bool):
+        return None
+    if isinstance(target, int):
+        return target if 0 <= target < len(choices) else None
+    if isinstance(target, str):
+        if target.strip().isdigit() and int(target) < len(choices):
+            return int(target)
+        for form in (target, " " + target):
+            if form in choices:
+                return choices.index(form)
+    return None
+
+
 def run_lmeval_job(job: LMEvalJob) -> dict:
     """The harness on one task with the plan's model behind it (worker side). Returns
     lm-eval's results JSON and, per leaf task, its per-document results."""
@@ -185,7 +202,7 @@ def run_lmeval_job(job: LMEvalJob) -> dict:
         samples = sorted(samples, key=lambda s: s["doc_id"])
         scores = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
         preds = [max(range(len(sc)), key=sc.__getitem__) for sc in scores]
-        labels = [int(s["target"]) if str(s["target"]).lstrip("-").isdigit() else None for s in samples]
+        labels = [_gold(s) for s in samples]
         correct = sum(int(p == y) for p, y in zip(preds, labels))
         lo, hi = wilson(correct, len(samples))
         contexts = [s["arguments"][0][0] if s["arguments"] else "" for s in samples]

@@ -271,3 +271,11 @@ def test_missing_lm_eval_is_one_line(registered, monkeypatch):
     r = runner.invoke(app, ["lm-eval", "--method", "base", "--tasks", "arc_easy"])
     assert r.exit_code != 0 and len(r.stderr.strip().splitlines()) == 1
     assert 'pip install -e ".[lm-eval]"' in r.stderr
+
+
+def test_gold_index_of_a_harness_sample():
+    from recycle.lmeval import _gold
+
+    args = [("Q:", " yes"), ("Q:", " no")]
+    assert [_gold({"target": t, "arguments": args}) for t in (1, "1", "no", " yes", 5, "maybe", [0, 1])] == \
+        [1, 1, 1, 0, None, None, None]
