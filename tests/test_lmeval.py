@@ -111,10 +111,28 @@ def full_sequence_sums(examples):
     return out
 
 
+def hflm_sums(folder):
+    """The harness's own Hugging Face model class (HFLM) on the tiny base, same task: what it
+    computes for every choice."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from recycle.basemodels import load_base, resolve_base
+
+    model, tok = load_base(resolve_base("tiny-llama"))
+    out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=["lm_t_beta"],
+                          task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                          log_samples=True, bootstrap_iters=0)
+    samples = sorted(out["samples"]["lm_t_beta"], key=lambda s: s["doc_id"])
+    return [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+
+
 @pytest.mark.parametrize("method", ["base", "single ea"])
 def test_harness_receives_recycles_log_likelihoods(registered, tmp_path, method):
     """In one worker (no Ray): the log-likelihoods lm-eval's harness got for every choice
-    equal recycle's scorer's sums, document for document, to 1e-4."""
+    equal recycle's scorer's sums, document for document, to 1e-4; for the base model also
+    a plain full-sequence forward's and the harness's own HFLM's."""
     from recycle import compose
     from recycle.lmeval import LMEvalJob, run_lmeval_job
     from recycle.registry import Registry
@@ -134,6 +152,7 @@ def test_harness_receives_recycles_log_likelihoods(registered, tmp_path, method)
         assert g == pytest.approx(w, abs=1e-4)
     if method == "base":
         assert got["scores"] == [pytest.approx(w, abs=1e-4) for w in full_sequence_sums(examples)]
+        assert got["scores"] == [pytest.approx(w, abs=1e-4) for w in hflm_sums(folder)]
     # the harness's own acc is the argmax of what it received
     assert got["accuracy"] == pytest.approx(res["results"]["results"]["lm_t_beta"]["acc,none"])
 
