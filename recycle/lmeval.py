@@ -271,7 +271,7 @@ def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | N
     folder = str(Path(request.include_path).resolve()) if request.include_path else None
     files = _dir_hash(folder)
     jobs = [LMEvalJob(plan.label, plan.to_dict(), t, folder, request.num_fewshot, request.limit, request.batch_size,
-                      threads, key_parts=[FORMAT, version, plan.settings_hash, plan.base, files,
+                      threads, key_parts=[FORMAT, version, plan.content_key, plan.base, files,
                                           request.num_fewshot, request.limit])
             for t in dict.fromkeys(request.tasks)]
     held_in = set(task_sets(registry)[0])
@@ -298,7 +298,7 @@ def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | N
                     key = hashlib.sha256(json.dumps(job.key_parts + [name], sort_keys=True).encode()).hexdigest()
                     registry.record_result({
                         "run_id": run_id, "key": key, "label": job.label, "method": plan.method,
-                        "settings_hash": plan.settings_hash, "member_hashes": plan.member_hashes, "task": name,
+                        "settings_hash": plan.content_key, "member_hashes": plan.member_hashes, "task": name,
                         "held": "in" if name in held_in else "out", "seed": 0, "reused_from": None,
                         "routing": res["routing"], "seconds": res["seconds"],
                         **{k: r[k] for k in ("n", "correct", "accuracy", "ci_low", "ci_high", "predictions",
@@ -318,7 +318,7 @@ def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | N
         raise
     registry.finish_run(run_id, "failed" if failures else "done", time.time() - t0)
     merged["recycle"] = {"run": run_id, "label": plan.label, "method": plan.method,
-                         "settings_hash": plan.settings_hash}
+                         "content_key": plan.content_key}
     return LMEvalOutcome(run_id, failures, merged)
 
 

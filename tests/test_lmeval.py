@@ -252,7 +252,7 @@ def test_routed_moepp_and_cosmo_behind_the_harness(registered, tmp_path, ray_loc
     ok("compose", "pg", "--method", "phatgoose", "--all")
     ok("compose", "moe", "--method", "moepp", "--all")
     ok("compose", "c", "--method", "cosmo", "--all")
-    ok("train-gate", "c", "--folds", "2", "--examples", "6")
+    ok("train-cosmo-gate", "c", "--folds", "2", "--examples", "6")
     ours = json.loads(ok("eval", "--compositions", "pg,moe,c", "--tasks", "t_alpha", "-n", N, "--json").stdout)
     conn = sqlite3.connect(os.environ["RECYCLE_DB"])
     stored = {label: json.loads(s) for label, s in conn.execute("select label, scores from eval_results")}

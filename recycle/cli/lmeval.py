@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from recycle.cli import app
+from recycle.cli.root import app
 from recycle.cli.common import AddressOption, DbOption, JsonOption, info, open_registry, split
 
 
