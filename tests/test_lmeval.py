@@ -232,7 +232,8 @@ def test_export_of_an_eval_run(registered, tmp_path, ray_local):
     assert "' d e'" in shown and shown.count("single ea") == len(full)
     for args, message in ((["eval", "export", run, "--format", "xml"], "choose from"),
                           (["eval", "export", run, "--format", "parquet"], "--output"),
-                          (["eval", "show", run, "--examples", "nope"], "no results for task")):
+                          (["eval", "show", run, "--examples", "nope"], "no results for task"),
+                          (["eval", "export", run, "--output", tmp_path], "not a regular file")):
         res = runner.invoke(app, [str(a) for a in args])
         assert res.exit_code == 2 and message in res.stderr, res.output
 
@@ -281,6 +282,8 @@ def test_lm_eval_errors(registered, tmp_path):
     assert r.exit_code == 2 and "--tasks" in r.stderr
     r = runner.invoke(app, ["lm-eval", "--method", "base", "--tasks", "x", "--include-path", tmp_path / "nope"])
     assert r.exit_code == 2 and "not a folder" in r.stderr
+    r = runner.invoke(app, ["lm-eval", "--method", "base", "--tasks", "x", "--output", tmp_path / "no" / "x.json"])
+    assert r.exit_code == 2 and "does not exist" in r.stderr
 
 
 def test_missing_lm_eval_is_one_line(registered, monkeypatch):

@@ -206,6 +206,10 @@ def export_cmd(
         raise RecycleError(f"--format {format_!r}: choose from {', '.join(R.FORMATS)}")
     if format_ == "parquet" and output is None:
         raise RecycleError("--format parquet writes a file: give --output")
+    if output is not None:
+        from recycle.files import output_target
+
+        output_target(output)  # checked before any work
     registry = open_registry(db, create=False)
     rows = R.example_rows(registry, run, task)
     if output is None:

@@ -49,13 +49,15 @@ def lm_eval_cmd(
     """
     from recycle import lmeval as L
     from recycle.cli.evaluate import _output
-    from recycle.files import write_json
+    from recycle.files import output_target, write_json
 
     request = L.LMEvalRequest(tasks=tuple(split(tasks)), composition=name, method=method,
                               experts=tuple(split(experts)), include_path=str(include_path) if include_path else None,
                               num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, cpus_per_task=cpus_per_task,
                               gpus_per_task=gpus_per_task, address=address)
     L.require_lm_eval()
+    if output:
+        output_target(output)  # checked before any work
     registry = open_registry(db)
     outcome = L.lm_evaluate(registry, request)
     if output:
