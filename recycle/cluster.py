@@ -4,8 +4,12 @@
   ``ray job submit``) or starts a quiet local one for the command's lifetime.
 - :func:`default_gpus` picks GPUs per task: 1 where the cluster has GPUs, else 0, so a
   CPU cluster never waits forever on a GPU request.
-- :func:`run_tasks` submits one task per job and hands results to the driver as they
-  arrive (``ray.wait``); worker crashes are retried, errors raised by the task are not.
+- :func:`run` is the one driver of every command that runs jobs: connect (or start),
+  resolve and check the resources, say where it runs, then one task per job
+  (:func:`run_tasks`), or a pool of actors each built once, under a progress bar, handing
+  each result to the driver as it arrives (``ray.wait``); worker crashes are retried,
+  errors raised by a job are not; Ctrl-C cancels what is left.
+- :func:`device` is what a worker puts its model on.
 
 Workers get plain data and paths; only the driver writes the registry.
 """
@@ -13,10 +17,11 @@ Workers get plain data and paths; only the driver writes the registry.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -265,11 +270,91 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {_one_line(e)}"[:500]
 
 
+def device(requested: str) -> str:
+    """The torch device a worker uses: ``requested`` (``"cuda"`` when its task was given a
+    GPU), or ``"cpu"`` where CUDA is asked for but this process has none."""
+    import torch
+
+    return requested if requested != "cuda" or torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class Resources:
+    """What one task (or one pool worker) asks of the cluster."""
+
     num_cpus: float = 1
-    num_gpus: float = 0
+    num_gpus: float | None = 0  # None: 1 where the cluster has a GPU, else 0
     max_retries: int = DEFAULT_MAX_RETRIES
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of a worker: its CPUs, rounded up."""
+        return max(1, math.ceil(self.num_cpus))
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus else "cpu"
+
+
+def run(
+    fn: Callable[[Any], Any] | type,
+    jobs: Sequence[Any],
+    resources: Resources,
+    label: str,
+    on_result: Callable[[Any, Any], None],
+    *,
+    on_error: Callable[[Any, str], None] | None = None,
+    on_interrupt: Callable[[list], None] | None = None,
+    what: str | None = None,
+    address: str | None = None,
+    report=None,
+    weight: Callable[[Any], int] | None = None,
+    workers: int | None = None,
+    init: tuple = (),
+    on_retry: Callable[[Any], None] | None = None,
+) -> None:
+    """Run ``jobs`` on Ray and hand each result to ``on_result(job, result)`` in this
+    process as it arrives: the one driver of every command that runs jobs.
+
+    Connects (:func:`connect`: ``address``, else ``RAY_ADDRESS``, else a local Ray for the
+    block), resolves ``resources.num_gpus`` (None: :func:`default_gpus`), refuses a request
+    no node can meet, sets ``threads`` and ``device`` on each job that has them, says
+    ``what`` runs where, and shows a progress bar ``label`` (a job counts ``weight(job)``,
+    default 1). ``on_error(job, one_line_reason)`` gets a job that raised (default: a
+    failure line); ``on_interrupt`` is as in :func:`run_tasks`.
+
+    ``fn`` a function: one task per job (:func:`run_tasks`). ``fn`` a class: a pool of
+    ``workers`` actors, each built once as ``fn(*init, device=..., threads=...)``, that
+    run ``actor.run(job)``; a job whose actor dies goes back to the queue
+    (``on_retry(job)``) and a replacement starts where the cluster has room.
+    """
+    from recycle.console import Reporter
+
+    report = report or Reporter()
+    if not jobs:
+        return
+    weight = weight or (lambda job: 1)
+    on_error = on_error or (lambda job, reason: report.fail(f"{label}: {reason}"))
+    with connect(address) as where:
+        res = replace(resources, num_gpus=default_gpus(resources.num_gpus))
+        check_fits(res.num_cpus, res.num_gpus)
+        for job in jobs:
+            for attr, value in (("threads", res.threads), ("device", res.device)):
+                if hasattr(job, attr):
+                    setattr(job, attr, value)
+        pool = f" on {min(workers or 1, len(jobs))} worker(s)" if isinstance(fn, type) else ""
+        room = capacity(res.num_cpus, res.num_gpus) if pool else 0
+        if pool and (workers or 1) > room:  # more actors than fit only queue and slow the run down
+            raise RecycleError(f"--workers {workers}: this cluster runs at most {room} worker(s) of "
+                               f"{res.num_cpus:g} CPU and {res.num_gpus:g} GPU each; lower --workers (or --cpus-per-worker)")
+        report.say(f"{what or label} on Ray ({where}){pool}: {res.num_cpus:g} CPU, {res.num_gpus:g} GPU each")
+        with report.bar(label, sum(weight(j) for j in jobs)):
+            advance = lambda job: report.advance(weight(job))  # noqa: E731
+            if isinstance(fn, type):
+                _run_pool(fn, init, jobs, res, workers or 1, label, on_result, on_error, advance, on_retry or (
+                    lambda job: report.fail(f"a {label} worker died; its job goes to another")))
+            else:
+                run_tasks(fn, jobs, res, on_result, on_error, progress=advance, on_interrupt=on_interrupt)
 
 
 def run_tasks(
@@ -329,3 +414,71 @@ def run_tasks(
         if on_interrupt is not None:
             on_interrupt(([current] if current is not None else []) + list(pending.values()))
         raise
+
+
+def _run_pool(cls: type, init: tuple, jobs: Sequence[Any], res: Resources, workers: int, label: str,
+              on_result, on_error, progress, on_retry) -> None:
+    """:func:`run`'s pool: actors that load once and take jobs, two in flight each."""
+    import ray
+
+    actor_cls = ray.remote(cls).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0,
+                                        runtime_env={"env_vars": worker_env()})
+
+    def start():
+        return actor_cls.remote(*init, device=res.device, threads=res.threads)
+
+    queue = list(range(len(jobs)))
+    pending: dict = {}  # run ref -> (actor, job index)
+    starting: dict = {}  # readiness ref -> replacement actor not yet placed
+    load = {start(): 0 for _ in range(min(workers, len(jobs)))}
+
+    def submit(actor):
+        while queue and load[actor] < 2:
+            i = queue.pop(0)
+            pending[actor.run.remote(jobs[i])] = (actor, i)
+            load[actor] += 1
+
+    try:
+        for a in list(load):
+            submit(a)
+        while pending or (queue and starting):
+            ref = ray.wait(list(pending) + list(starting), num_returns=1)[0][0]
+            if ref in starting:  # a replacement is up: give it work
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    continue
+                load[actor] = 0
+                submit(actor)
+                continue
+            actor, i = pending.pop(ref)
+            load[actor] = load.get(actor, 1) - 1
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                queue.insert(0, i)
+                on_retry(jobs[i])
+                if actor in load:  # the actor is gone: drop it; its other jobs come back too
+                    del load[actor]
+                    for r2, (a2, j) in list(pending.items()):
+                        if a2 is actor:
+                            pending.pop(r2)
+                            queue.insert(0, j)
+                    if has_room(res.num_cpus, res.num_gpus):
+                        replacement = start()
+                        starting[replacement.__ray_ready__.remote()] = replacement
+                if not load and not starting:
+                    raise RecycleError(f"every {label} worker died; run the command again to resume", exit_code=1) from None
+                for a in list(load):
+                    submit(a)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                on_error(jobs[i], describe_error(e))
+            else:
+                on_result(jobs[i], result)
+            progress(jobs[i])
+            submit(actor)
+    finally:
+        for a in list(load) + list(starting.values()):
+            ray.kill(a)

@@ -335,43 +335,35 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
         report.say(f"skip {s['label']} on {s['task']}: {s['reason']}")
     failures: list[str] = []
     try:
-        if todo:
-            with cluster.connect(request.address) as where:
-                gpus = cluster.default_gpus(request.gpus_per_task)
-                cluster.check_fits(request.cpus_per_task, gpus)
-                by_task: dict[str, list[EvalJob]] = {}
-                for job in todo:
-                    by_task.setdefault(job.task, []).append(job)
-                groups = [EvalGroup(task, jobs, threads=threads, device="cuda" if gpus > 0 else "cpu",
-                                    share=request.share) for task, jobs in by_task.items()]
-                groups.sort(key=lambda g: -sum(j.n for j in g.jobs))  # the longest first
-                report.say(f"evaluating {len(todo)} (method, task) job(s) in {len(groups)} task group(s) on Ray "
-                           f"({where}): {request.cpus_per_task:g} CPU, {gpus:g} GPU each")
+        by_task: dict[str, list[EvalJob]] = {}
+        for job in todo:
+            by_task.setdefault(job.task, []).append(job)
+        groups = [EvalGroup(task, jobs, share=request.share) for task, jobs in by_task.items()]
+        groups.sort(key=lambda g: -sum(j.n for j in g.jobs))  # the longest first
 
-                def fail(job, reason):
-                    failures.append(f"{job.label} on {job.task}: {reason}")
-                    report.fail(f"{job.label} on {job.task}: {reason}")
+        def fail(job, reason):
+            failures.append(f"{job.label} on {job.task}: {reason}")
+            report.fail(f"{job.label} on {job.task}: {reason}")
 
-                def on_result(group, res):
-                    for job, entry in zip(group.jobs, res["results"]):
-                        if "error" in entry:
-                            fail(job, entry["error"])
-                            continue
-                        result = entry["result"]
-                        registry.record_result(_row(run_id, job, result))
-                        report.ok(f"{job.label} on {job.task}: {result['accuracy']:.3f} "
-                                  f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] n={result['n']}, "
-                                  f"{result['seconds']:.1f} s")
+        def on_result(group, res):
+            for job, entry in zip(group.jobs, res["results"]):
+                if "error" in entry:
+                    fail(job, entry["error"])
+                    continue
+                result = entry["result"]
+                registry.record_result(_row(run_id, job, result))
+                report.ok(f"{job.label} on {job.task}: {result['accuracy']:.3f} "
+                          f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] n={result['n']}, "
+                          f"{result['seconds']:.1f} s")
 
-                def on_error(group, reason):
-                    for job in group.jobs:
-                        fail(job, reason)
+        def on_error(group, reason):
+            for job in group.jobs:
+                fail(job, reason)
 
-                with report.bar("eval", len(todo)):
-                    cluster.run_tasks(run_eval_group, groups,
-                                      cluster.Resources(num_cpus=request.cpus_per_task, num_gpus=gpus),
-                                      on_result=on_result, on_error=on_error,
-                                      progress=lambda group: report.advance(len(group.jobs)))
+        cluster.run(run_eval_group, groups, cluster.Resources(request.cpus_per_task, request.gpus_per_task), "eval",
+                    on_result, on_error=on_error, address=request.address, report=report,
+                    weight=lambda group: len(group.jobs),
+                    what=f"evaluating {len(todo)} (method, task) job(s) in {len(groups)} task group(s)")
     except KeyboardInterrupt:
         registry.finish_run(run_id, "interrupted", time.time() - t0)
         raise

@@ -23,7 +23,6 @@ driver as they arrive).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -399,7 +398,6 @@ def train(
             expert=name, base=e["base_model"], adapter_path=e["path"], adapter_sha256=e["sha256"],
             examples=examples_cache[e["task"]], settings=asdict(settings),
             out_path=str(gates_path(registry.artifacts_dir, name, settings.hash, e["sha256"])),
-            threads=max(1, math.ceil(cpus_per_expert)),
         ))
         by_name[name] = e
     for name, o in outcomes.items():
@@ -409,42 +407,32 @@ def train(
             report.fail(f"{name}: {o['reason']}")
     if jobs:
         registry.check_writable()
-        with cluster.connect(address) as where:
-            gpus = cluster.default_gpus(gpus_per_expert)
-            cluster.check_fits(cpus_per_expert, gpus)
+
+        def on_result(job, result):
+            try:
+                registry.record_gates(by_name[job.expert], _row(result["path"], settings, result))
+            except RecycleError as e:
+                return on_error(job, str(e))
+            outcomes[job.expert] = {"status": "trained", "reason": "", **_numbers(result)}
+            report.ok(f"{job.expert}: loss {result['loss_start']:.4f} → {result['loss_end']:.4f}, "
+                      f"{result['seconds']:.1f} s")
+
+        def on_error(job, reason):
+            outcomes[job.expert] = {"status": "failed", "reason": reason}
+            report.fail(f"{job.expert}: {reason}")
+
+        def on_interrupt(unfinished):
+            # rows are written whole or not at all: remove any gates file without a row
             for job in jobs:
-                job.device = "cuda" if gpus > 0 else "cpu"
-            report.say(f"training gates for {len(jobs)} expert(s) on Ray ({where}): "
-                       f"{cpus_per_expert:g} CPU, {gpus:g} GPU each, settings {settings.hash[:12]}")
+                if not registry.gates_recorded(job.out_path):
+                    Path(job.out_path).unlink(missing_ok=True)
+                remove_temps(job.out_path)
 
-            def on_result(job, result):
-                try:
-                    registry.record_gates(by_name[job.expert], _row(result["path"], settings, result))
-                except RecycleError as e:
-                    outcomes[job.expert] = {"status": "failed", "reason": str(e)}
-                    report.fail(f"{job.expert}: {e}")
-                    return
-                outcomes[job.expert] = {"status": "trained", "reason": "", **_numbers(result)}
-                report.ok(f"{job.expert}: loss {result['loss_start']:.4f} → {result['loss_end']:.4f}, "
-                          f"{result['seconds']:.1f} s")
-
-            def on_error(job, reason):
-                outcomes[job.expert] = {"status": "failed", "reason": reason}
-                report.fail(f"{job.expert}: {reason}")
-
-            def on_interrupt(unfinished):
-                # rows are written whole or not at all: remove any gates file without a row
-                for job in jobs:
-                    if not registry.gates_recorded(job.out_path):
-                        Path(job.out_path).unlink(missing_ok=True)
-                    remove_temps(job.out_path)
-
-            with report.bar("gates", len(jobs)):
-                try:
-                    cluster.run_tasks(run_gate_job, jobs, cluster.Resources(num_cpus=cpus_per_expert, num_gpus=gpus),
-                                      on_result=on_result, on_error=on_error, progress=lambda job: report.advance(),
-                                      on_interrupt=on_interrupt)
-                finally:
-                    for job in jobs:
-                        remove_temps(job.out_path)
+        try:
+            cluster.run(run_gate_job, jobs, cluster.Resources(cpus_per_expert, gpus_per_expert), "gates", on_result,
+                        on_error=on_error, on_interrupt=on_interrupt, address=address, report=report,
+                        what=f"training gates for {len(jobs)} expert(s), settings {settings.hash[:12]},")
+        finally:
+            for job in jobs:
+                remove_temps(job.out_path)
     return [{"expert": e["name"], **outcomes.get(e["name"], {"status": "?"})} for e in experts]

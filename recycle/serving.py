@@ -63,7 +63,8 @@ class PredictorActor:
 
         self.predictor = Predictor(Plan(**plan), device=device, threads=threads)
 
-    def run(self, shard: int, items: list[dict], kind: str, options: dict) -> tuple[int, list[dict], float]:
+    def run(self, job: tuple[int, list[dict], str, dict]) -> tuple[int, list[dict], float]:
+        shard, items, kind, options = job
         t0 = time.perf_counter()
         if kind == "score":
             out = self.predictor.score(items, batch_size=options["batch_size"], explain=options.get("explain", False))
@@ -71,11 +72,6 @@ class PredictorActor:
             out = self.predictor.generate(items, max_new_tokens=options["max_new_tokens"],
                                           batch_size=options["batch_size"])
         return shard, out, time.perf_counter() - t0
-
-    def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
 
 @dataclass
@@ -114,8 +110,6 @@ def predict_batch(
 ) -> BatchResult:
     """Predict ``items`` (checked requests) with ``plan`` on ``workers`` Ray actors and write
     JSONL to ``output`` in input order (see the module docstring)."""
-    import ray
-
     from recycle import cluster
     from recycle import shards as shards_mod
     from recycle.files import write_text
@@ -157,91 +151,29 @@ def predict_batch(
         report.say(f"resuming: {resumed} of {len(shards)} shards already written")
     t0 = time.time()
     retried = 0
-    done_examples = sum(len(shards[i]) for i in range(len(shards)) if i not in set(todo))
     if todo:
-        with cluster.connect(address) as where:
-            gpus = cluster.default_gpus(gpus_per_worker)
-            cluster.check_fits(cpus_per_worker, gpus)
-            room = cluster.capacity(cpus_per_worker, gpus)
-            if workers > room:  # more actors than fit only queue and slow the run down
-                raise RecycleError(f"--workers {workers}: this cluster runs at most {room} worker(s) of "
-                                   f"{cpus_per_worker:g} CPU and {gpus:g} GPU each; lower --workers "
-                                   "(or --cpus-per-worker)")
-            actor_cls = ray.remote(PredictorActor).options(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=0,
-                                                           runtime_env={"env_vars": cluster.worker_env()})
-            device = "cuda" if gpus > 0 else "cpu"
-            threads = max(1, math.ceil(cpus_per_worker))
+        def on_result(job, result):
+            nonlocal new_done
+            i, out, _ = result
+            write_text(shards_mod.shard_path(state, i), shards_mod.shard_text(i, shards[i], out))
+            new_done += len(shards[i])
 
-            def start():
-                return actor_cls.remote(plan.to_dict(), device, threads)
+        def on_error(job, reason):
+            raise RecycleError(f"shard {job[0]} failed: {reason}", exit_code=1)
 
-            n_workers = min(workers, len(todo))
-            actors = [start() for _ in range(n_workers)]
-            report.say(f"predicting {len(items)} example(s) in {len(shards)} shard(s) on {n_workers} Ray worker(s) "
-                       f"({where}): {cpus_per_worker:g} CPU, {gpus:g} GPU each")
-            queue = list(todo)
-            pending: dict = {}  # run ref -> (actor, shard)
-            starting: dict = {}  # readiness ref -> replacement actor not yet placed
-            load = {a: 0 for a in actors}
+        def on_retry(job):
+            nonlocal retried
+            retried += 1
+            report.fail(f"a prediction worker died; shard {job[0]} goes to another")
 
-            def submit(actor):
-                while queue and load[actor] < 2:
-                    i = queue.pop(0)
-                    pending[actor.run.remote(i, shards[i], kind, options)] = (actor, i)
-                    load[actor] += 1
-
-            for a in actors:
-                submit(a)
-            new_done = 0
-            try:
-                with report.bar("predict", len(items)):
-                    report.advance(done_examples)
-                    while pending or (queue and starting):
-                        ready, _ = ray.wait(list(pending) + list(starting), num_returns=1)
-                        ref = ready[0]
-                        if ref in starting:  # a replacement is up: give it work
-                            actor = starting.pop(ref)
-                            try:
-                                ray.get(ref)
-                            except ray.exceptions.RayActorError:
-                                continue
-                            load[actor] = 0
-                            submit(actor)
-                            continue
-                        actor, i = pending.pop(ref)
-                        load[actor] = load.get(actor, 1) - 1
-                        try:
-                            _, out, _ = ray.get(ref)
-                        except ray.exceptions.RayActorError:
-                            retried += 1
-                            queue.insert(0, i)
-                            if actor in load:  # the actor is gone: drop it; its other shards come back too
-                                del load[actor]
-                                for r2, (a2, j) in list(pending.items()):
-                                    if a2 is actor:
-                                        pending.pop(r2)
-                                        queue.insert(0, j)
-                                report.fail(f"a prediction worker died; shard {i} goes to another")
-                                if cluster.has_room(cpus_per_worker, gpus):
-                                    replacement = start()
-                                    starting[replacement.node.remote()] = replacement
-                            if not load and not starting:
-                                raise RecycleError("every prediction worker died; run the command again to resume",
-                                                   exit_code=1) from None
-                            for a in list(load):
-                                submit(a)
-                            continue
-                        except ray.exceptions.RayTaskError as e:
-                            raise RecycleError(f"shard {i} failed: {cluster.describe_error(e)}", exit_code=1) from None
-                        write_text(shards_mod.shard_path(state, i), shards_mod.shard_text(i, shards[i], out))
-                        new_done += len(shards[i])
-                        report.advance(len(shards[i]))
-                        submit(actor)
-            finally:
-                for a in list(load) + list(starting.values()):
-                    ray.kill(a)
-            elapsed = time.time() - t0
-            report.say(f"{new_done} example(s) in {elapsed:.1f} s: {new_done / max(elapsed, 1e-9):.1f} examples/s")
+        new_done = 0
+        cluster.run(PredictorActor, [(i, shards[i], kind, options) for i in todo],
+                    cluster.Resources(cpus_per_worker, gpus_per_worker), "predict", on_result, on_error=on_error,
+                    what=f"predicting {len(items)} example(s) in {len(shards)} shard(s)", address=address,
+                    report=report, weight=lambda job: len(job[1]), workers=workers, init=(plan.to_dict(),),
+                    on_retry=on_retry)
+        elapsed = time.time() - t0
+        report.say(f"{new_done} example(s) in {elapsed:.1f} s: {new_done / max(elapsed, 1e-9):.1f} examples/s")
     lines = shards_mod.assemble(state, index, shards, len(items))
     with open_output(output) as f:
         f.writelines(lines)

@@ -17,7 +17,6 @@ tasks (``--address``, CPUs and GPUs per task), as pipelines do; a worker
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -387,39 +386,31 @@ def train_experts(
     if cpus_per_task <= 0:
         raise RecycleError(f"--cpus-per-task must be positive, not {cpus_per_task}")
     outcomes: dict[str, dict] = {}
-    with cluster.connect(address) as where:
-        gpus = cluster.default_gpus(gpus_per_task)
-        cluster.check_fits(cpus_per_task, gpus)
+    for job in jobs:
+        if gates is not None and not job.multitask:
+            job.gates = asdict(gates)
+
+    def on_result(job, summary):
+        try:
+            row = register_trained(registry, job, summary, replace=replace)
+        except RecycleError as e:
+            return on_error(job, str(e))
+        outcomes[job.name] = {"name": job.name, "status": row["status"], **row["training"]}
+        report.ok(f"{job.name}: final loss {summary['final_loss']:.3f}, {summary['train_seconds']:.0f} s "
+                  f"({summary['settings']['threads']} thread(s))")
+        if "gates" in summary:
+            outcomes[job.name]["gates"] = _record_gates(registry, row, gates, summary["gates"], report)
+
+    def on_error(job, reason):
+        outcomes[job.name] = {"name": job.name, "status": "failed", "reason": reason}
+        report.fail(f"{job.name}: {reason}")
+
+    try:
+        cluster.run(run_expert_job, jobs, cluster.Resources(cpus_per_task, gpus_per_task), "experts", on_result,
+                    on_error=on_error, what=f"training {len(jobs)} expert(s)", address=address, report=report)
+    finally:
         for job in jobs:
-            job.threads, job.device = max(1, math.ceil(cpus_per_task)), "cuda" if gpus > 0 else "cpu"
-            if gates is not None and not job.multitask:
-                job.gates = asdict(gates)
-        report.say(f"training {len(jobs)} expert(s) on Ray ({where}): {cpus_per_task:g} CPU, {gpus:g} GPU each")
-
-        def on_result(job, summary):
-            try:
-                row = register_trained(registry, job, summary, replace=replace)
-            except RecycleError as e:
-                outcomes[job.name] = {"name": job.name, "status": "failed", "reason": str(e)}
-                report.fail(f"{job.name}: {e}")
-                return
-            outcomes[job.name] = {"name": job.name, "status": row["status"], **row["training"]}
-            report.ok(f"{job.name}: final loss {summary['final_loss']:.3f}, {summary['train_seconds']:.0f} s "
-                      f"({summary['settings']['threads']} thread(s))")
-            if "gates" in summary:
-                outcomes[job.name]["gates"] = _record_gates(registry, row, gates, summary["gates"], report)
-
-        def on_error(job, reason):
-            outcomes[job.name] = {"name": job.name, "status": "failed", "reason": reason}
-            report.fail(f"{job.name}: {reason}")
-
-        with report.bar("experts", len(jobs)):
-            try:
-                cluster.run_tasks(run_expert_job, jobs, cluster.Resources(num_cpus=cpus_per_task, num_gpus=gpus),
-                                  on_result=on_result, on_error=on_error, progress=lambda job: report.advance())
-            finally:
-                for job in jobs:
-                    remove_temps(job.out_dir)
+            remove_temps(job.out_dir)
     return [outcomes.get(j.name, {"name": j.name, "status": "failed", "reason": "not run"}) for j in jobs]
 
 

@@ -607,23 +607,16 @@ def train_gate(
         raise RecycleError(f"{name}: the members' tasks have no validation examples with answer choices")
     splits = fold_split(names, settings.folds, settings.seed)
     jobs = [FoldJob(plan.to_dict(), f, [n for n in names if n not in held], held, examples, tasks,
-                    batch_size=settings.batch_size, threads=max(1, math.ceil(cpus)), stats=(f == 0))
+                    batch_size=settings.batch_size, stats=(f == 0))
             for f, held in enumerate(splits)]
     results: list[dict] = []
     errors: list[str] = []
-    with cluster.connect(address) as where:
-        g = cluster.default_gpus(gpus)
-        cluster.check_fits(cpus, g)
-        for job in jobs:
-            job.device = "cuda" if g > 0 else "cpu"
-        report.say(f"training the COSMO gate of {name} on Ray ({where}): {len(jobs)} folds, "
-                   f"{len(examples)} validation examples of {len(set(tasks))} member tasks")
-        with report.bar("folds", len(jobs)):
-            cluster.run_tasks(run_fold_job, jobs, cluster.Resources(num_cpus=cpus, num_gpus=g),
-                              on_result=lambda j, r: (results.append(r), report.ok(
-                                  f"fold {j.fold} (held out {', '.join(j.held)}): {r['seconds']:.0f} s")),
-                              on_error=lambda j, e: (errors.append(e), report.fail(f"fold {j.fold}: {e}")),
-                              progress=lambda j: report.advance())
+    cluster.run(run_fold_job, jobs, cluster.Resources(cpus, gpus), "folds",
+                lambda j, r: (results.append(r), report.ok(f"fold {j.fold} (held out {', '.join(j.held)}): "
+                                                           f"{r['seconds']:.0f} s")),
+                on_error=lambda j, e: (errors.append(e), report.fail(f"fold {j.fold}: {e}")), address=address,
+                report=report, what=f"training the COSMO gate of {name} ({len(jobs)} folds, {len(examples)} "
+                                    f"validation examples of {len(set(tasks))} member tasks)")
     if errors:
         raise RecycleError(f"COSMO gate training for {name} failed: {errors[0]}", exit_code=1)
     results.sort(key=lambda r: r["fold"])

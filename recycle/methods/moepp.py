@@ -296,22 +296,15 @@ def train_router(
     out = registry.artifacts_dir / "compositions" / name / f"router-{key[:16]}.safetensors"
     meta = {"composition": name, "method": row["method"], "key": key, "settings": settings.to_dict(),
             "calibration": source}
-    job = RouterJob(plan.to_dict(), rows, settings.to_dict(), str(out), meta, threads=max(1, math.ceil(cpus)))
+    job = RouterJob(plan.to_dict(), rows, settings.to_dict(), str(out), meta)
     result: dict = {}
     errors: list[str] = []
-    with cluster.connect(address) as where:
-        g = cluster.default_gpus(gpus)
-        cluster.check_fits(cpus, g)
-        job.device = "cuda" if g > 0 else "cpu"
-        report.say(f"training the router of {name} on Ray ({where}): {len(rows)} calibration examples, "
-                   f"{settings.steps} steps, {cpus:g} CPU, {g:g} GPU")
-        try:
-            with report.bar("router", 1):
-                cluster.run_tasks(run_router_job, [job], cluster.Resources(num_cpus=cpus, num_gpus=g),
-                                  on_result=lambda j, r: result.update(r), on_error=lambda j, e: errors.append(e),
-                                  progress=lambda j: report.advance())
-        finally:
-            remove_temps(out)
+    try:
+        cluster.run(run_router_job, [job], cluster.Resources(cpus, gpus), "router", lambda j, r: result.update(r),
+                    on_error=lambda j, e: errors.append(e), address=address, report=report,
+                    what=f"training the router of {name} ({len(rows)} calibration examples, {settings.steps} steps)")
+    finally:
+        remove_temps(out)
     if errors:
         raise RecycleError(f"router training for {name} failed: {errors[0]}", exit_code=1)
     state = {"path": str(out), "sha256": sha256_file(out), "key": key, "settings": settings.to_dict(),
