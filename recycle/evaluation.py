@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recycle import cluster
 from recycle import compose as comp
 from recycle import methods
 from recycle.console import Reporter
@@ -211,7 +212,7 @@ def run_eval_group(group: EvalGroup) -> dict:
     t0 = time.time()
     first = Plan(**group.jobs[0].plan)
     model, tok = load_base(resolve_base(first.base))
-    device = group.device if group.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = cluster.device(group.device)
     model.to(device)
     trunk = None
     shared = [j for j in group.jobs if type(methods.get(j.plan["method"])).scorer is methods.Method.scorer]
@@ -310,7 +311,6 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
     """Run an evaluation (see the module docstring); returns its run id, the failed jobs
     (one line each) and the skipped (method, task) pairs. An interrupt marks the run
     ``interrupted`` (the results recorded so far stay, each whole) and propagates."""
-    from recycle import cluster
 
     report = report or Reporter()
     if not request.methods and not request.compositions:

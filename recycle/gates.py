@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from recycle import cluster
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
@@ -263,7 +264,7 @@ def run_gate_job(job: GateJob) -> dict:
     if not job.examples:
         raise RecycleError(f"expert {job.expert}: its task has no training examples")
     model, tok = load_peft_model(job.base, job.adapter_path)
-    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = cluster.device(job.device)
     model.to(device)
     result = train_on_examples(model, tok, job.examples, settings)
     save_gates(job.out_path, result.gates, file_metadata(job.expert, settings, job.adapter_sha256, result))
@@ -364,7 +365,6 @@ def train(
     outcome per expert: ``{expert, status: trained | skipped | failed, reason, steps, ...}``.
     Experts whose gates exist for the same settings and adapter content are skipped unless
     ``force``. An interrupt (KeyboardInterrupt) leaves no gates file without its row."""
-    from recycle import cluster
     from recycle.experts import file_problem
     from recycle.tasks import load_examples
 

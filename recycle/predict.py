@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from recycle import cluster
 from recycle import compose as comp
 from recycle import methods
 from recycle.errors import RecycleError
@@ -126,7 +127,7 @@ class Predictor:
             torch.set_num_threads(threads)
         self.plan = plan
         self.model, self.tokenizer = load_base(resolve_base(plan.base))
-        self.device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
+        self.device = cluster.device(device)
         self.model.to(self.device)
         self.method = methods.get(plan.method)
         self.scorer = self.method.scorer(plan, self.model, self.tokenizer)

@@ -311,8 +311,7 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
             from recycle.predict import Predictor
 
             torch.set_num_threads(threads)
-            device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-            self.predictors = {n: Predictor(Plan(**p), device=device) for n, p in plans.items()}
+            self.predictors = {n: Predictor(Plan(**p), device="cuda" if gpus > 0 else "cpu") for n, p in plans.items()}
             self.info = [{"name": n, "method": p["method"], "members": [m["name"] for m in p["members"]],
                           "settings": p["settings"]} for n, p in plans.items()]
             self.score_batch.set_max_batch_size(max_batch_size)

@@ -24,6 +24,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from recycle import cluster
 from recycle.errors import RecycleError
 from recycle.losses import answer_loss
 from recycle.names import check_name
@@ -145,7 +146,7 @@ def run_expert_job(job: ExpertJob) -> dict:
     torch.set_num_threads(job.threads or _cores())
     torch.manual_seed(settings.seed)
     model, tokenizer = load_base(ref)
-    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = cluster.device(job.device)
     model.to(device)
     layers = parse_layers(settings.layers, _n_layers(model.config))
     targets = _targets(model, settings.targets)
@@ -378,7 +379,6 @@ def train_experts(
     keeps what enters the first adapted layer for the batches the gates train on first,
     so those steps skip the layers below it.
     """
-    from recycle import cluster
     from recycle.console import Reporter
     from recycle.files import remove_temps
 

@@ -47,6 +47,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from recycle import cluster
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods.method import Method, Plan, Scored, own_examples, setting
@@ -438,7 +439,7 @@ def run_fold_job(job: FoldJob) -> dict:
     t0 = time.time()
     plan = Plan(**job.plan)
     model, tok = load_base(resolve_base(plan.base))
-    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = cluster.device(job.device)
     model.to(device)
     sides = Sides(plan, model, tok, job.batch_size, job.max_length)
     stats = sides.member_stats()
@@ -572,7 +573,6 @@ def train_gate(
     import hashlib
     import json
 
-    from recycle import cluster
     from recycle import compose as comp
     from recycle.adapters import sha256_file
     from recycle.data import Example

@@ -53,6 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from recycle import cluster
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods.method import Method, setting
@@ -211,7 +212,7 @@ def run_router_job(job: RouterJob) -> dict:
     torch.manual_seed(s.seed)
     plan = Plan(**job.plan)
     model, tok = load_base(resolve_base(plan.base))
-    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = cluster.device(job.device)
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -269,7 +270,6 @@ def train_router(
     import hashlib
     import json
 
-    from recycle import cluster
     from recycle import compose as comp
     from recycle.adapters import sha256_file
     from recycle.files import remove_temps
