@@ -35,7 +35,7 @@ from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
 from recycle.losses import answer_loss
-from recycle.schedule import lr_at, set_lr
+from recycle.schedule import optimise
 from recycle.settings import GATES_ALGORITHM as ALGORITHM
 from recycle.settings import GateSettings  # noqa: F401  (re-exported)
 
@@ -182,26 +182,16 @@ def train_gates(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()  # dropout off; the gates are the only thing that learns
-    device = next(model.parameters()).device
     t0 = time.perf_counter()
+
+    def loss_fn(step, batch):
+        with trunk.replay(model, batch) if trunk is not None else nullcontext():
+            return answer_loss(model, batch, top_rows=True)
+
     with Gates(model) as gates:
-        opt = torch.optim.AdamW(
-            gates.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-        )
-        losses: list[float] = []
-        for step in range(settings.steps):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            set_lr(opt, lr_at(step, settings.steps, settings.warmup_steps, settings.lr, decay=False))
-            with trunk.replay(model, batch) if trunk is not None else nullcontext():
-                loss = answer_loss(model, batch, top_rows=True)
-            if not torch.isfinite(loss):
-                raise RecycleError(f"gate training diverged at step {step} (loss {loss.item()})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, losses[-1])
+        losses = optimise(gates.parameters(), loss_fn, batches, settings.steps, lr=settings.lr,
+                          warmup_steps=settings.warmup_steps, decay=False, weight_decay=settings.weight_decay,
+                          device=next(model.parameters()).device, what="gate training", lower=None, on_step=on_step)
         tail = max(1, settings.steps // 10)
         return TrainResult(
             gates=gates.state_dict(),

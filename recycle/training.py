@@ -28,7 +28,7 @@ from recycle import cluster
 from recycle.errors import RecycleError
 from recycle.losses import answer_loss
 from recycle.names import check_name
-from recycle.schedule import lr_at, set_lr
+from recycle.schedule import optimise
 from recycle.settings import TrainSettings  # noqa: F401  (re-exported)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -164,29 +164,26 @@ def run_expert_job(job: ExpertJob) -> dict:
         raise RecycleError(f"cannot apply LoRA to base {ref.name}: {' '.join(str(e).split())[:200]}") from None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup_steps = int(round(settings.warmup * settings.steps))
     batches = lm_batches(job.examples, tokenizer, settings.batch_size, settings.max_length, settings.seed)
     trunk, record_steps = _gate_trunk(job, settings, layers)
     no_reuse = _why_no_reuse(job, settings, layers)
 
+    def loss_fn(step, batch):
+        with trunk.record(model, batch) if step < record_steps else nullcontext():
+            return answer_loss(model, batch, top_rows=True)
+
     losses: list[float] = []
     started, cpu_started = time.perf_counter(), time.process_time()
     with _progress(job.progress) as bar:
         task = bar.add_task(f"training {job.name}", total=settings.steps, loss=float("nan"))
-        for step in range(settings.steps):
-            set_lr(opt, lr_at(step, settings.steps, warmup_steps, settings.lr))
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            with trunk.record(model, batch) if step < record_steps else nullcontext():
-                loss = answer_loss(model, batch, top_rows=True)
-            if not torch.isfinite(loss):
-                raise RecycleError(f"training {job.name} diverged at step {step + 1} (loss {loss.item()}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(round(loss.item(), 5))
-            recent = losses[-10:]
-            bar.update(task, advance=1, loss=sum(recent) / len(recent))
+
+        def shown(step, loss):
+            losses.append(round(loss, 5))
+            bar.update(task, advance=1, loss=sum(losses[-10:]) / len(losses[-10:]))
+
+        optimise(params, loss_fn, batches, settings.steps, lr=settings.lr, warmup_steps=warmup_steps,
+                 weight_decay=settings.weight_decay, device=device, what=f"training {job.name}", on_step=shown)
     summary = {
         "tasks": job.tasks,
         "multitask": job.multitask,
@@ -204,7 +201,7 @@ def run_expert_job(job: ExpertJob) -> dict:
     }
 
     def build(tmp: Path) -> None:
-        nonlocal model, opt, params
+        nonlocal model, params
         # saved while the config still names the local folder: PEFT then checks the
         # vocabulary there instead of asking the hub
         model.save_pretrained(str(tmp), save_embedding_layers=False)
@@ -217,7 +214,7 @@ def run_expert_job(job: ExpertJob) -> dict:
             # from the written folder, before it is renamed into place: an interrupt
             # meanwhile leaves a temporary folder (removed), never a new adapter at the
             # registered path that the registry does not know
-            model = opt = params = None
+            model = params = None
             summary["gates"] = _train_gates_here(job, device, trunk, tmp)
             if no_reuse and "error" not in summary["gates"]:
                 summary["gates"]["no_reuse"] = no_reuse

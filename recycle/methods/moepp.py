@@ -205,7 +205,7 @@ def run_router_job(job: RouterJob) -> dict:
     from recycle.files import save_tensors
     from recycle.losses import answer_loss
     from recycle.methods import Plan, get
-    from recycle.schedule import lr_at, set_lr
+    from recycle.schedule import optimise
 
     torch.set_num_threads(max(1, int(job.threads)))
     s = RouterTrainSettings(**job.settings)
@@ -224,24 +224,19 @@ def run_router_job(job: RouterJob) -> dict:
             raise RecycleError(f"composition {plan.label} has nothing to train")
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
         examples = [Example(p_, None, a, None, p_) for p_, a in job.examples]
         batches = lm_batches(examples, tok, s.batch_size, s.max_length, s.seed)
-        warm = int(round(s.warmup * s.steps))
         losses, balance = [], []
-        for step in range(s.steps):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            set_lr(opt, lr_at(step, s.steps, warm, s.lr, decay=False))
+
+        def loss_fn(step, batch):
             lm = distill_loss(model, handle, batch) if s.objective == "distill" else answer_loss(model, batch)
             aux = torch.stack(handle.context.losses).mean() if handle.context.losses else lm.new_zeros(())
-            loss = lm + s.beta * aux
-            if not torch.isfinite(loss):
-                raise RecycleError(f"router training diverged at step {step} (loss {loss.item()}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
             losses.append(float(lm))
             balance.append(float(aux))
+            return lm + s.beta * aux
+
+        optimise(params, loss_fn, batches, s.steps, lr=s.lr, warmup_steps=int(round(s.warmup * s.steps)),
+                 decay=False, device=device, what="router training")
         tail = max(1, s.steps // 10)
         summary = {"steps": s.steps, "loss_start": losses[0], "loss_end": sum(losses[-tail:]) / tail,
                    "balance_start": balance[0], "balance_end": sum(balance[-tail:]) / tail,
