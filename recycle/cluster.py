@@ -186,12 +186,6 @@ def private_token() -> None:
         pass  # a home folder we cannot write: Ray says what it needs
 
 
-def cluster_resources() -> dict[str, float]:
-    import ray
-
-    return dict(ray.cluster_resources())
-
-
 def default_gpus(requested: float | None) -> float:
     """GPUs per task: ``requested`` if given (fractions allowed), else 1 when the
     cluster has any GPU and 0 when it has none."""
@@ -199,7 +193,9 @@ def default_gpus(requested: float | None) -> float:
         if requested < 0:
             raise RecycleError(f"GPUs per task must be >= 0, not {requested}")
         return requested
-    return 1.0 if cluster_resources().get("GPU", 0) > 0 else 0.0
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def check_fits(num_cpus: float, num_gpus: float) -> None:
@@ -211,10 +207,8 @@ def check_fits(num_cpus: float, num_gpus: float) -> None:
         res = n.get("Resources", {})
         if res.get("CPU", 0) >= num_cpus and res.get("GPU", 0) >= num_gpus:
             return
-    raise RecycleError(
-        f"no node of the cluster has {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s) for one task; "
-        "lower --cpus-per-expert / --gpus-per-expert"
-    )
+    raise RecycleError(f"no node of the cluster has {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s) for one task; "
+                       "ask for fewer CPUs / GPUs per task")
 
 
 def capacity(num_cpus: float, num_gpus: float) -> int:
@@ -232,15 +226,6 @@ def capacity(num_cpus: float, num_gpus: float) -> int:
             fits.append(res.get("GPU", 0) / num_gpus)
         total += int(min(fits)) if fits else 0
     return total
-
-
-def has_room(num_cpus: float, num_gpus: float) -> bool:
-    """Whether the cluster has ``num_cpus`` and ``num_gpus`` free right now (in all; a task
-    that does not fit on one node still waits)."""
-    import ray
-
-    free = ray.available_resources()
-    return free.get("CPU", 0) >= num_cpus and free.get("GPU", 0) >= num_gpus
 
 
 def _one_line(e: BaseException) -> str:
@@ -278,6 +263,14 @@ def device(requested: str) -> str:
     return requested if requested != "cuda" or torch.cuda.is_available() else "cpu"
 
 
+@dataclass(kw_only=True)
+class Job:
+    """What :func:`run` sets on a job from the resources it got: torch threads, device."""
+
+    threads: int = 1
+    device: str = "cpu"
+
+
 @dataclass
 class Resources:
     """What one task (or one pool worker) asks of the cluster."""
@@ -286,107 +279,22 @@ class Resources:
     num_gpus: float | None = 0  # None: 1 where the cluster has a GPU, else 0
     max_retries: int = DEFAULT_MAX_RETRIES
 
-    @property
-    def threads(self) -> int:
-        """Torch threads of a worker: its CPUs, rounded up."""
-        return max(1, math.ceil(self.num_cpus))
 
-    @property
-    def device(self) -> str:
-        return "cuda" if self.num_gpus else "cpu"
+def run_tasks(fn: Callable[[Any], Any], jobs: Sequence[Any], resources: Resources,
+              on_result: Callable[[Any, Any], None], on_error: Callable[[Any, str], None],
+              progress: Callable[[Any], None] | None = None, on_interrupt: Callable[[list], None] | None = None) -> None:
+    """:func:`run`'s tasks, on a connected Ray: ``fn(job)`` as one task per job, then
+    ``on_result(job, result)`` or ``on_error(job, one_line_reason)``, then ``progress(job)``.
 
-
-def run(
-    fn: Callable[[Any], Any] | type,
-    jobs: Sequence[Any],
-    resources: Resources,
-    label: str,
-    on_result: Callable[[Any, Any], None],
-    *,
-    on_error: Callable[[Any, str], None] | None = None,
-    on_interrupt: Callable[[list], None] | None = None,
-    what: str | None = None,
-    address: str | None = None,
-    report=None,
-    weight: Callable[[Any], int] | None = None,
-    workers: int | None = None,
-    init: tuple = (),
-    on_retry: Callable[[Any], None] | None = None,
-) -> None:
-    """Run ``jobs`` on Ray and hand each result to ``on_result(job, result)`` in this
-    process as it arrives: the one driver of every command that runs jobs.
-
-    Connects (:func:`connect`: ``address``, else ``RAY_ADDRESS``, else a local Ray for the
-    block), resolves ``resources.num_gpus`` (None: :func:`default_gpus`), refuses a request
-    no node can meet, sets ``threads`` and ``device`` on each job that has them, says
-    ``what`` runs where, and shows a progress bar ``label`` (a job counts ``weight(job)``,
-    default 1). ``on_error(job, one_line_reason)`` gets a job that raised (default: a
-    failure line); ``on_interrupt`` is as in :func:`run_tasks`.
-
-    ``fn`` a function: one task per job (:func:`run_tasks`). ``fn`` a class: a pool of
-    ``workers`` actors, each built once as ``fn(*init, device=..., threads=...)``, that
-    run ``actor.run(job)``; a job whose actor dies goes back to the queue
-    (``on_retry(job)``) and a replacement starts where the cluster has room.
-    """
-    from recycle.console import Reporter
-
-    report = report or Reporter()
-    if not jobs:
-        return
-    weight = weight or (lambda job: 1)
-    on_error = on_error or (lambda job, reason: report.fail(f"{label}: {reason}"))
-    with connect(address) as where:
-        res = replace(resources, num_gpus=default_gpus(resources.num_gpus))
-        check_fits(res.num_cpus, res.num_gpus)
-        for job in jobs:
-            for attr, value in (("threads", res.threads), ("device", res.device)):
-                if hasattr(job, attr):
-                    setattr(job, attr, value)
-        pool = f" on {min(workers or 1, len(jobs))} worker(s)" if isinstance(fn, type) else ""
-        room = capacity(res.num_cpus, res.num_gpus) if pool else 0
-        if pool and (workers or 1) > room:  # more actors than fit only queue and slow the run down
-            raise RecycleError(f"--workers {workers}: this cluster runs at most {room} worker(s) of "
-                               f"{res.num_cpus:g} CPU and {res.num_gpus:g} GPU each; lower --workers (or --cpus-per-worker)")
-        report.say(f"{what or label} on Ray ({where}){pool}: {res.num_cpus:g} CPU, {res.num_gpus:g} GPU each")
-        with report.bar(label, sum(weight(j) for j in jobs)):
-            advance = lambda job: report.advance(weight(job))  # noqa: E731
-            if isinstance(fn, type):
-                _run_pool(fn, init, jobs, res, workers or 1, label, on_result, on_error, advance, on_retry or (
-                    lambda job: report.fail(f"a {label} worker died; its job goes to another")))
-            else:
-                run_tasks(fn, jobs, res, on_result, on_error, progress=advance, on_interrupt=on_interrupt)
-
-
-def run_tasks(
-    fn: Callable[[Any], Any],
-    jobs: Sequence[Any],
-    resources: Resources,
-    on_result: Callable[[Any, Any], None],
-    on_error: Callable[[Any, str], None],
-    progress: Callable[[Any], None] | None = None,
-    on_interrupt: Callable[[list], None] | None = None,
-) -> None:
-    """Run ``fn(job)`` as one Ray task per job; call ``on_result(job, result)`` or
-    ``on_error(job, one_line_reason)`` in the driver as each one finishes, then
-    ``progress(job)``.
-
-    System failures (a worker or node dying) are retried up to ``max_retries``; an
-    exception raised by ``fn`` is final (``retry_exceptions=False``). On Ctrl-C the
-    pending tasks are cancelled (their workers killed), ``on_interrupt(unfinished_jobs)``
-    is called (the pending ones and the one being handled), and KeyboardInterrupt
-    propagates.
+    System failures (a worker or node dying) are retried up to ``max_retries``; an exception
+    raised by ``fn`` is final. On Ctrl-C the pending tasks are cancelled (their workers
+    killed), ``on_interrupt(unfinished_jobs)`` is called (the pending ones and the one being
+    handled), and KeyboardInterrupt propagates.
     """
     import ray
 
-    if not jobs:
-        return
-    remote = ray.remote(fn).options(
-        num_cpus=resources.num_cpus,
-        num_gpus=resources.num_gpus,
-        max_retries=resources.max_retries,
-        retry_exceptions=False,
-        runtime_env={"env_vars": worker_env()},
-    )
+    remote = ray.remote(fn).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, retry_exceptions=False,
+                                    max_retries=resources.max_retries, runtime_env={"env_vars": worker_env()})
     pending: dict = {}
     current = None  # the job whose result is being handled
     try:
@@ -416,16 +324,67 @@ def run_tasks(
         raise
 
 
-def _run_pool(cls: type, init: tuple, jobs: Sequence[Any], res: Resources, workers: int, label: str,
+def run(fn: Callable[[Any], Any] | type, jobs: Sequence[Any], resources: Resources, label: str,
+        on_result: Callable[[Any, Any], None], *, on_error: Callable[[Any, str], None],
+        on_interrupt: Callable[[list], None] | None = None, what: str | None = None, address: str | None = None,
+        report=None, weight: Callable[[Any], int] = lambda job: 1, workers: int = 1, init: tuple = (),
+        on_retry: Callable[[Any], None] = lambda job: None) -> None:
+    """The one driver of every command that runs jobs: run ``jobs`` on Ray and hand each
+    result to ``on_result(job, result)`` in this process as it arrives.
+
+    Connects for the block (:func:`connect`), resolves ``resources.num_gpus`` (None:
+    :func:`default_gpus`), refuses a request no node can meet, sets ``threads`` and
+    ``device`` on each :class:`Job`, says ``what`` runs where, and shows the progress bar
+    ``label`` (a job counts ``weight(job)``). A job that raises, or whose result
+    ``on_result`` refuses with a RecycleError, goes to ``on_error(job, one_line_reason)``.
+
+    ``fn`` a function: one task per job (:func:`run_tasks`; ``on_interrupt`` there). ``fn``
+    a class: a pool of ``workers`` actors, each built once as ``fn(*init, device=...,
+    threads=...)``, running ``actor.run(job)``, two jobs in flight each; a job whose actor
+    dies goes back to the queue (``on_retry(job)``) and a replacement starts where the
+    cluster has room. Ctrl-C cancels what is left.
+    """
+    from recycle.console import Reporter
+
+    report = report or Reporter()
+    if not jobs:
+        return
+
+    def handle(job, result):
+        try:
+            on_result(job, result)
+        except RecycleError as e:
+            on_error(job, str(e))
+
+    with connect(address) as where:
+        res = replace(resources, num_gpus=default_gpus(resources.num_gpus))
+        check_fits(res.num_cpus, res.num_gpus)
+        threads, kind = max(1, math.ceil(res.num_cpus)), "cuda" if res.num_gpus else "cpu"
+        for job in jobs:
+            if isinstance(job, Job):
+                job.threads, job.device = threads, kind
+        pool = isinstance(fn, type)
+        if pool and workers > (room := capacity(res.num_cpus, res.num_gpus)):  # more only queue and slow it down
+            raise RecycleError(f"--workers {workers}: this cluster runs at most {room} worker(s) of {res.num_cpus:g} "
+                               f"CPU and {res.num_gpus:g} GPU each; lower --workers (or --cpus-per-worker)")
+        report.say(f"{what or label} on Ray ({where}){f' on {min(workers, len(jobs))} worker(s)' if pool else ''}: "
+                   f"{res.num_cpus:g} CPU, {res.num_gpus:g} GPU each")
+        with report.bar(label, sum(weight(j) for j in jobs)):
+            progress = lambda job: report.advance(weight(job))  # noqa: E731
+            if not pool:
+                return run_tasks(fn, jobs, res, handle, on_error, progress=progress, on_interrupt=on_interrupt)
+            import ray
+
+            actor = ray.remote(fn).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0,
+                                           runtime_env={"env_vars": worker_env()})
+            _run_pool(lambda: actor.remote(*init, device=kind, threads=threads), jobs, res, workers, label, handle,
+                      on_error, progress, on_retry)
+
+
+def _run_pool(start: Callable, jobs: Sequence[Any], res: Resources, workers: int, label: str,
               on_result, on_error, progress, on_retry) -> None:
-    """:func:`run`'s pool: actors that load once and take jobs, two in flight each."""
+    """:func:`run` on a pool of actors (see there); ``start()`` starts one."""
     import ray
-
-    actor_cls = ray.remote(cls).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0,
-                                        runtime_env={"env_vars": worker_env()})
-
-    def start():
-        return actor_cls.remote(*init, device=res.device, threads=res.threads)
 
     queue = list(range(len(jobs)))
     pending: dict = {}  # run ref -> (actor, job index)
@@ -443,7 +402,7 @@ def _run_pool(cls: type, init: tuple, jobs: Sequence[Any], res: Resources, worke
             submit(a)
         while pending or (queue and starting):
             ref = ray.wait(list(pending) + list(starting), num_returns=1)[0][0]
-            if ref in starting:  # a replacement is up: give it work
+            if ref in starting:  # a replacement is up (or failed to start)
                 actor = starting.pop(ref)
                 try:
                     ray.get(ref)
@@ -465,11 +424,13 @@ def _run_pool(cls: type, init: tuple, jobs: Sequence[Any], res: Resources, worke
                         if a2 is actor:
                             pending.pop(r2)
                             queue.insert(0, j)
-                    if has_room(res.num_cpus, res.num_gpus):
+                    free = ray.available_resources()
+                    if free.get("CPU", 0) >= res.num_cpus and free.get("GPU", 0) >= res.num_gpus:
                         replacement = start()
                         starting[replacement.__ray_ready__.remote()] = replacement
                 if not load and not starting:
-                    raise RecycleError(f"every {label} worker died; run the command again to resume", exit_code=1) from None
+                    raise RecycleError(f"every {label} worker died; run the command again to resume",
+                                       exit_code=1) from None
                 for a in list(load):
                     submit(a)
                 continue

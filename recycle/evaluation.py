@@ -89,25 +89,21 @@ class EvalJob:
     examples: list  # recycle.data.Example
     batch_size: int = 16
     max_length: int = 512
-    threads: int = 1
     key: str = ""  # result key (the plan's content key, task, n, seed, data)
     content_key: str = ""  # stored as eval_results.settings_hash
     member_hashes: dict = field(default_factory=dict)
     n: int = 0
     seed: int = 0
-    device: str = "cpu"
 
 
 @dataclass
-class EvalGroup:
+class EvalGroup(cluster.Job):
     """The (method, task) jobs of one task, run by one worker: one model load, one set of
     examples, and the layers below every member's adapters computed once (a shared
     :class:`~recycle.scoring.Trunk`)."""
 
     task: str
     jobs: list  # EvalJob, all of this task
-    threads: int = 1
-    device: str = "cpu"
     share: bool = True  # share the lower layers across the jobs
 
 
@@ -266,7 +262,7 @@ def result_key(plan: Plan, registry: Registry, task: str, n: int | None, seed: i
                                      sort_keys=True).encode()).hexdigest()
 
 
-def plan_eval(registry: Registry, request: EvalRequest, threads: int = 1) -> tuple[list[EvalJob], list[dict]]:
+def plan_eval(registry: Registry, request: EvalRequest) -> tuple[list[EvalJob], list[dict]]:
     """The jobs to run and the notes on (method, task) pairs skipped (with the reason)."""
     from recycle.tasks import load_examples
 
@@ -292,7 +288,7 @@ def plan_eval(registry: Registry, request: EvalRequest, threads: int = 1) -> tup
                 if not examples_cache[task]:
                     raise RecycleError(f"task {task}: empty test split")
             exs = examples_cache[task]
-            jobs.append(EvalJob(p.label, p.to_dict(), task, held, exs, batch_size=request.batch_size, threads=threads,
+            jobs.append(EvalJob(p.label, p.to_dict(), task, held, exs, batch_size=request.batch_size,
                                 key=result_key(p, registry, task, request.n, request.seed),
                                 content_key=p.content_key, member_hashes=p.member_hashes, n=len(exs),
                                 seed=request.seed))
@@ -311,14 +307,12 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
     """Run an evaluation (see the module docstring); returns its run id, the failed jobs
     (one line each) and the skipped (method, task) pairs. An interrupt marks the run
     ``interrupted`` (the results recorded so far stay, each whole) and propagates."""
-
     report = report or Reporter()
     if not request.methods and not request.compositions:
         raise RecycleError("nothing to evaluate: give methods or compositions")
     registry.check_writable()
     registry.mark_dead_runs()
-    threads = max(1, math.ceil(request.cpus_per_task))
-    jobs, skipped = plan_eval(registry, request, threads)
+    jobs, skipped = plan_eval(registry, request)
     t0 = time.time()
     run_id = registry.start_run(request.record())
     todo, reused = [], 0

@@ -230,7 +230,7 @@ def gates_path(artifacts_dir: Path, expert_name: str, settings_hash: str, adapte
 
 
 @dataclass
-class GateJob:
+class GateJob(cluster.Job):
     """Everything a worker needs, as plain data: no registry, no open files."""
 
     expert: str
@@ -240,8 +240,6 @@ class GateJob:
     examples: list  # recycle.data.Example items of the expert's train split
     settings: dict  # GateSettings fields
     out_path: str
-    threads: int = 1
-    device: str = "cpu"  # "cuda" when the task was given a GPU
 
 
 def run_gate_job(job: GateJob) -> dict:
@@ -399,10 +397,7 @@ def train(
         registry.check_writable()
 
         def on_result(job, result):
-            try:
-                registry.record_gates(by_name[job.expert], _row(result["path"], settings, result))
-            except RecycleError as e:
-                return on_error(job, str(e))
+            registry.record_gates(by_name[job.expert], _row(result["path"], settings, result))
             outcomes[job.expert] = {"status": "trained", "reason": "", **_numbers(result)}
             report.ok(f"{job.expert}: loss {result['loss_start']:.4f} → {result['loss_end']:.4f}, "
                       f"{result['seconds']:.1f} s")
@@ -416,12 +411,11 @@ def train(
             for job in jobs:
                 if not registry.gates_recorded(job.out_path):
                     Path(job.out_path).unlink(missing_ok=True)
-                remove_temps(job.out_path)
 
         try:
             cluster.run(run_gate_job, jobs, cluster.Resources(cpus_per_expert, gpus_per_expert), "gates", on_result,
                         on_error=on_error, on_interrupt=on_interrupt, address=address, report=report,
-                        what=f"training gates for {len(jobs)} expert(s), settings {settings.hash[:12]},")
+                        what=f"training gates (settings {settings.hash[:12]}) for {len(jobs)} expert(s)")
         finally:
             for job in jobs:
                 remove_temps(job.out_path)

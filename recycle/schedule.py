@@ -29,21 +29,9 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimise(
-    params: list,
-    loss_fn: Callable[[int, dict], "torch.Tensor"],  # noqa: F821
-    batches: Iterator[dict],
-    steps: int,
-    *,
-    lr: float,
-    warmup_steps: int,
-    decay: bool = True,
-    weight_decay: float = 0.0,
-    device=None,
-    what: str = "training",
-    lower: str | None = "--lr",
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
+def optimise(params: list, loss_fn: Callable, batches: Iterator[dict], steps: int, *, lr: float, warmup_steps: int,
+             decay: bool = True, weight_decay: float = 0.0, device=None, what: str = "training",
+             lower: str | None = "--lr", on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """AdamW on ``params`` for ``steps`` steps; returns each step's loss.
 
     Each step moves the next batch to ``device``, sets the learning rate (:func:`lr_at`),

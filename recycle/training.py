@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from recycle import cluster
@@ -110,7 +110,7 @@ def _n_layers(config) -> int | None:
 
 
 @dataclass
-class ExpertJob:
+class ExpertJob(cluster.Job):
     """Everything a worker needs to train one expert, as plain data (no registry)."""
 
     name: str
@@ -120,8 +120,7 @@ class ExpertJob:
     examples: list  # recycle.data.Example of the tasks' train splits
     out_dir: str  # the adapter folder to write (atomically)
     multitask: bool = False
-    threads: int | None = None  # torch threads (None: every core)
-    device: str = "cpu"
+    threads: int | None = field(default=None, kw_only=True)  # torch threads (None: every core)
     progress: bool = False
     gates: dict | None = None  # GateSettings fields: train the expert's gates in the same task
 
@@ -137,7 +136,10 @@ def run_expert_job(job: ExpertJob) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from rich.progress import TextColumn
+
     from recycle.basemodels import load_base, resolve_base
+    from recycle.console import progress
     from recycle.data import lm_batches
     from recycle.files import replace_dir
 
@@ -175,7 +177,7 @@ def run_expert_job(job: ExpertJob) -> dict:
 
     losses: list[float] = []
     started, cpu_started = time.perf_counter(), time.process_time()
-    with _progress(job.progress) as bar:
+    with progress(TextColumn("loss {task.fields[loss]:.4f}"), enabled=job.progress) as bar:
         task = bar.add_task(f"training {job.name}", total=settings.steps, loss=float("nan"))
 
         def shown(step, loss):
@@ -388,10 +390,7 @@ def train_experts(
             job.gates = asdict(gates)
 
     def on_result(job, summary):
-        try:
-            row = register_trained(registry, job, summary, replace=replace)
-        except RecycleError as e:
-            return on_error(job, str(e))
+        row = register_trained(registry, job, summary, replace=replace)
         outcomes[job.name] = {"name": job.name, "status": row["status"], **row["training"]}
         report.ok(f"{job.name}: final loss {summary['final_loss']:.3f}, {summary['train_seconds']:.0f} s "
                   f"({summary['settings']['threads']} thread(s))")
@@ -427,11 +426,3 @@ def _record_gates(registry, row: dict, settings, trained: dict, report) -> str:
     report.ok(f"{row['name']} gates: loss {trained['loss_start']:.4f} → {trained['loss_end']:.4f}, "
               f"{trained['seconds']:.1f} s ({reuse})")
     return "trained"
-
-
-def _progress(enabled: bool):
-    from rich.progress import TextColumn
-
-    from recycle.console import progress
-
-    return progress(TextColumn("loss {task.fields[loss]:.4f}"), enabled=enabled)

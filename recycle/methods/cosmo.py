@@ -414,7 +414,7 @@ def far_features(p_routed: torch.Tensor, p_base: torch.Tensor, d_min: float) -> 
 
 
 @dataclass
-class FoldJob:
+class FoldJob(cluster.Job):
     plan: dict
     fold: int
     keep: list  # members kept (seen) in this fold
@@ -423,8 +423,6 @@ class FoldJob:
     tasks: list  # task of each example
     batch_size: int = 16
     max_length: int = 256
-    threads: int = 1
-    device: str = "cpu"
     stats: bool = False  # also return every member's prototype statistics
 
 

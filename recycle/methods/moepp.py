@@ -47,7 +47,6 @@ LoRA product at that module.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -114,7 +113,7 @@ METHOD = Moepp()
 
 
 @dataclass
-class RouterJob:
+class RouterJob(cluster.Job):
     """What a worker needs to train a composition's router: plain data."""
 
     plan: dict
@@ -122,8 +121,6 @@ class RouterJob:
     settings: dict
     out_path: str
     metadata: dict
-    threads: int = 1
-    device: str = "cpu"
 
 
 def calibration(registry, plan, source: str | None, n: int, seed: int) -> tuple[list, dict]:
