@@ -135,7 +135,6 @@ def run_expert_job(job: ExpertJob) -> dict:
     ``job.out_dir``; returns the training summary (what a Ray task returns)."""
     import torch
     from peft import LoraConfig, get_peft_model
-
     from rich.progress import TextColumn
 
     from recycle.basemodels import load_base, resolve_base
