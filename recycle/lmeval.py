@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recycle import cluster
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.registry import Registry
@@ -92,8 +92,9 @@ class LMEvalRequest:
 
 
 @dataclass
-class LMEvalJob:
-    """One (composition, harness task) for a worker, as plain data."""
+class LMEvalJob(cluster.Job):
+    """One (composition, harness task) for a worker, as plain data (threads and device set
+    by :func:`recycle.cluster.run`)."""
 
     label: str
     plan: dict  # methods.Plan as a dict
@@ -102,8 +103,6 @@ class LMEvalJob:
     num_fewshot: int | None = None
     limit: int | None = None
     batch_size: int = 16
-    threads: int = 1
-    device: str = "cpu"
     key_parts: list = field(default_factory=list)
 
 
@@ -168,7 +167,7 @@ def run_lmeval_job(job: LMEvalJob) -> dict:
     t0 = time.time()
     plan = Plan(**job.plan)
     model, tok = load_base(resolve_base(plan.base))
-    device = job.device if job.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = cluster.device(job.device)
     model.to(device)
     manager = TaskManager(include_path=job.include_path, include_defaults=False) if job.include_path else None
     if manager is None or job.task not in manager.all_tasks:  # indexing lm-eval's own tasks takes seconds
@@ -255,7 +254,6 @@ def _dir_hash(folder: str | None) -> str | None:
 def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | None = None) -> LMEvalOutcome:
     """Run the harness (see the module docstring); returns the run id, failures (one line
     each) and lm-eval's results merged over the tasks."""
-    from recycle import cluster
     from recycle import compose as comp
     from recycle.evaluation import task_sets
 
@@ -267,49 +265,41 @@ def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | N
         plan = comp.plan(registry, composition=request.composition)
     else:
         plan = comp.plan(registry, method=request.method, experts=list(request.experts) or None)
-    threads = max(1, math.ceil(request.cpus_per_task))
     folder = str(Path(request.include_path).resolve()) if request.include_path else None
     files = _dir_hash(folder)
     jobs = [LMEvalJob(plan.label, plan.to_dict(), t, folder, request.num_fewshot, request.limit, request.batch_size,
-                      threads, key_parts=[FORMAT, version, plan.content_key, plan.base, files,
-                                          request.num_fewshot, request.limit])
+                      key_parts=[FORMAT, version, plan.content_key, plan.base, files, request.num_fewshot,
+                                 request.limit])
             for t in dict.fromkeys(request.tasks)]
     held_in = set(task_sets(registry)[0])
     merged: dict = {}
     failures: list[str] = []
     t0 = time.time()
     run_id = registry.start_run(request.record(version))
+
+    def fail(job, reason):
+        failures.append(f"{job.label} on {job.task}: {reason}")
+        report.fail(f"{job.label} on {job.task}: {reason}")
+
+    def on_result(job, res):
+        _merge(merged, res["results"])
+        for name, r in res["tasks"].items():
+            key = hashlib.sha256(json.dumps(job.key_parts + [name], sort_keys=True).encode()).hexdigest()
+            registry.record_result({
+                "run_id": run_id, "key": key, "label": job.label, "method": plan.method,
+                "settings_hash": plan.content_key, "member_hashes": plan.member_hashes, "task": name,
+                "held": "in" if name in held_in else "out", "seed": 0, "reused_from": None,
+                "routing": res["routing"], "seconds": res["seconds"],
+                **{k: r[k] for k in ("n", "correct", "accuracy", "ci_low", "ci_high", "predictions",
+                                     "scores", "labels", "extra")}})
+            report.ok(f"{job.label} on {name}: acc {r['accuracy']:.3f} [{r['ci_low']:.3f}, "
+                      f"{r['ci_high']:.3f}] n={r['n']}, {res['seconds']:.1f} s")
+
     try:
-        with cluster.connect(request.address) as where:
-            gpus = cluster.default_gpus(request.gpus_per_task)
-            cluster.check_fits(request.cpus_per_task, gpus)
-            for job in jobs:
-                job.device = "cuda" if gpus > 0 else "cpu"
-            report.say(f"lm-eval {version}: {plan.label} on {len(jobs)} task(s) on Ray ({where}): "
-                       f"{request.cpus_per_task:g} CPU, {gpus:g} GPU each")
-
-            def fail(job, reason):
-                failures.append(f"{job.label} on {job.task}: {reason}")
-                report.fail(f"{job.label} on {job.task}: {reason}")
-
-            def on_result(job, res):
-                _merge(merged, res["results"])
-                for name, r in res["tasks"].items():
-                    key = hashlib.sha256(json.dumps(job.key_parts + [name], sort_keys=True).encode()).hexdigest()
-                    registry.record_result({
-                        "run_id": run_id, "key": key, "label": job.label, "method": plan.method,
-                        "settings_hash": plan.content_key, "member_hashes": plan.member_hashes, "task": name,
-                        "held": "in" if name in held_in else "out", "seed": 0, "reused_from": None,
-                        "routing": res["routing"], "seconds": res["seconds"],
-                        **{k: r[k] for k in ("n", "correct", "accuracy", "ci_low", "ci_high", "predictions",
-                                             "scores", "labels", "extra")}})
-                    report.ok(f"{job.label} on {name}: acc {r['accuracy']:.3f} [{r['ci_low']:.3f}, "
-                              f"{r['ci_high']:.3f}] n={r['n']}, {res['seconds']:.1f} s")
-
-            with report.bar("lm-eval", len(jobs)):
-                cluster.run_tasks(run_lmeval_job, jobs,
-                                  cluster.Resources(num_cpus=request.cpus_per_task, num_gpus=gpus),
-                                  on_result=on_result, on_error=fail, progress=lambda job: report.advance(1))
+        cluster.run(run_lmeval_job, jobs, cluster.Resources(num_cpus=request.cpus_per_task,
+                                                            num_gpus=request.gpus_per_task),
+                    "lm-eval", on_result, on_error=fail, what=f"lm-eval {version}: {plan.label} on {len(jobs)} task(s)",
+                    address=request.address, report=report)
     except KeyboardInterrupt:
         registry.finish_run(run_id, "interrupted", time.time() - t0)
         raise
