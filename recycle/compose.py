@@ -97,3 +97,24 @@ def plan(
     p = Plan(label, m.name, base, s.to_dict(), members, str(registry.artifacts_dir), state=state)
     m.gather(registry, p, data_seed)
     return p
+
+
+def trainer(registry: Registry, name: str):
+    """The method of stored composition ``name``, refusing one that trains nothing per composition."""
+    method = registry.composition(name)["method"]
+    m = methods.get(method)
+    if m.TrainSettings is None:
+        also = f" (its experts' part: recycle {m.trains})" if m.trains else ""
+        raise RecycleError(f"composition {name} is {method}: it has nothing to train{also}")
+    return m
+
+
+def train(registry: Registry, name: str, values: dict, *, method: str | None = None, force: bool = False,
+          address: str | None = None, gpus: float | None = None, cpus: float = 1.0, report=None) -> dict:
+    """Train what composition ``name``'s method learns (``recycle train NAME``, a pipeline's
+    ``[[training]]``) with its ``TrainSettings`` built from ``values``; ``method`` (the older
+    commands' names) trains as that method, which refuses a composition of another.
+    Returns the recorded state plus ``status`` (trained or skipped)."""
+    m = methods.get(method) if method else trainer(registry, name)
+    settings = m.TrainSettings.from_dict(values, f"{m.name} training")
+    return m.train(registry, name, settings, force=force, address=address, gpus=gpus, cpus=cpus, report=report)

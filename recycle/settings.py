@@ -336,6 +336,18 @@ class RouterTrainSettings(Settings):
 
 
 @dataclass(frozen=True)
+class RouterTrainOptions(RouterTrainSettings):
+    """What ``recycle train`` takes for a MoE++ composition: the settings, and where the
+    calibration data comes from (identified by content in the state's key, not as given)."""
+
+    calibration: str = setting("", "comma-separated tasks, or a JSONL file of {prompt, answer} (default: the "
+                               "members' own tasks' train splits)")
+
+    def settings(self) -> RouterTrainSettings:
+        return RouterTrainSettings(**{k: getattr(self, k) for k in RouterTrainSettings.names()})
+
+
+@dataclass(frozen=True)
 class GateTrainSettings(Settings):
     """A COSMO composition's gate training by leaving experts out (``train-gate``)."""
 

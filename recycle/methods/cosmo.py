@@ -28,7 +28,7 @@ does not. Per example, over its answer choices:
   smoothing terms add the same amount to every choice: they change the calibration of P,
   not its argmax (the seen and unseen classes of the paper do not overlap; here they do).
 
-The gate is trained by ``recycle train-cosmo-gate`` (:func:`train_gate`) by leaving experts out:
+The gate is trained by ``recycle train NAME`` (:func:`train_gate`) by leaving experts out:
 the members are split into folds; in fold f the held-out members' tasks act as unseen, the
 identifier, the seen side and the unseen composition are rebuilt from the other members
 (a trained unseen composition in its untrained form), and features are computed on the
@@ -174,69 +174,6 @@ def combine(p_seen_side: torch.Tensor, p_unseen_side: torch.Tensor, g: float, th
     return p / p.sum(), p_u
 
 
-# ---- the method ------------------------------------------------------------------------
-
-
-class Cosmo(Method):
-    name = "cosmo"
-    summary = "COSMO: a seen/unseen gate between the identified expert and a routed composition (needs train-cosmo-gate)"
-    Settings = CosmoSettings
-    needs = "task"
-    in_default_eval = False
-    trains = "train-cosmo-gate"
-
-    def plan_members(self, registry, experts):
-        members = super().plan_members(registry, experts)
-        if len(members) < 2:
-            raise RecycleError("cosmo needs at least two members (folds leave experts out)")
-        return members
-
-    def check_stored(self, registry, name, settings, members, base):
-        """``--unseen`` names another stored composition, not a COSMO one, over the same base
-        and the same members (what :meth:`gather` needs when the composition is used)."""
-        unseen = settings.unseen
-        if not unseen:
-            return
-        if unseen == name:
-            raise RecycleError(f"--unseen {unseen}: a composition cannot be its own unseen side")
-        other = registry.composition_or_none(unseen)
-        if other is None:
-            known = [c["name"] for c in registry.compositions() if c["method"] != self.name]
-            raise RecycleError(f"--unseen {unseen!r}: no stored composition of that name (store one first, e.g. "
-                               f"recycle compose pg --method phatgoose --all; stored: {', '.join(known) or 'none'})")
-        if other["method"] == self.name:
-            raise RecycleError(f"--unseen {unseen}: a COSMO composition cannot be the unseen side of another")
-        if other.get("base_model") != base:
-            raise RecycleError(f"--unseen {unseen}: it is over base model {other.get('base_model')}, not {base}")
-        if sorted((m["name"], m["sha256"]) for m in other["members"]) != sorted((m["name"], m["sha256"])
-                                                                               for m in members):
-            raise RecycleError(f"--unseen {unseen}: its members differ from this composition's")
-
-    def gather(self, registry, plan, seed=0):
-        from recycle import compose
-
-        own_examples(registry, plan, PROTOTYPE_EXAMPLES, seed)
-        s = self.settings(plan.settings)
-        if s.unseen:
-            part = compose.plan(registry, composition=s.unseen, data_seed=seed)
-            if part.method == self.name:
-                raise RecycleError("--unseen: a COSMO composition cannot be the unseen side of another")
-            if sorted(part.member_hashes.items()) != sorted(plan.member_hashes.items()):
-                raise RecycleError(f"--unseen {s.unseen}: its members differ from this composition's")
-        else:
-            part = compose.plan(registry, method="phatgoose", experts=[m["name"] for m in plan.members],
-                                data_seed=seed)
-        plan.data["parts"] = {"unseen": part.to_dict()}
-
-    def scorer(self, plan, model, tokenizer):
-        if not plan.state.get("gate"):
-            raise RecycleError(f"composition {plan.label} has no gate yet: train it with recycle train-cosmo-gate {plan.label}")
-        return CosmoScorer(plan, model, tokenizer)
-
-
-METHOD = Cosmo()
-
-
 def _sub_plan(part: dict, keep: list[str] | None = None) -> Plan:
     p = Plan(**part)
     if keep is not None:
@@ -323,20 +260,13 @@ class CosmoScorer:
     """Scores with a trained COSMO gate (see the module docstring)."""
 
     def __init__(self, plan: Plan, model, tokenizer):
-        from recycle.adapters import sha256_file
         from recycle.files import load_tensors, tensor_metadata
 
         self.plan, self.model, self.tok = plan, model, tokenizer
         self.s = CosmoSettings(**plan.settings)
-        gate = plan.state["gate"]
-        try:
-            if sha256_file(gate["path"]) != gate["sha256"]:
-                raise RecycleError(f"COSMO gate {gate['path']} changed since it was trained; train it again "
-                                   f"(recycle train-cosmo-gate {plan.label})")
-        except OSError:
-            raise RecycleError(f"COSMO gate {gate['path']} is missing; train it again") from None
-        t = load_tensors(gate["path"], "COSMO gate")
-        meta = tensor_metadata(gate["path"])
+        path = METHOD.trained_file(plan)
+        t = load_tensors(path, "COSMO gate")
+        meta = tensor_metadata(path)
         self.ident = {"names": meta["members"], "means": t["means"], "precision": t["precision"]}
         self.gate = {k: t[f"gate.{k}"] for k in ("mean", "std", "w", "b")}
         self.far = {k: t[f"far.{k}"] for k in ("mean", "std", "w", "b")} if "far.w" in t else None
@@ -588,8 +518,8 @@ def train_gate(
     plan.state = {}
     key = hashlib.sha256(json.dumps({"composition": plan.content_key, "settings": settings.to_dict()},
                                     sort_keys=True).encode()).hexdigest()
-    old = (row.get("state") or {}).get("gate")
-    if old and old.get("key") == key and not force and sha256_ok(old, sha256_file):
+    old = None if force else METHOD.found_done(row, key)
+    if old:
         report.say(f"skip {name}: gate trained with these settings ({key[:12]}); --force retrains")
         return {**old, "status": "skipped"}
     registry.check_writable()
@@ -609,7 +539,7 @@ def train_gate(
             for f, held in enumerate(splits)]
     results: list[dict] = []
     errors: list[str] = []
-    cluster.run(run_fold_job, jobs, cluster.Resources(cpus, gpus), "folds",
+    cluster.run(METHOD.train_job, jobs, cluster.Resources(cpus, gpus), "folds",
                 lambda j, r: (results.append(r), report.ok(f"fold {j.fold} (held out {', '.join(j.held)}): "
                                                            f"{r['seconds']:.0f} s")),
                 on_error=lambda j, e: (errors.append(e), report.fail(f"fold {j.fold}: {e}")), address=address,
@@ -630,20 +560,83 @@ def train_gate(
     meta = {"composition": name, "key": key, "members": names, "settings": settings.to_dict(),
             "theta": fitted["theta"], "temperature": fitted["temperature"], "metrics": fitted["metrics"],
             "folds": [r["held"] for r in results]}
-    out = registry.artifacts_dir / "compositions" / name / f"gate-{key[:16]}.safetensors"
+    out = METHOD.state_path(registry, name, key)
     save_tensors(out, tensors, meta)
     state = {"path": str(out), "sha256": sha256_file(out), "key": key, "settings": settings.to_dict(),
              "folds": meta["folds"], "metrics": fitted["metrics"], "theta": fitted["theta"],
              "temperature": fitted["temperature"]}
-    registry.set_composition_state(name, "gate", state, expect_settings=row["settings"])
+    METHOD.record_state(registry, row, state)
     m = fitted["metrics"][mode]
     report.ok(f"{name}: gate on {len(results)} folds: AUC {m['auc']:.3f}, ECE {m['ece']:.3f}, fold S {m['S']:.3f} "
               f"U {m['U']:.3f} H {m['H']:.3f} (θ {m['theta']:.2f}, T {m['temperature']:g})")
     return {**state, "status": "trained"}
 
 
-def sha256_ok(part: dict, sha256_file) -> bool:
-    try:
-        return sha256_file(part["path"]) == part["sha256"]
-    except OSError:
-        return False
+# ---- the method ----------------------------------------------------------------------------
+
+
+class Cosmo(Method):
+    name = "cosmo"
+    summary = "COSMO: a seen/unseen gate between the identified expert and a routed composition (recycle train)"
+    Settings = CosmoSettings
+    needs = "task"
+    in_default_eval = False
+    shares_trunk = False  # its scorer runs several sides, each on the whole model
+    TrainSettings = GateTrainSettings
+    state_key, state_what = "gate", "COSMO gate"
+    trains = "train-cosmo-gate"
+    train_job = staticmethod(run_fold_job)
+
+    def plan_members(self, registry, experts):
+        members = super().plan_members(registry, experts)
+        if len(members) < 2:
+            raise RecycleError("cosmo needs at least two members (folds leave experts out)")
+        return members
+
+    def check_stored(self, registry, name, settings, members, base):
+        """``--unseen`` names another stored composition, not a COSMO one, over the same base
+        and the same members (what :meth:`gather` needs when the composition is used)."""
+        unseen = settings.unseen
+        if not unseen:
+            return
+        if unseen == name:
+            raise RecycleError(f"--unseen {unseen}: a composition cannot be its own unseen side")
+        other = registry.composition_or_none(unseen)
+        if other is None:
+            known = [c["name"] for c in registry.compositions() if c["method"] != self.name]
+            raise RecycleError(f"--unseen {unseen!r}: no stored composition of that name (store one first, e.g. "
+                               f"recycle compose pg --method phatgoose --all; stored: {', '.join(known) or 'none'})")
+        if other["method"] == self.name:
+            raise RecycleError(f"--unseen {unseen}: a COSMO composition cannot be the unseen side of another")
+        if other.get("base_model") != base:
+            raise RecycleError(f"--unseen {unseen}: it is over base model {other.get('base_model')}, not {base}")
+        if sorted((m["name"], m["sha256"]) for m in other["members"]) != sorted((m["name"], m["sha256"])
+                                                                               for m in members):
+            raise RecycleError(f"--unseen {unseen}: its members differ from this composition's")
+
+    def gather(self, registry, plan, seed=0):
+        from recycle import compose
+
+        own_examples(registry, plan, PROTOTYPE_EXAMPLES, seed)
+        s = self.settings(plan.settings)
+        if s.unseen:
+            part = compose.plan(registry, composition=s.unseen, data_seed=seed)
+            if part.method == self.name:
+                raise RecycleError("--unseen: a COSMO composition cannot be the unseen side of another")
+            if sorted(part.member_hashes.items()) != sorted(plan.member_hashes.items()):
+                raise RecycleError(f"--unseen {s.unseen}: its members differ from this composition's")
+        else:
+            part = compose.plan(registry, method="phatgoose", experts=[m["name"] for m in plan.members],
+                                data_seed=seed)
+        plan.data["parts"] = {"unseen": part.to_dict()}
+
+    def scorer(self, plan, model, tokenizer):
+        if not plan.state.get("gate"):
+            raise RecycleError(f"composition {plan.label} has no gate yet: train it with recycle train {plan.label}")
+        return CosmoScorer(plan, model, tokenizer)
+
+    def train(self, registry, name, settings, **kw):
+        return train_gate(registry, name, settings, **kw)
+
+
+METHOD = Cosmo()

@@ -11,9 +11,11 @@ A method is a :class:`Method` subclass with
 - the worker side, which never sees the registry: :meth:`Method.build` (install the
   method on a model from loaded experts, settings and artifacts), :meth:`Method.install`
   (the same from a :class:`Plan`) and, for per-example methods, :meth:`Method.assign`;
-- where the method trains something, its library entry point (``moepp.train_router``,
-  ``cosmo.train_gate``; PHATGOOSE's gates: :func:`recycle.gates.train`) and ``trains``, the
-  command that calls it.
+- where the method trains something per composition (MoE++'s router, COSMO's gate): its
+  ``TrainSettings``, :meth:`Method.train` (the driver: Ray tasks of :meth:`Method.train_job`,
+  a plain function, then the state recorded with the composition by
+  :meth:`Method.record_state`) and :meth:`Method.load_state` (the worker puts it back on an
+  installed model). ``recycle train NAME`` and a pipeline's ``[[training]]`` read these.
 
 A :class:`Plan` is the picklable hand-over from driver to worker; :func:`install` builds a
 plan's composition on a model (with anything trained for it) inside the worker.
@@ -91,7 +93,12 @@ class Method:
     token_routed: ClassVar[bool] = False  # routes each token (routing is recorded)
     per_example: ClassVar[bool] = False  # needs assign() before each batch
     in_default_eval: ClassVar[bool] = True  # one of `recycle eval`'s default methods
-    trains: ClassVar[str | None] = None  # the CLI command that trains what the method needs, if anything
+    shares_trunk: ClassVar[bool] = True  # its scorer takes the layers below the experts computed once for all
+    # training something per composition (None: nothing to train; see the module docstring)
+    TrainSettings: ClassVar[type[Settings] | None] = None  # what `recycle train NAME` takes
+    state_key: ClassVar[str] = ""  # the trained state's entry in the composition and its file's prefix
+    state_what: ClassVar[str] = ""  # how messages name it
+    trains: ClassVar[str | None] = None  # the command that trains what it needs (per composition: an alias of train)
 
     # ---- settings ------------------------------------------------------------------
 
@@ -101,6 +108,14 @@ class Method:
     def label(self, settings: Settings) -> str:
         """How an ad-hoc use of the method is named in result tables."""
         return self.name
+
+    def unavailable(self, registry) -> str | None:
+        """Why the method cannot run over this registry's experts at all (None: it can)."""
+        return None
+
+    def skips(self, plan: Plan, task: str) -> str | None:
+        """Why ``plan`` is not evaluated on ``task`` (None: it is)."""
+        return None
 
     # ---- driver side ---------------------------------------------------------------
 
@@ -182,6 +197,61 @@ class Method:
         """What scores examples for this plan on a loaded base model (worker side): by
         default the composition installed once, rank classification through it."""
         return InstalledScorer(self, plan, model, tokenizer)
+
+    # ---- training (methods with TrainSettings) ---------------------------------------
+
+    def train(self, registry, name: str, settings: Settings, *, force: bool = False, address: str | None = None,
+              gpus: float | None = None, cpus: float = 1.0, report=None) -> dict:
+        """Driver: train stored composition ``name``'s state as Ray tasks of
+        :meth:`train_job` and record it; found done (``status: skipped``) when trained with
+        the same composition and settings. Returns the state plus ``status``."""
+        raise RecycleError(f"{self.name} trains nothing per composition")
+
+    @staticmethod
+    def train_job(job) -> dict:
+        """Worker side: one Ray task of :meth:`train` (plain data in, a plain result out)."""
+        raise NotImplementedError
+
+    def state_path(self, registry, name: str, key: str) -> Path:
+        """Where the state trained for composition ``name`` with content key ``key`` is written."""
+        return registry.artifacts_dir / "compositions" / name / f"{self.state_key}-{key[:16]}.safetensors"
+
+    def found_done(self, row: dict, key: str) -> dict | None:
+        """The composition's recorded state when it was trained for ``key`` and its file is intact."""
+        from recycle.adapters import sha256_file
+
+        old = (row.get("state") or {}).get(self.state_key)
+        try:
+            return old if old and old.get("key") == key and sha256_file(old["path"]) == old["sha256"] else None
+        except OSError:
+            return None
+
+    def record_state(self, registry, row: dict, state: dict) -> None:
+        """Record the trained state with the composition (refused if it was replaced meanwhile)."""
+        registry.set_composition_state(row["name"], self.state_key, state, expect_settings=row["settings"])
+
+    def trained_file(self, plan: Plan) -> str | None:
+        """Worker side: the path of the state trained for ``plan`` (None if none), checked
+        against the hash recorded when it was trained."""
+        from recycle.adapters import sha256_file
+
+        part = plan.state.get(self.state_key) if self.state_key else None
+        if not part:
+            return None
+        try:
+            if sha256_file(part["path"]) != part["sha256"]:
+                raise RecycleError(f"{self.state_what} {part['path']} changed since {self._it('they were', 'it was')} "
+                                   f"trained; train {self._it('them', 'it')} again (recycle train {plan.label})")
+        except OSError:
+            raise RecycleError(f"{self.state_what} {part['path']} {self._it('are', 'is')} missing; "
+                               f"train {self._it('them', 'it')} again") from None
+        return part["path"]
+
+    def _it(self, plural: str, singular: str) -> str:
+        return plural if self.state_what.endswith("s") else singular
+
+    def load_state(self, plan: Plan, handle) -> None:
+        """Worker side: put the state trained for ``plan`` on its installed ``handle``."""
 
 
 @dataclass
@@ -297,28 +367,13 @@ def per_example_rows(handle, chosen: list | None):
 
 def install(method: Method, plan: Plan, model, tokenizer):
     """Install the plan's composition (of ``method``) on ``model`` (in place), with anything
-    trained for it; returns the RoutedModel handle."""
-    from recycle.adapters import sha256_file
-    from recycle.files import load_tensors
-
+    trained for it (:meth:`Method.load_state`); returns the RoutedModel handle."""
     handle = method.install(plan, model, tokenizer)
-    router = plan.state.get("router")
-    if router:
-        try:
-            if sha256_file(router["path"]) != router["sha256"]:
-                raise RecycleError(f"router parameters {router['path']} changed since they were trained; "
-                                   f"train them again (recycle {method.trains} {plan.label})")
-        except OSError:
-            handle.remove()
-            raise RecycleError(f"router parameters {router['path']} are missing; train them again") from None
-        except RecycleError:
-            handle.remove()
-            raise
-        try:
-            handle.load_router_state(load_tensors(router["path"], "router parameters"))
-        except BaseException:
-            handle.remove()
-            raise
+    try:
+        method.load_state(plan, handle)
+    except BaseException:
+        handle.remove()
+        raise
     return handle
 
 

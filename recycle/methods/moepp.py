@@ -27,7 +27,7 @@ computation-free expert's logit is an offset from the token's k-th best LoRA log
 exactly PHATGOOSE top-k routing over the same experts (tests/test_moepp.py); one takes a slot
 once its learned advantage ``u_c`` exceeds 1.
 
-Training (:func:`train_router`, ``recycle train-router``): only those parameters, on a
+Training (:func:`train_router`, ``recycle train NAME``): only those parameters, on a
 calibration mix, with the LM loss on the answer tokens plus ``beta`` times the τ-weighted
 balance loss of the paper, ``E Σ_i η_i f_i P_i`` per routed module (f_i: share of the
 token's k slots given to expert i, P_i: mean routing probability, η = 1 for LoRA experts and
@@ -57,7 +57,7 @@ from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods.method import Method, setting
 from recycle.methods.phatgoose import vectors_for
-from recycle.settings import RouterTrainSettings, Settings  # noqa: F401  (re-exported)
+from recycle.settings import RouterTrainOptions, RouterTrainSettings, Settings  # noqa: F401  (re-exported)
 
 MAX_FREE = 64  # computation-free experts per module (zero + copy + constant), refused beyond when stored
 
@@ -81,32 +81,6 @@ class MoeppSettings(Settings):
     @property
     def n_free(self) -> int:
         return self.zero + self.copy + self.constant
-
-
-class Moepp(Method):
-    name = "moepp"
-    summary = ("MoE++: PHATGOOSE routing plus zero/copy/constant experts and gating residuals, "
-               "trained post hoc (train-router)")
-    Settings = MoeppSettings
-    needs = "gates"
-    token_routed = True
-    in_default_eval = False
-    trains = "train-router"
-
-    def artifacts(self, plan, model, tokenizer):
-        return {"gates": {m["name"]: m["gates"] for m in plan.members}}
-
-    def build(self, model, experts, settings, gates=None):
-        from recycle.routing import install_routed
-        from recycle.routing.moepp import MoeppRouter, link_residuals
-
-        vectors = vectors_for(gates, [e.name for e in experts], "gates")
-        handle = install_routed(model, experts, lambda layer: MoeppRouter(layer, vectors, settings), self.name)
-        link_residuals(handle, settings)
-        return handle
-
-
-METHOD = Moepp()
 
 
 # ---- training ------------------------------------------------------------------------
@@ -279,20 +253,19 @@ def train_router(
     rows, source = calibration(registry, plan, calibration_source, settings.examples, settings.seed)
     key = hashlib.sha256(json.dumps({"composition": plan.content_key, "settings": settings.to_dict(),
                                      "calibration": source, "n": len(rows)}, sort_keys=True).encode()).hexdigest()
-    old = (row.get("state") or {}).get("router")
-    if old and old.get("key") == key and not force and Path(old["path"]).is_file() \
-            and sha256_file(old["path"]) == old["sha256"]:
+    old = None if force else METHOD.found_done(row, key)
+    if old:
         report.say(f"skip {name}: router trained with these settings ({key[:12]}); --force retrains")
         return {**old, "status": "skipped"}
     registry.check_writable()
-    out = registry.artifacts_dir / "compositions" / name / f"router-{key[:16]}.safetensors"
+    out = METHOD.state_path(registry, name, key)
     meta = {"composition": name, "method": row["method"], "key": key, "settings": settings.to_dict(),
             "calibration": source}
     job = RouterJob(plan.to_dict(), rows, settings.to_dict(), str(out), meta)
     result: dict = {}
     errors: list[str] = []
     try:
-        cluster.run(run_router_job, [job], cluster.Resources(cpus, gpus), "router", lambda j, r: result.update(r),
+        cluster.run(METHOD.train_job, [job], cluster.Resources(cpus, gpus), "router", lambda j, r: result.update(r),
                     on_error=lambda j, e: errors.append(e), address=address, report=report,
                     what=f"training the router of {name} ({len(rows)} calibration examples, {settings.steps} steps)")
     finally:
@@ -302,8 +275,50 @@ def train_router(
     state = {"path": str(out), "sha256": sha256_file(out), "key": key, "settings": settings.to_dict(),
              "calibration": source, **{k: result[k] for k in ("steps", "loss_start", "loss_end", "balance_start",
                                                                "balance_end", "examples", "seconds")}}
-    registry.set_composition_state(name, "router", state, expect_settings=row["settings"])
+    METHOD.record_state(registry, row, state)
     what = "distillation KL" if settings.objective == "distill" else "LM loss"
     report.ok(f"{name}: {what} {result['loss_start']:.4f} → {result['loss_end']:.4f}, balance "
               f"{result['balance_start']:.3f} → {result['balance_end']:.3f}, {result['seconds']:.0f} s")
     return {**state, "status": "trained"}
+
+
+# ---- the method ------------------------------------------------------------------------
+
+
+class Moepp(Method):
+    name = "moepp"
+    summary = ("MoE++: PHATGOOSE routing plus zero/copy/constant experts and gating residuals, "
+               "trained post hoc (recycle train)")
+    Settings = MoeppSettings
+    needs = "gates"
+    token_routed = True
+    in_default_eval = False
+    TrainSettings = RouterTrainOptions
+    state_key, state_what = "router", "router parameters"
+    trains = "train-router"
+    train_job = staticmethod(run_router_job)
+
+    def artifacts(self, plan, model, tokenizer):
+        return {"gates": {m["name"]: m["gates"] for m in plan.members}}
+
+    def build(self, model, experts, settings, gates=None):
+        from recycle.routing import install_routed
+        from recycle.routing.moepp import MoeppRouter, link_residuals
+
+        vectors = vectors_for(gates, [e.name for e in experts], "gates")
+        handle = install_routed(model, experts, lambda layer: MoeppRouter(layer, vectors, settings), self.name)
+        link_residuals(handle, settings)
+        return handle
+
+    def load_state(self, plan, handle):
+        from recycle.files import load_tensors
+
+        path = self.trained_file(plan)
+        if path:
+            handle.load_router_state(load_tensors(path, "router parameters"))
+
+    def train(self, registry, name, settings, **kw):
+        return train_router(registry, name, settings.settings(), calibration_source=settings.calibration or None, **kw)
+
+
+METHOD = Moepp()
