@@ -31,7 +31,6 @@ from recycle import methods
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods import Plan
-from recycle.methods.method import InstalledScorer
 from recycle.registry import Registry
 from recycle.stats import mcnemar, paired_bootstrap, suh, wilson
 
@@ -164,7 +163,7 @@ def _score_job(job: EvalJob, model, tok, trunk=None) -> dict:
     examples = job.examples
     scorer = method.scorer(plan, model, tok)
     try:
-        kw = {"trunk": trunk} if trunk is not None and isinstance(scorer, InstalledScorer) else {}
+        kw = {"trunk": trunk} if trunk is not None else {}
         out = scorer.score(examples, [job.task] * len(examples), batch_size=job.batch_size,
                            max_length=job.max_length, record=True, **kw)
     finally:
@@ -211,7 +210,7 @@ def run_eval_group(group: EvalGroup) -> dict:
     device = cluster.device(group.device)
     model.to(device)
     trunk = None
-    shared = [j for j in group.jobs if type(methods.get(j.plan["method"])).scorer is methods.Method.scorer]
+    shared = [j for j in group.jobs if methods.get(j.plan["method"]).shares_trunk]
     if group.share and len(shared) > 1:
         starts = [lowest_adapted_layer(Plan(**j.plan)) for j in shared]
         trunk = Trunk.for_model(model, min((s for s in starts if s is not None), default=None))
@@ -271,8 +270,9 @@ def plan_eval(registry: Registry, request: EvalRequest) -> tuple[list[EvalJob], 
     skipped: list[dict] = []
     for spec in request.methods:
         m, _ = methods.parse(spec)
-        if m.members == "multitask" and not any(methods.is_multitask(e) for e in registry.experts()):
-            skipped.append({"label": spec, "task": "*", "reason": "no multitask expert registered"})
+        reason = m.unavailable(registry)
+        if reason:
+            skipped.append({"label": spec, "task": "*", "reason": reason})
             continue
         settings = {"top_k": request.top_k} if request.top_k is not None and "top_k" in m.Settings.names() else {}
         plans.append(comp.plan(registry, method=spec, settings=settings, data_seed=request.seed))
@@ -280,8 +280,9 @@ def plan_eval(registry: Registry, request: EvalRequest) -> tuple[list[EvalJob], 
     examples_cache: dict[str, list] = {}
     for p in plans:
         for task, held in chosen_tasks:
-            if p.method == "oracle" and task not in {m["task"] for m in p.members}:
-                skipped.append({"label": p.label, "task": task, "reason": "no expert for this task (held-out)"})
+            reason = methods.get(p.method).skips(p, task)
+            if reason:
+                skipped.append({"label": p.label, "task": task, "reason": reason})
                 continue
             if task not in examples_cache:
                 examples_cache[task] = load_examples(registry, task, "test", n=request.n, seed=request.seed)

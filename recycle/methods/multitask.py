@@ -17,6 +17,11 @@ class Multitask(Single):
     def label(self, settings):
         return self.name
 
+    def unavailable(self, registry):
+        from recycle.methods.method import is_multitask
+
+        return None if any(is_multitask(e) for e in registry.experts()) else "no multitask expert registered"
+
     def select(self, registry, names, values):
         experts = [registry.expert(n) for n in names] if names else None
         if experts is None:
