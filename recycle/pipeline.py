@@ -1,9 +1,9 @@
-"""Pipelines: a TOML file of steps (tasks, experts, gates, compositions, evaluations) run in
-order by ``recycle run FILE``, each step skipped when its result is already in the registry,
-so a pipeline resumes where a crash or Ctrl-C left it. Every step calls the same library
-functions as the command a user types (``add-task``, ``train-expert``, ``add-expert``,
-``train-gates``, ``compose``, ``eval``), with the same checks; values from the file are
-never turned into command lines.
+"""Pipelines: a TOML file of steps (tasks, experts, gates, compositions, their training,
+evaluations) run in order by ``recycle run FILE``, each step skipped when its result is
+already in the registry, so a pipeline resumes where a crash or Ctrl-C left it. Every step
+calls the same library functions as the command a user types (``add-task``,
+``train-expert``, ``add-expert``, ``train-gates``, ``compose``, ``train``, ``eval``), with
+the same checks; values from the file are never turned into command lines.
 
 ::
 
@@ -31,6 +31,10 @@ never turned into command lines.
     method = "phatgoose"
     top_k = 2
 
+    [[training]]                  # recycle train NAME: what a composition's method learns (MoE++'s
+    composition = "moe"           # router, COSMO's gate); any of its training settings
+    steps = 200                   # (recycle train --help), and cpus / gpus per task
+
     [[evaluations]]
     methods = ["base", "uniform", "arrow", "phatgoose"]
     tasks = "held-out"
@@ -56,11 +60,14 @@ from recycle.settings import EvalSettings, GateSettings, Resources, Settings, Tr
 # The keys of each table: its settings' fields (recycle/settings.py), plus what names things.
 TASK_RESOURCES = {"cpus": "cpus_per_task", "gpus": "gpus_per_task"}
 EXPERT_RESOURCES = {"cpus": "cpus_per_expert", "gpus": "gpus_per_expert"}
-TOP_KEYS = {"name", "description", "base", "tasks", "train", "experts", "gates", "compositions", "evaluations"}
+TRAINING_RESOURCES = {"cpus": "cpus", "gpus": "gpus"}  # per Ray task, as `recycle train` names them
+TOP_KEYS = {"name", "description", "base", "tasks", "train", "experts", "gates", "compositions", "training",
+            "evaluations"}
 TRAIN_KEYS = set(TrainSettings.names())
 EXPERT_KEYS = TRAIN_KEYS | {"task", "multitask", "name", "adapter", "dataset"}
 GATE_KEYS = set(GateSettings.names()) | set(EXPERT_RESOURCES.values())
 COMPOSITION_KEYS = {"name", "method", "experts"}  # plus the method's own settings
+TRAINING_KEYS = {"composition"} | set(TRAINING_RESOURCES.values())  # plus its method's training settings
 EVAL_KEYS = set(EvalSettings.names()) | set(TASK_RESOURCES.values()) | {"methods", "compositions", "output",
                                                                          "plot_method"}
 
@@ -79,6 +86,7 @@ class Pipeline:
     gpus_per_task: float | None = None
     gate_resources: Resources = field(default_factory=Resources)
     compositions: list[dict] = field(default_factory=list)
+    training: list[dict] = field(default_factory=list)
     evaluations: list[dict] = field(default_factory=list)
 
 
@@ -170,6 +178,9 @@ def load(path: str | Path) -> Pipeline:
         _settings(path, f"[[compositions]] {i + 1}", m.Settings,
                   {k: v for k, v in c.items() if k not in COMPOSITION_KEYS})
         p.compositions.append(c)
+    composed = {c["name"]: c["method"] for c in p.compositions}
+    for i, t in enumerate(_table_list(path, "training", raw.get("training", []))):
+        p.training.append(_training(path, i + 1, t, composed))
     for i, ev in enumerate(_table_list(path, "evaluations", raw.get("evaluations", []))):
         where = f"[[evaluations]] {i + 1}"
         _check_keys(path, f"evaluations {i + 1}", ev, EVAL_KEYS)
@@ -194,6 +205,30 @@ def load(path: str | Path) -> Pipeline:
             _writable_folder(path, f"{where} output", output_target(ev["output"]).parent)
         p.evaluations.append(ev)
     return p
+
+
+def _training(path, i: int, t: dict, composed: dict[str, str]) -> dict:
+    """A ``[[training]]`` entry: its composition's name and its resources checked here; its
+    keys and values against the method's training settings when the composition is one of
+    this file's (one stored before: by :meth:`Runner.check_references`, before anything runs)."""
+    if not isinstance(t.get("composition"), str):
+        raise _bad(path, f"training {i} needs composition = \"NAME\"")
+    _named(path, f"training {i}", "composition", t["composition"])
+    _settings(path, f"[[training]] {i}", Resources, _take(dict(t), TRAINING_RESOURCES), TRAINING_RESOURCES)
+    if t["composition"] in composed:
+        training_settings(path, i, t, composed[t["composition"]])
+    return t
+
+
+def training_settings(path, i: int, t: dict, method: str) -> Settings:
+    """``[[training]]`` entry ``i``'s settings for a composition of ``method``, every key and
+    value checked by the method's ``TrainSettings``."""
+    m, _ = methods.parse(method)
+    if m.TrainSettings is None:
+        raise _bad(path, f"training {i}: composition {t['composition']} is {m.name}, which trains nothing")
+    _check_keys(path, f"training {i}", t, TRAINING_KEYS | set(m.TrainSettings.names()))
+    return _settings(path, f"[[training]] {i}", m.TrainSettings,
+                     {k: v for k, v in t.items() if k not in TRAINING_KEYS})
 
 
 def output_target(output: str) -> Path:
@@ -296,36 +331,43 @@ class Runner:
         outputs = []
         to_train = [e for e in p.experts if "adapter" not in e
                     and registry.expert_or_none(e.get("name") or e.get("task")) is None]
-        needs_ray = p.gates is not None or p.evaluations or to_train
+        needs_ray = p.gates is not None or p.training or p.evaluations or to_train
         ctx = cluster.connect(self.address) if needs_ray else _null()
         with ctx:
             self.step("experts", lambda: self.experts(registry))
             if p.gates is not None:
                 self.step("gates", lambda: self.train_gates(registry))
             self.step("compositions", lambda: self.compose(registry))
+            for i, t in enumerate(p.training):
+                self.step(f"training {i + 1} ({t['composition']})", lambda t=t: self.train(registry, t))
             for i, ev in enumerate(p.evaluations):
                 self.step(f"evaluation {i + 1}", lambda ev=ev: outputs.append(self.evaluate(registry, ev)))
         self.say(f"pipeline {p.name}: done in {time.time() - t0:.0f} s; registry {registry.path}")
         return outputs
 
     def check_references(self) -> None:
-        """Every composition an evaluation names is made by the pipeline or stored already
-        (checked before anything, a new registry file included, is written)."""
+        """Every composition an evaluation or a training step names is made by the pipeline
+        or stored already, and a stored one's training settings fit its method (checked
+        before anything, a new registry file included, is written)."""
         from recycle.registry import Registry
 
         made = {c["name"] for c in self.p.compositions}
-        wanted = [(i, n) for i, ev in enumerate(self.p.evaluations) for n in ev.get("compositions", [])
-                  if n not in made]
+        wanted = [(f"evaluation {i + 1}", n) for i, ev in enumerate(self.p.evaluations)
+                  for n in ev.get("compositions", []) if n not in made]
+        trained = [(i + 1, t) for i, t in enumerate(self.p.training) if t["composition"] not in made]
+        wanted += [(f"training {i}", t["composition"]) for i, t in trained]
         if not wanted:
             return
         try:
             registry = Registry(self.db, create=False)
         except RecycleError:
             registry = None  # no registry yet: nothing stored
-        for i, name in wanted:
+        for where, name in wanted:
             if registry is None or registry.composition_or_none(name) is None:
-                raise RecycleError(f"{self.p.path.name}: evaluation {i + 1}: no composition {name} (neither in the "
+                raise RecycleError(f"{self.p.path.name}: {where}: no composition {name} (neither in the "
                                    "pipeline's [[compositions]] nor in the registry)")
+        for i, t in trained:
+            training_settings(self.p.path, i, t, registry.composition(t["composition"])["method"])
 
     def step(self, name: str, fn) -> None:
         t = time.time()
@@ -411,6 +453,16 @@ class Runner:
             row = compose.create(registry, c["name"], c["method"], c.get("experts"), settings, replace=True)
             self.say(f"   composition {row['name']}: {row['method']} over {len(row['members'])} experts "
                      f"({row.get('status', 'stored')})")
+
+    def train(self, registry, t: dict) -> None:
+        from recycle import compose
+
+        values = dict(t)
+        resources = Resources.from_dict(_take(values, TRAINING_RESOURCES), "[[training]]")  # checked at load
+        del values["composition"]
+        out = compose.train(registry, t["composition"], values, address=self.address, gpus=resources.gpus,
+                            cpus=resources.cpus, report=self.report)
+        self.say(f"   composition {t['composition']}: {out['status']} ({out['path']})")
 
     def evaluate(self, registry, ev: dict) -> dict:
         from recycle import evaluation as E

@@ -145,6 +145,13 @@ CHECKED_WHOLE = [
     ('[[evaluations]]\ncompositions = ["nowhere"]', "evaluation 1: no composition nowhere"),
     ('[[evaluations]]\ncompositions = ["../x"]', "evaluation 1 compositions"),
     ('[[compositions]]\nname = "c"\nmethod = "cosmo"\nseen = "all"', "[[compositions]] 1: seen must be top1 or"),
+    ('[[compositions]]\nname = "c"\nmethod = "cosmo"\n[[training]]\ncomposition = "c"\nfolds = 1',
+     "[[training]] 1: folds must be at least 2"),
+    ('[[compositions]]\nname = "m"\nmethod = "moepp"\n[[training]]\ncomposition = "m"\nsteps = "many"',
+     "[[training]] 1: steps must be int"),
+    ('[[training]]\ncomposition = "c"\ncpus = 0', "[[training]] 1: cpus must be positive"),
+    ('[[training]]\ncomposition = "c"\ngpus = -1', "[[training]] 1: gpus must be 0 or more"),
+    ('[[training]]\ncomposition = "nowhere"', "training 1: no composition nowhere"),
 ]
 
 
@@ -228,3 +235,90 @@ def test_pipeline_through_ray_job_submit(tmp_path, tiny_base, cache_root):
     assert conn.execute("select count(*) from experts").fetchone()[0] == 3
     assert conn.execute("select count(*) from gates").fetchone()[0] == 2
     assert conn.execute("select count(distinct label) from eval_results").fetchone()[0] == 5
+
+
+def test_pipeline_trains_a_composition_and_finds_it_done(tmp_path, make_adapter):
+    """A ``[[training]]`` step trains what a composition's method learns (here MoE++'s
+    router) as ``recycle train`` does, after the compositions and before the evaluations."""
+    from recycle.registry import Registry
+
+    write_tiny_pipeline(tmp_path)
+    for seed, name in enumerate(("t_one", "t_two")):
+        make_adapter(tmp_path / f"a_{name}", seed=seed)
+    p = tmp_path / "trained.toml"
+    p.write_text('''
+name = "trained"
+base = "tiny-llama"
+
+[tasks]
+specs = ["t_one.toml", "t_two.toml"]
+
+[[experts]]
+adapter = "a_t_one"
+task = "t_one"
+
+[[experts]]
+adapter = "a_t_two"
+task = "t_two"
+
+[gates]
+steps = 2
+batch_size = 4
+max_length = 48
+
+[[compositions]]
+name = "moe"
+method = "moepp"
+
+[[training]]
+composition = "moe"
+steps = 2
+examples = 8
+batch_size = 4
+max_length = 48
+calibration = "t_one"
+''')
+    r = runner.invoke(app, ["run", str(p)])
+    assert r.exit_code == 0, r.output
+    state = Registry().composition("moe")["state"]["router"]
+    assert state["steps"] == 2 and state["examples"] == 8 and list(state["calibration"]["tasks"]) == ["t_one"]
+    r = runner.invoke(app, ["run", str(p)])
+    assert r.exit_code == 0, r.output
+    assert "composition moe: skipped" in r.stderr
+    assert Registry().composition("moe")["state"]["router"] == state
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[training]]\nsteps = 3', "training 1 needs composition"),
+        ('[[compositions]]\nname = "u"\nmethod = "uniform"\n[[training]]\ncomposition = "u"',
+         "uniform, which trains nothing"),
+        ('[[compositions]]\nname = "m"\nmethod = "moepp"\n[[training]]\ncomposition = "m"\nfolds = 2',
+         "unknown key(s) in [training 1]: folds"),
+    ],
+)
+def test_bad_training_step(tmp_path, text, message):
+    f = tmp_path / "bad.toml"
+    f.write_text('name = "x"\nbase = "tiny-llama"\n' + text)
+    r = runner.invoke(app, ["run", str(f)])
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_training_a_stored_composition_is_checked_before_any_step(tmp_path, make_adapter):
+    """A ``[[training]]`` step for a composition stored before the run is checked against
+    its method (read from the registry) before the first step writes anything."""
+    from recycle.registry import Registry
+
+    r = runner.invoke(app, ["add-expert", str(make_adapter(tmp_path / "a", seed=0)), "--base", "tiny-llama"])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(app, ["compose", "u", "--method", "uniform", "--all"]).exit_code == 0
+    write_tiny_pipeline(tmp_path)
+    f = tmp_path / "p.toml"
+    f.write_text('name = "x"\nbase = "tiny-llama"\n[tasks]\nspecs = ["t_one.toml"]\n[[training]]\ncomposition = "u"')
+    r = runner.invoke(app, ["run", str(f)])
+    assert r.exit_code == 2, r.output
+    assert "training 1: composition u is uniform, which trains nothing" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert Registry().tasks() == []  # the tasks step never ran
