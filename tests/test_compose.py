@@ -3,93 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from recycle.cli import app
-
-runner = CliRunner()
-
-
-def cli(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def ok(*args):
-    r = cli(*args)
-    assert r.exit_code == 0, r.output
-    return r
-
-
-def one_line_error(r, code=2):
-    assert r.exit_code == code, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    return lines[0]
-
-
-TASKS = {
-    "t_alpha": ("Alpha: {text}\nAnswer:", [" a", " b"]),
-    "t_beta": ("Beta: {text}\nPick one:", [" c", " d e"]),
-}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, make_adapter):
-    """Two user tasks over local JSONL, one adapter per task (plain PEFT)."""
-    root = tmp_path_factory.mktemp("world")
-    specs = {}
-    for i, (name, (template, choices)) in enumerate(TASKS.items()):
-        data = root / f"{name}.jsonl"
-        with data.open("w") as f:
-            for j in range(60):
-                f.write(json.dumps({"text": f"{name} item {j} {'x' * (j % 7)}", "label": j % 2}) + "\n")
-        spec = root / f"{name}.toml"
-        spec.write_text(
-            f'name = "{name}"\ntemplate = {json.dumps(template)}\nchoices = {json.dumps(choices)}\n'
-            f'label_field = "label"\n\n[source]\nbuilder = "json"\ndata_files = "{data.name}"\n'
-        )
-        specs[name] = spec
-    adapters = {
-        "ea": make_adapter(root / "ea", r=4, seed=11, targets=("q_proj", "v_proj", "up_proj")),
-        "eb": make_adapter(root / "eb", r=8, seed=12, targets=("q_proj", "v_proj", "down_proj")),
-    }
-    return {"root": root, "specs": specs, "adapters": adapters}
-
-
-@pytest.fixture
-def registered(world):
-    for spec in world["specs"].values():
-        ok("add-task", spec)
-    ok("add-expert", world["adapters"]["ea"], "--task", "t_alpha", "--base", "tiny-llama")
-    ok("add-expert", world["adapters"]["eb"], "--task", "t_beta", "--base", "tiny-llama")
-    return world
-
-
-def train_real_gates(names, steps=3):
-    """Real gate training (recycle.gates) on each expert's own train split, recorded as the
-    train-gates driver records it."""
-    import json as _json
-
-    from recycle.gates import GateJob, GateSettings, gates_path, run_gate_job
-    from recycle.registry import Registry
-    from recycle.tasks import load_examples
-
-    reg = Registry()
-    settings = GateSettings(steps=steps, batch_size=4, max_length=64)
-    for n in names:
-        e = reg.expert(n)
-        out = gates_path(reg.artifacts_dir, n, settings.hash, e["sha256"])
-        job = GateJob(n, e["base_model"], e["path"], e["sha256"], load_examples(reg, e["task"], "train"),
-                      {k: v for k, v in settings.to_dict().items() if k != "algorithm"}, str(out))
-        result = run_gate_job(job)
-        reg.record_gates(e, {"path": result["path"], "settings_hash": settings.hash,
-                             "settings": _json.dumps(settings.to_dict(), sort_keys=True),
-                             **{k: result[k] for k in ("steps", "loss_start", "loss_end", "seconds")}})
+from tests.conftest import cli, ok, one_line_error, train_real_gates
 
 
 def test_phatgoose_without_gates_is_refused_naming_the_experts(registered):

@@ -12,7 +12,7 @@ import torch
 
 from recycle.methods import cosmo as C
 
-from tests.test_compose import cli, ok, one_line_error, registered, train_real_gates, world  # noqa: F401
+from tests.conftest import cli, ok, one_line_error, train_real_gates
 
 
 def test_adaptive_smoothing_by_hand():

@@ -16,7 +16,7 @@ from recycle.data import Example
 from recycle.stats import suh, wilson
 from recycle.scoring import score_choices
 
-from tests.test_compose import TASKS, one_line_error, train_real_gates, world  # noqa: F401  (fixture)
+from tests.conftest import one_line_error, train_real_gates
 
 runner = CliRunner()
 

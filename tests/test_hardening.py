@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_compose import TASKS, world  # noqa: F401  (fixture)
 from tests.test_experts import cli, copy, dump, library, one_line_error, rows  # noqa: F401
 
 BAD_NAMES = ["../../evil", "/abs", "..", "a\nb", "\x1b[31mred", "x" * 10_000, "a,b", "--help", "-x", ".hidden", ""]

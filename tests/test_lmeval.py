@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from recycle.cli import app
 
-from tests.test_compose import train_real_gates, world  # noqa: F401  (fixture)
+from tests.conftest import train_real_gates
 
 runner = CliRunner()
 N = 6  # the tiny tasks' test splits hold 6 examples

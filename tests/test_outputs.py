@@ -12,7 +12,6 @@ import pytest
 
 from recycle.errors import RecycleError
 from recycle.files import atomic_path, output_target, replace_dir, write_text
-from tests.test_compose import TASKS, world  # noqa: F401  (fixture)
 from tests.test_experts import cli, library, one_line_error  # noqa: F401
 
 

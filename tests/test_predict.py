@@ -10,7 +10,6 @@ import os
 import pytest
 
 from recycle.errors import RecycleError
-from tests.test_compose import TASKS, world  # noqa: F401  (fixture)
 from tests.test_experts import cli, copy, library, one_line_error  # noqa: F401
 
 

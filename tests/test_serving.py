@@ -21,7 +21,7 @@ psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
 
 from tests.raycluster import _kill_tree, _raylet, loopback  # noqa: E402
-from tests.test_compose import ok, registered, world  # noqa: E402,F401
+from tests.conftest import ok  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -333,7 +333,7 @@ def test_serve_refuses_an_address_it_cannot_listen_on_before_ray_starts(register
     """A port in use, a host that is not this machine's, a host that does not resolve: one
     short line each, exit 2, and no Ray started (the error used to be a 940-character
     RayTaskError line after Ray and Serve had started)."""
-    from tests.test_compose import cli, one_line_error
+    from tests.conftest import cli, one_line_error
 
     ok("compose", "u", "--method", "uniform", "--all")
     taken = socket.socket()
