@@ -22,6 +22,7 @@ from recycle.routing import (
     load_expert,
     save_vectors,
 )
+from recycle.routing.kernels import add_csr
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
@@ -310,11 +311,11 @@ def test_sparse_dense_products_with_repeated_and_skipped_picks(skip):
         return out
 
     with torch.no_grad():
-        assert layer._add_csr(torch.zeros(t, 40), x, idx, w, skip)  # the CSR path itself ran
+        assert add_csr(torch.zeros(t, 40), x, layer.lora_A, layer.lora_BT, idx, w, skip)  # the CSR path itself ran
         torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit(idx), atol=1e-5, rtol=1e-5)
         twice = idx.clone()
         twice[7, 1] = twice[7, 0] = 2
-        assert not layer._add_csr(torch.zeros(t, 40), x, twice, w, skip)  # left to the blocks
+        assert not add_csr(torch.zeros(t, 40), x, layer.lora_A, layer.lora_BT, twice, w, skip)  # left to the blocks
         torch.testing.assert_close(layer.sparse_delta(x, twice, w).double(), explicit(twice), atol=1e-5, rtol=1e-5)
 
 
@@ -331,7 +332,7 @@ def test_dispatch_in_other_dtypes(dtype):
         finally:
             RoutedLoraLinear.dense_max_columns = default
         assert layer._use_grouped_mm == (dtype != torch.float64) and layer.dense == bool(dense_max)
-        assert layer.lora_A.dim() == (2 if dense_max else 3)  # the layout the dispatch reads
+        assert (layer.lora_A_cat is not None) == bool(dense_max)  # the dense kernel's A, where it may run
         xd = x.to(dtype)
         idx, w = route(layer, xd)
         got = layer.sparse_delta(xd, idx, w).double()
@@ -342,6 +343,27 @@ def test_dispatch_in_other_dtypes(dtype):
                 expected[t] += p * m.scaling * (m.B.double() @ (m.A.double() @ xd[t].double()))
         tol = 1e-10 if dtype == torch.float64 else 2e-2 * expected.abs().max().item()
         torch.testing.assert_close(got, expected, atol=tol, rtol=0)
+
+
+def test_set_router_never_relays_out_the_factors():
+    """The stacked factors are allocated once, in one layout, when the layer is built:
+    setting a router (dense or sparse dispatch, computation-free experts or not) keeps the
+    very same tensors, shapes and strides."""
+    from recycle.methods.moepp import MoeppSettings
+    from recycle.routing.moepp import MoeppRouter
+
+    base, experts, gates = make_layer(4, range(4), seed=2)
+    layer = RoutedLoraLinear(base, "lin", experts, 4)
+
+    def buffers():
+        return {k: (v.data_ptr(), v.shape, v.stride()) for k, v in layer.named_buffers(recurse=False)}
+
+    before = buffers()
+    assert layer.lora_A.shape == (4, 8, 24) and layer.lora_A_cat.shape == (24, 32)
+    moepp = MoeppRouter(layer, {n: {"lin": v["lin"]} for n, v in gates.items()}, MoeppSettings())
+    for router, dense in ((GateRouter(layer, gates, 2), True), (moepp, False), (GateRouter(layer, gates, 1), True)):
+        layer.set_router(router)
+        assert layer.dense == dense and buffers() == before
 
 
 def test_phatgoose_scores_are_standardised_dot_products():
