@@ -198,11 +198,15 @@ class Registry:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("ROLLBACK")
         except sqlite3.OperationalError as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if "readonly" in str(e) or "read-only" in str(e):
-                raise RecycleError(f"registry {self.path} is read-only") from None
-            raise
+            self._rolled_back(conn, e)
+
+    def _rolled_back(self, conn, e: sqlite3.OperationalError):
+        """Roll back after a failed statement; a read-only file or folder is one line."""
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if "readonly" in str(e) or "read-only" in str(e):
+            raise RecycleError(f"registry {self.path} is read-only") from None
+        raise e
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
@@ -225,11 +229,7 @@ class Registry:
             _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
             yield self.db
         except sqlite3.OperationalError as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if "readonly" in str(e) or "read-only" in str(e):
-                raise RecycleError(f"registry {self.path} is read-only") from None
-            raise
+            self._rolled_back(conn, e)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -238,11 +238,7 @@ class Registry:
             try:
                 conn.execute("COMMIT")
             except sqlite3.OperationalError as e:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if "readonly" in str(e) or "read-only" in str(e):
-                    raise RecycleError(f"registry {self.path} is read-only") from None
-                raise
+                self._rolled_back(conn, e)
 
     def _rows(self, table: str, sql: str, params=()) -> list[dict]:
         return [_decode(table, r) for r in self.db.query(sql, list(params))]
