@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -329,7 +328,7 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
     for s in skipped:
         report.say(f"skip {s['label']} on {s['task']}: {s['reason']}")
     failures: list[str] = []
-    try:
+    with registry.recording_run(run_id, t0, failures):
         by_task: dict[str, list[EvalJob]] = {}
         for job in todo:
             by_task.setdefault(job.task, []).append(job)
@@ -359,13 +358,6 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
                     on_result, on_error=on_error, address=request.address, report=report,
                     weight=lambda group: len(group.jobs),
                     what=f"evaluating {len(todo)} (method, task) job(s) in {len(groups)} task group(s)")
-    except KeyboardInterrupt:
-        registry.finish_run(run_id, "interrupted", time.time() - t0)
-        raise
-    except BaseException:
-        registry.finish_run(run_id, "failed", time.time() - t0)
-        raise
-    registry.finish_run(run_id, "failed" if failures else "done", time.time() - t0)
     return EvalOutcome(run_id, failures, skipped, reused)
 
 

@@ -295,18 +295,11 @@ def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | N
             report.ok(f"{job.label} on {name}: acc {r['accuracy']:.3f} [{r['ci_low']:.3f}, "
                       f"{r['ci_high']:.3f}] n={r['n']}, {res['seconds']:.1f} s")
 
-    try:
+    with registry.recording_run(run_id, t0, failures):
         cluster.run(run_lmeval_job, jobs, cluster.Resources(num_cpus=request.cpus_per_task,
                                                             num_gpus=request.gpus_per_task),
                     "lm-eval", on_result, on_error=fail, what=f"lm-eval {version}: {plan.label} on {len(jobs)} task(s)",
                     address=request.address, report=report)
-    except KeyboardInterrupt:
-        registry.finish_run(run_id, "interrupted", time.time() - t0)
-        raise
-    except BaseException:
-        registry.finish_run(run_id, "failed", time.time() - t0)
-        raise
-    registry.finish_run(run_id, "failed" if failures else "done", time.time() - t0)
     merged["recycle"] = {"run": run_id, "label": plan.label, "method": plan.method,
                          "content_key": plan.content_key}
     return LMEvalOutcome(run_id, failures, merged)

@@ -503,6 +503,20 @@ class Registry:
         with self.transaction() as db:
             db["eval_runs"].update(run_id, {"status": status, "seconds": seconds})
 
+    @contextmanager
+    def recording_run(self, run_id: int, t0: float, failures: list) -> Iterator[None]:
+        """Around a run's jobs: how it ended (interrupted; failed on an error or a failed job;
+        done) and its seconds since ``t0``."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.finish_run(run_id, "interrupted", time.time() - t0)
+            raise
+        except BaseException:
+            self.finish_run(run_id, "failed", time.time() - t0)
+            raise
+        self.finish_run(run_id, "failed" if failures else "done", time.time() - t0)
+
     def mark_dead_runs(self) -> int:
         """Runs still ``running`` whose process (on this host) is gone become ``died``."""
         host, dead = os.uname().nodename, []
