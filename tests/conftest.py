@@ -141,6 +141,16 @@ TASKS = {
 
 
 @pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for a module (as STYLE.md asks); commands use it as it is."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def world(tmp_path_factory, make_adapter):
     """Two user tasks over local JSONL, one adapter per task (plain PEFT)."""
     root = tmp_path_factory.mktemp("world")

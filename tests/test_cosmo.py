@@ -79,15 +79,6 @@ def test_threshold_search_finds_the_gate_that_separates():
     assert h == {"S": 1.0, "U": 1.0, "H": 1.0} and 0.2 <= theta < 0.9
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_a_fold_never_uses_its_held_out_experts(registered):
     """Fold 0 holds out ea: its identifier knows eb only, its seen side is eb's own answers
     and its routed side is PHATGOOSE over eb alone (scores equal to those computed with ea

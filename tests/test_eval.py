@@ -16,25 +16,9 @@ from recycle.data import Example
 from recycle.stats import suh, wilson
 from recycle.scoring import score_choices
 
-from tests.conftest import one_line_error, train_real_gates
+from tests.conftest import ok, one_line_error, train_real_gates
 
 runner = CliRunner()
-
-
-def ok(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the module (as STYLE.md asks); eval uses it as it is."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

@@ -16,25 +16,10 @@ from typer.testing import CliRunner
 
 from recycle.cli import app
 
-from tests.conftest import train_real_gates
+from tests.conftest import ok, train_real_gates
 
 runner = CliRunner()
 N = 6  # the tiny tasks' test splits hold 6 examples
-
-
-def ok(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

@@ -38,15 +38,6 @@ def test_every_method_has_a_case():
             assert m.state_key and m.state_what and m.train_job is not methods.Method.train_job
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture
 def item(tmp_path):
     """``--input`` of one example of a held-in task (the oracle needs its task)."""

@@ -217,15 +217,6 @@ def test_moepp_settings_are_refused_in_one_line():
     MoeppSettings(zero=0, copy=0, constant=64)  # the limit itself is taken
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_train_router_on_ray_saves_reuses_and_serves(registered, ray_local, tmp_path):
     from recycle.registry import Registry
 
