@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from moepp import cpu_name  # noqa: E402  (the lscpu model, cores and AVX-512, as every benchmark names its CPU)
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,8 +100,7 @@ def main() -> None:
                      **{f"{k}_{m}": got[k][m] for k in got for m in ("acc", "acc_norm", "seconds")}})
         print(json.dumps(rows[-1]), file=sys.stderr)
     command = "python benchmarks/lmeval_hflm.py " + " ".join(sys.argv[1:])
-    about = {"command": command.strip(), "machine": f"{platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, torch {torch.__version__}", "model": "smollm2-135m (base, no experts)"}
+    about = {"command": command.strip(), "machine": f"{cpu_name()}, torch {torch.__version__}", "model": "smollm2-135m (base, no experts)"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({**about, "rows": rows}, indent=2) + "\n")
     head = ["task", "n", "choices", "max abs Δ loglik", "mean abs Δ loglik", "acc (recycle / HFLM)",
