@@ -34,13 +34,14 @@ def create(
     chosen = [check_files(registry, e) for e in m.select(registry, experts, values)]
     members = m.plan_members(registry, chosen)
     s = m.settings(m.complete(values, chosen))
-    base = chosen[0]["base_model"] if chosen else registry.first_base_name()
+    base = chosen[0].base_model if chosen else registry.first_base_name()
     m.check_stored(registry, name, s, members, base)
     row = {
         "name": name,
         "method": m.name,
         "settings": encode_json(s.to_dict()),
-        "members": encode_json([{k: mem[k] for k in ("name", "sha256", "config_sha256")} for mem in members]),
+        "members": encode_json([{"name": m.name, "sha256": m.sha256, "config_sha256": m.config_sha256}
+                                for m in members]),
         "base_model": base,
         "created": now(),
     }
@@ -77,7 +78,7 @@ def plan(
             e = registry.expert_or_none(mem["name"])
             if e is None:
                 raise RecycleError(f"composition {composition}: member {mem['name']} is no longer registered")
-            if e["sha256"] != mem["sha256"] or mem.get("config_sha256") not in (None, e.get("config_sha256")):
+            if e.sha256 != mem["sha256"] or mem.get("config_sha256") not in (None, e.config_sha256):
                 raise RecycleError(f"composition {composition}: member {mem['name']} has changed since it was "
                                    "composed; compose it again with --replace")
             chosen.append(e)
@@ -91,7 +92,7 @@ def plan(
     s = m.settings(values)
     chosen = [check_files(registry, e) for e in chosen]
     members = m.plan_members(registry, chosen)
-    base = chosen[0]["base_model"] if chosen else registry.first_base_name()
+    base = chosen[0].base_model if chosen else registry.first_base_name()
     if base is None:
         raise RecycleError("no base model known: register an expert first")
     p = Plan(label, m.name, base, s.to_dict(), members, str(registry.artifacts_dir), state=state)

@@ -144,7 +144,7 @@ def lowest_adapted_layer(plan: Plan) -> int | None:
 
     lowest = None
     for m in plan.members:
-        for key in read_safetensors_header(Path(m["path"]) / "adapter_model.safetensors"):
+        for key in read_safetensors_header(Path(m.path) / "adapter_model.safetensors"):
             found = LORA_KEY.match(key)
             layer = layer_of(found["path"] + ".") if found else None
             if layer is None:
@@ -157,7 +157,7 @@ def _score_job(job: EvalJob, model, tok, trunk=None) -> dict:
     from recycle.scoring import predict
 
     t0 = time.time()
-    plan = Plan(**job.plan)
+    plan = Plan.from_dict(job.plan)
     method = methods.get(plan.method)
     examples = job.examples
     scorer = method.scorer(plan, model, tok)
@@ -204,14 +204,14 @@ def run_eval_group(group: EvalGroup) -> dict:
     torch.set_num_threads(max(1, int(group.threads)))
     torch.manual_seed(0)
     t0 = time.time()
-    first = Plan(**group.jobs[0].plan)
+    first = Plan.from_dict(group.jobs[0].plan)
     model, tok = load_base(resolve_base(first.base))
     device = cluster.device(group.device)
     model.to(device)
     trunk = None
     shared = [j for j in group.jobs if methods.get(j.plan["method"]).shares_trunk]
     if group.share and len(shared) > 1:
-        starts = [lowest_adapted_layer(Plan(**j.plan)) for j in shared]
+        starts = [lowest_adapted_layer(Plan.from_dict(j.plan)) for j in shared]
         trunk = Trunk.for_model(model, min((s for s in starts if s is not None), default=None))
     out = []
     for job in group.jobs:
@@ -230,7 +230,7 @@ def run_eval_group(group: EvalGroup) -> dict:
 def task_sets(registry: Registry) -> tuple[list[str], list[str]]:
     """(held-in, held-out) task names: held-in tasks have a single-task expert."""
     tasks = [t["name"] for t in registry.tasks()]
-    with_expert = {e["task"] for e in registry.experts() if e.get("task") and not methods.is_multitask(e)}
+    with_expert = {e.task for e in registry.experts() if e.task and not e.multitask}
     return [t for t in tasks if t in with_expert], [t for t in tasks if t not in with_expert]
 
 

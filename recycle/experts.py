@@ -9,6 +9,7 @@ from recycle.adapters import CONFIG, WEIGHTS, AdapterError, AdapterInfo, find_ad
 from recycle.basemodels import BaseRef, module_shapes, resolve_base
 from recycle.errors import RecycleError
 from recycle.names import check_name
+from recycle.records import Expert
 from recycle.registry import Registry, encode_json
 
 
@@ -95,9 +96,9 @@ def add_from_hub(registry: Registry, repo_id: str, revision: str | None = None, 
 
     folder, commit = hub.fetch_adapter(repo_id, revision)
     for e in registry.experts():
-        h = (e.get("meta") or {}).get("hub") or {}
-        if h.get("repo") == repo_id and h.get("commit") == commit and name in (None, e["name"]):
-            return {**e, "status": "unchanged"}
+        h = e.hub or {}
+        if h.get("repo") == repo_id and h.get("commit") == commit and name in (None, e.name):
+            return {**e.to_dict(), "status": "unchanged"}
     source = {"repo": repo_id, "revision": revision or "main", "commit": commit}
     return add_expert(registry, folder, name=name, default_name=repo_id.split("/", 1)[1],
                       meta={**(meta or {}), "hub": source}, **kw)
@@ -172,35 +173,35 @@ def _record(registry, info, ref, sha, name, task, dataset, meta, replace, explic
                                   explicit_name=explicit_name)
 
 
-def file_problem(registry: Registry, expert: dict) -> str | None:
+def file_problem(registry: Registry, expert: Expert) -> str | None:
     """Why an expert's adapter folder no longer holds what was registered (missing files,
     other weights, another config), or None. Cheap when nothing changed: the files' sizes
     and mtimes are compared first, the hashes only when those differ (and then recorded,
     if the content is unchanged)."""
-    folder = Path(expert["path"])
+    folder = Path(expert.path)
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
-        return (f"adapter of expert {expert['name']} is missing at {folder} "
+        return (f"adapter of expert {expert.name} is missing at {folder} "
                 "(moved? see: recycle experts verify --search FOLDER --fix)")
     stamps = file_stamps(folder)
-    if all(expert.get(k) == v for k, v in stamps.items()) and expert.get("config_sha256"):
+    if all(getattr(expert, k) == v for k, v in stamps.items()) and expert.config_sha256:
         return None
-    if sha256_file(folder / WEIGHTS) != expert["sha256"]:
+    if sha256_file(folder / WEIGHTS) != expert.sha256:
         what = "weights"
-    elif expert.get("config_sha256") and sha256_file(folder / CONFIG) != expert["config_sha256"]:
+    elif expert.config_sha256 and sha256_file(folder / CONFIG) != expert.config_sha256:
         what = "adapter_config.json"
     else:
-        registry.set_expert_files(expert["id"], {"config_sha256": sha256_file(folder / CONFIG), **stamps})
+        registry.set_expert_files(expert.id, {"config_sha256": sha256_file(folder / CONFIG), **stamps})
         return None
-    return (f"the {what} of expert {expert['name']} changed on disk since it was registered; "
-            f"re-register it with: recycle add-expert {folder} --name {expert['name']} --replace")
+    return (f"the {what} of expert {expert.name} changed on disk since it was registered; "
+            f"re-register it with: recycle add-expert {folder} --name {expert.name} --replace")
 
 
-def check_files(registry: Registry, expert: dict) -> dict:
+def check_files(registry: Registry, expert: Expert) -> Expert:
     """The expert's row, refused in one line if its files changed (see :func:`file_problem`)."""
     problem = file_problem(registry, expert)
     if problem:
         raise RecycleError(problem)
-    return registry.expert(expert["name"]) if not expert.get("config_sha256") else expert
+    return registry.expert(expert.name) if not expert.config_sha256 else expert
 
 
 def remove_expert(registry: Registry, name: str) -> dict:
@@ -218,9 +219,9 @@ def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bo
     found: dict[str, Path] | None = None
     report = []
     for e in registry.experts():
-        folder = Path(e["path"])
-        entry = {"name": e["name"], "path": e["path"], "status": "ok", "detail": ""}
-        source = (e.get("meta") or {}).get("hub")
+        folder = Path(e.path)
+        entry = {"name": e.name, "path": e.path, "status": "ok", "detail": ""}
+        source = e.hub
         if source and not (folder / WEIGHTS).is_file() and fix:
             from recycle import hub
 
@@ -230,27 +231,27 @@ def verify_experts(registry: Registry, search: list[Path] | None = None, fix: bo
                 entry.update(status="missing", detail=str(err))
                 report.append(entry)
                 continue
-            registry.set_expert_path(e["id"], str(folder))
+            registry.set_expert_path(e.id, str(folder))
             entry.update(status="moved", detail=f"fetched again at {folder} (path updated)", new_path=str(folder))
         if source and folder.name != source["commit"]:
             entry.update(status="modified", detail=f"not the snapshot of {source['repo']} commit {source['commit']}")
         elif source and folder.is_dir() and (outside := _outside_cache(folder, source)):
             entry.update(status="modified", detail=outside)
         elif (folder / WEIGHTS).is_file():
-            if sha256_file(folder / WEIGHTS) != e["sha256"]:
+            if sha256_file(folder / WEIGHTS) != e.sha256:
                 entry.update(status="modified", detail="weights differ from the registered sha256")
             elif not (folder / CONFIG).is_file():
                 entry.update(status="missing", detail="adapter_config.json not found")
-            elif e.get("config_sha256") and sha256_file(folder / CONFIG) != e["config_sha256"]:
+            elif e.config_sha256 and sha256_file(folder / CONFIG) != e.config_sha256:
                 entry.update(status="modified", detail="adapter_config.json differs from the registered one")
         else:
             if found is None:
                 found = _index_by_hash(search or [])
-            if e["sha256"] in found:
-                new = found[e["sha256"]]
+            if e.sha256 in found:
+                new = found[e.sha256]
                 entry.update(status="moved", detail=f"now at {new}", new_path=str(new))
                 if fix:
-                    registry.set_expert_path(e["id"], str(new))
+                    registry.set_expert_path(e.id, str(new))
                     entry["detail"] += " (path updated)"
             else:
                 what = "folder" if not folder.exists() else "adapter_model.safetensors"
@@ -269,21 +270,21 @@ def _index_by_hash(roots: list[Path]) -> dict[str, Path]:
     return out
 
 
-def source_of(expert: dict) -> str:
+def source_of(expert: Expert) -> str:
     """Where an expert came from: a hub repository at a commit, or a folder."""
-    h = (expert.get("meta") or {}).get("hub")
+    h = expert.hub
     if h:
         return f"hub {h['repo']} revision {h['revision']} (commit {h['commit']})"
-    return f"folder {expert['path']}"
+    return f"folder {expert.path}"
 
 
-def describe(expert: dict) -> dict:
+def describe(expert: Expert) -> dict:
     """A JSON-friendly view of an expert row."""
     keep = (
         "name", "path", "sha256", "config_sha256", "base_model", "base_config_hash", "peft_type", "rank", "ranks",
         "alpha", "use_rslora", "target_modules", "n_params", "task", "dataset", "created", "meta",
     )
-    return {"source": source_of(expert), **{k: expert.get(k) for k in keep}}
+    return {"source": source_of(expert), **{k: getattr(expert, k) for k in keep}}
 
 
 __all__ = [

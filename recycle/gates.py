@@ -35,6 +35,7 @@ from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.files import load_tensors, remove_temps, save_tensors, tensor_metadata
 from recycle.losses import answer_loss
+from recycle.records import Expert
 from recycle.schedule import optimise
 from recycle.settings import GATES_ALGORITHM as ALGORITHM
 from recycle.settings import GateSettings  # noqa: F401  (re-exported)
@@ -299,13 +300,13 @@ def _row(path, settings: GateSettings, numbers: dict) -> dict:
             **{k: numbers[k] for k in ("steps", "loss_start", "loss_end", "seconds")}}
 
 
-def record_trained(registry, expert: dict, settings: GateSettings, trained: dict) -> dict:
+def record_trained(registry, expert: Expert, settings: GateSettings, trained: dict) -> dict:
     """Write and record gates a worker trained right after their expert (``trained``:
     ``gates`` tensors and the numbers of :func:`run_gate_job`'s summary) for the registered
     ``expert`` row; returns the gates row. The file is written first (atomically) and
     removed again if the row cannot be written."""
-    path = gates_path(registry.artifacts_dir, expert["name"], settings.hash, expert["sha256"])
-    save_gates(path, trained["gates"], file_metadata(expert["name"], settings, expert["sha256"], trained))
+    path = gates_path(registry.artifacts_dir, expert.name, settings.hash, expert.sha256)
+    save_gates(path, trained["gates"], file_metadata(expert.name, settings, expert.sha256, trained))
     try:
         return registry.record_gates(expert, _row(path, settings, trained))
     except BaseException:
@@ -321,7 +322,7 @@ def gate_norms(gates: dict[str, torch.Tensor]) -> dict[str, float]:
 # ---- the driver ----------------------------------------------------------------------
 
 
-def select_experts(registry, names: list[str] | None = None, all_: bool = False, task: str | None = None) -> list[dict]:
+def select_experts(registry, names: list[str] | None = None, all_: bool = False, task: str | None = None) -> list[Expert]:
     given = sum([bool(names), all_, task is not None])
     if given != 1:
         raise RecycleError("name the experts, or give --all, or --task T (exactly one of these)")
@@ -340,7 +341,7 @@ def _numbers(row: dict) -> dict:
 
 def train(
     registry,
-    experts: list[dict],
+    experts: list[Expert],
     settings: GateSettings,
     *,
     force: bool = False,
@@ -361,31 +362,31 @@ def train(
         raise RecycleError(f"--cpus-per-expert must be positive, not {cpus_per_expert}")
     outcomes: dict[str, dict] = {}
     jobs: list[GateJob] = []
-    by_name: dict[str, dict] = {}
+    by_name: dict[str, Expert] = {}
     examples_cache: dict[str, list] = {}
     for e in experts:
-        name = e["name"]
+        name = e.name
         problem = file_problem(registry, e)
         if problem:
             outcomes[name] = {"status": "failed", "reason": problem}
             continue
-        row = registry.gates_row(e["id"], settings.hash, e["sha256"])
+        row = registry.gates_row(e.id, settings.hash, e.sha256)
         if row and not force and Path(row["path"]).is_file():
             outcomes[name] = {"status": "skipped", "reason": "gates exist for these settings", **_numbers(row)}
             continue
-        if not e.get("task"):
+        if not e.task:
             outcomes[name] = {"status": "failed", "reason": f"expert {name} has no task: re-register it with --task"}
             continue
         try:
-            if e["task"] not in examples_cache:
-                examples_cache[e["task"]] = load_examples(registry, e["task"], "train")
+            if e.task not in examples_cache:
+                examples_cache[e.task] = load_examples(registry, e.task, "train")
         except RecycleError as err:
             outcomes[name] = {"status": "failed", "reason": str(err)}
             continue
         jobs.append(GateJob(
-            expert=name, base=e["base_model"], adapter_path=e["path"], adapter_sha256=e["sha256"],
-            examples=examples_cache[e["task"]], settings=asdict(settings),
-            out_path=str(gates_path(registry.artifacts_dir, name, settings.hash, e["sha256"])),
+            expert=name, base=e.base_model, adapter_path=e.path, adapter_sha256=e.sha256,
+            examples=examples_cache[e.task], settings=asdict(settings),
+            out_path=str(gates_path(registry.artifacts_dir, name, settings.hash, e.sha256)),
         ))
         by_name[name] = e
     for name, o in outcomes.items():
@@ -419,4 +420,4 @@ def train(
         finally:
             for job in jobs:
                 remove_temps(job.out_path)
-    return [{"expert": e["name"], **outcomes.get(e["name"], {"status": "?"})} for e in experts]
+    return [{"expert": e.name, **outcomes.get(e.name, {"status": "?"})} for e in experts]

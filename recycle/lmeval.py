@@ -165,7 +165,7 @@ def run_lmeval_job(job: LMEvalJob) -> dict:
     torch.set_num_threads(max(1, int(job.threads)))
     torch.manual_seed(0)
     t0 = time.time()
-    plan = Plan(**job.plan)
+    plan = Plan.from_dict(job.plan)
     model, tok = load_base(resolve_base(plan.base))
     device = cluster.device(job.device)
     model.to(device)

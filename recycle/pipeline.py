@@ -433,7 +433,7 @@ class Runner:
     def train_gates(self, registry) -> None:
         from recycle import gates
 
-        experts = [e for e in registry.experts() if not methods.is_multitask(e)]
+        experts = [e for e in registry.experts() if not e.multitask]
         if not experts:
             raise RecycleError("[gates] given but no single-task experts to train gates for")
         settings = gates.GateSettings.from_dict(self.p.gates or {}, "[gates]")

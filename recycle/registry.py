@@ -3,7 +3,8 @@
 Opening a :class:`Registry` applies pending migrations (serialised across processes by
 ``BEGIN IMMEDIATE``); every change goes through :meth:`Registry.transaction`. All of
 recycle's SQL lives in this module: the other modules ask the registry for rows (plain
-dicts, JSON columns decoded) and hand it rows to record.
+dicts, JSON columns decoded; experts as :class:`~recycle.records.Expert` records) and hand
+it rows to record.
 
 Artifacts the registry produces (trained adapters, gates, router parameters, results) live
 in the folder next to the database file, ``<db stem>.artifacts/``.
@@ -34,6 +35,7 @@ finally:
 
 from recycle.errors import RecycleError
 from recycle.migrations import migrations
+from recycle.records import Expert
 
 DEFAULT_DB = "registry.db"
 ENV_DB = "RECYCLE_DB"
@@ -269,7 +271,7 @@ class Registry:
     _EXPERTS = ("select e.*, b.name as base_model, b.config_hash as base_config_hash "
                 "from experts e join base_models b on b.id = e.base_model_id")
 
-    def experts(self, base: str | None = None, task: str | None = None) -> list[dict]:
+    def experts(self, base: str | None = None, task: str | None = None) -> list[Expert]:
         where, params = [], []
         if base:
             where.append("(b.name = ? or b.config_hash = ?)")
@@ -278,12 +280,13 @@ class Registry:
             where.append("e.task = ?")
             params.append(task)
         sql = self._EXPERTS + (" where " + " and ".join(where) if where else "") + " order by e.name"
-        return self._rows("experts", sql, params)
+        return [Expert(**r) for r in self._rows("experts", sql, params)]
 
-    def expert_or_none(self, name: str) -> dict | None:
-        return self._one("experts", self._EXPERTS + " where e.name = ?", [name])
+    def expert_or_none(self, name: str) -> Expert | None:
+        row = self._one("experts", self._EXPERTS + " where e.name = ?", [name])
+        return Expert(**row) if row else None
 
-    def expert(self, name: str) -> dict:
+    def expert(self, name: str) -> Expert:
         row = self.expert_or_none(name)
         if row is None:
             raise RecycleError(f"no expert named {name!r} in {self.path}")
@@ -328,10 +331,10 @@ class Registry:
                     raise RecycleError(f"the same adapter (weights and config) is already registered as expert "
                                        f"{twin['name']!r}; use that name")
                 if twin:
-                    return {**self.expert(twin["name"]), "status": "unchanged", "twin_of": twin["name"]}
+                    return {**self.expert(twin["name"]).to_dict(), "status": "unchanged", "twin_of": twin["name"]}
                 db["experts"].insert({**row, "created": now()})
                 status = "added"
-        return {**self.expert(row["name"]), "status": status}
+        return {**self.expert(row["name"]).to_dict(), "status": status}
 
     def set_expert_path(self, expert_id: int, path: str) -> None:
         with self.transaction() as db:
@@ -361,8 +364,8 @@ class Registry:
     def remove_expert(self, name: str) -> dict:
         expert = self.expert(name)
         with self.transaction() as db:
-            dropped = self._drop_dependents(expert["id"])
-            db["experts"].delete(expert["id"])
+            dropped = self._drop_dependents(expert.id)
+            db["experts"].delete(expert.id)
         return {"expert": expert, "dropped": dropped}
 
     # ---- tasks -------------------------------------------------------------------
@@ -404,16 +407,16 @@ class Registry:
         return self._one("gates", "select * from gates where expert_id = ? and settings_hash = ? and adapter_sha256 = ?",
                          [expert_id, settings_hash, adapter_sha])
 
-    def record_gates(self, expert: dict, row: dict) -> dict:
+    def record_gates(self, expert: Expert, row: dict) -> dict:
         """Record a worker's gates (one transaction); replaces a row for the same expert,
         settings and adapter content. Refused if the expert changed meanwhile."""
         with self.transaction() as db:
-            current = self._one("experts", "select id, sha256 from experts where id = ?", [expert["id"]])
-            if current is None or current["sha256"] != expert["sha256"]:
-                raise RecycleError(f"expert {expert['name']} was removed or replaced during training")
+            current = self._one("experts", "select id, sha256 from experts where id = ?", [expert.id])
+            if current is None or current["sha256"] != expert.sha256:
+                raise RecycleError(f"expert {expert.name} was removed or replaced during training")
             db.execute("delete from gates where expert_id = ? and settings_hash = ? and adapter_sha256 = ?",
-                       [expert["id"], row["settings_hash"], expert["sha256"]])
-            row = {**row, "expert_id": expert["id"], "adapter_sha256": expert["sha256"], "created": now()}
+                       [expert.id, row["settings_hash"], expert.sha256])
+            row = {**row, "expert_id": expert.id, "adapter_sha256": expert.sha256, "created": now()}
             row["id"] = db["gates"].insert(row).last_pk
         return _decode("gates", row)
 
@@ -428,10 +431,10 @@ class Registry:
             params.append(expert)
         return self._rows("gates", sql + " order by e.name, g.created desc, g.id desc", params)
 
-    def latest_gates(self, expert: dict) -> dict | None:
+    def latest_gates(self, expert: Expert) -> dict | None:
         """The newest gates trained for the expert's current adapter content."""
         return self._one("gates", "select * from gates where expert_id = ? and adapter_sha256 = ? "
-                         "order by created desc, id desc limit 1", [expert["id"], expert["sha256"]])
+                         "order by created desc, id desc limit 1", [expert.id, expert.sha256])
 
     def gates_recorded(self, path: str) -> bool:
         return self.db.execute("select count(*) from gates where path = ?", [path]).fetchone()[0] > 0

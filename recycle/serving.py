@@ -61,7 +61,7 @@ class PredictorActor:
         from recycle.methods import Plan
         from recycle.predict import Predictor
 
-        self.predictor = Predictor(Plan(**plan), device=device, threads=threads)
+        self.predictor = Predictor(Plan.from_dict(plan), device=device, threads=threads)
 
     def run(self, job: tuple[int, list[dict], str, dict]) -> tuple[int, list[dict], float]:
         shard, items, kind, options = job
@@ -311,7 +311,8 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
             from recycle.predict import Predictor
 
             torch.set_num_threads(threads)
-            self.predictors = {n: Predictor(Plan(**p), device="cuda" if gpus > 0 else "cpu") for n, p in plans.items()}
+            self.predictors = {n: Predictor(Plan.from_dict(p), device="cuda" if gpus > 0 else "cpu")
+                               for n, p in plans.items()}
             self.info = [{"name": n, "method": p["method"], "members": [m["name"] for m in p["members"]],
                           "settings": p["settings"]} for n, p in plans.items()]
             self.score_batch.set_max_batch_size(max_batch_size)

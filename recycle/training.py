@@ -313,7 +313,7 @@ def register_trained(registry, job: ExpertJob, summary: dict, *, replace: bool =
         )
     except BaseException:
         existing = registry.expert_or_none(job.name)
-        if existing is None or existing["path"] != job.out_dir:
+        if existing is None or existing.path != job.out_dir:
             shutil.rmtree(job.out_dir, ignore_errors=True)
         raise
     return {**row, "training": {k: summary[k] for k in ("final_loss", "train_seconds", "n_train_examples")}}
@@ -411,12 +411,13 @@ def train_experts(
 
 def _record_gates(registry, row: dict, settings, trained: dict, report) -> str:
     from recycle.gates import record_trained
+    from recycle.records import Expert
 
     if "error" in trained:
         report.fail(f"{row['name']}: gates not trained: {trained['error']}")
         return trained["error"]
     try:
-        record_trained(registry, row, settings, trained)
+        record_trained(registry, Expert.from_dict(row), settings, trained)
     except RecycleError as e:
         report.fail(f"{row['name']}: gates not recorded: {e}")
         return str(e)

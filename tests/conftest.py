@@ -195,8 +195,8 @@ def train_real_gates(names, steps=3):
     settings = GateSettings(steps=steps, batch_size=4, max_length=64)
     for n in names:
         e = reg.expert(n)
-        out = gates_path(reg.artifacts_dir, n, settings.hash, e["sha256"])
-        job = GateJob(n, e["base_model"], e["path"], e["sha256"], load_examples(reg, e["task"], "train"),
+        out = gates_path(reg.artifacts_dir, n, settings.hash, e.sha256)
+        job = GateJob(n, e.base_model, e.path, e.sha256, load_examples(reg, e.task, "train"),
                       {k: v for k, v in settings.to_dict().items() if k != "algorithm"}, str(out))
         result = run_gate_job(job)
         reg.record_gates(e, {"path": result["path"], "settings_hash": settings.hash,

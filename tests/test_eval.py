@@ -190,7 +190,7 @@ def test_a_task_group_shares_the_layers_below_the_experts_exactly(registered, ma
         ok("add-expert", folder, "--task", task, "--base", "tiny-llama", "--name", name)
     reg = Registry()
     jobs, _ = E.plan_eval(reg, E.EvalRequest(methods=("base", "uniform", "arrow", "spectr", "oracle"), tasks="t_alpha"))
-    assert {E.lowest_adapted_layer(Plan(**j.plan)) for j in jobs} == {2}
+    assert {E.lowest_adapted_layer(Plan.from_dict(j.plan)) for j in jobs} == {2}
     shared = E.run_eval_group(E.EvalGroup("t_alpha", jobs))
     alone = E.run_eval_group(E.EvalGroup("t_alpha", jobs, share=False))
     assert not [r for r in shared["results"] + alone["results"] if "error" in r], shared["results"]

@@ -334,11 +334,11 @@ def test_train_gates_cli(local_ray, registry_with_experts):
     rows = list(reg.db.query("select * from gates order by expert_id"))
     assert len(rows) == 3 and all(r["steps"] == 4 for r in rows)
     for r, e in zip(rows, reg.experts()):
-        assert r["adapter_sha256"] == e["sha256"]
+        assert r["adapter_sha256"] == e.sha256
         gates = G.load_gates(r["path"])
         assert set(gates) == {f"model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")}
         meta = G.gates_metadata(r["path"])
-        assert meta["settings_hash"] == r["settings_hash"] and meta["adapter_sha256"] == e["sha256"]
+        assert meta["settings_hash"] == r["settings_hash"] and meta["adapter_sha256"] == e.sha256
         assert meta["steps"] == 4 and meta["loss_start"] == pytest.approx(r["loss_start"])
     gates_dir = reg.artifacts_dir / "gates"
     assert not list(gates_dir.rglob("*.tmp"))
@@ -369,17 +369,17 @@ def test_train_gates_failures_are_reported_and_others_go_on(local_ray, registry_
     reg = registry_with_experts
     e0, e1, e2 = (reg.expert(f"exp{i}") for i in range(3))
     # adapter weights changed since registration: refused
-    w = Path(e0["path"]) / "adapter_model.safetensors"
+    w = Path(e0.path) / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes() + b" ")
     # config gone: refused before any work (a user error, reported in one line)
-    (Path(e1["path"]) / "adapter_config.json").unlink()
+    (Path(e1.path) / "adapter_config.json").unlink()
     res = _cli("train-gates", "--all", "--steps", "2", "--batch-size", "2")
     assert res.exit_code == 1, res.output
     assert "changed on disk since it was registered" in res.stderr
     assert "2 of 3 failed" in res.stderr
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("  exp1:")][0]
     assert "is missing" in line
-    assert [r["expert_id"] for r in reg.db.query("select expert_id from gates")] == [e2["id"]]
+    assert [r["expert_id"] for r in reg.db.query("select expert_id from gates")] == [e2.id]
     assert not [p for p in (reg.artifacts_dir / "gates").rglob("*") if p.is_file() and "exp2" not in str(p)]
 
 

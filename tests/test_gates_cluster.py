@@ -70,8 +70,8 @@ def test_train_gates_survives_a_killed_worker_node(loopback_cluster, tmp_path, m
     assert proc.returncode == 0, err + out
     rows = {r["expert_id"]: r for r in reg.db.query("select * from gates")}
     experts = reg.experts()
-    assert sorted(e["name"] for e in experts if e["id"] in rows) == names
+    assert sorted(e.name for e in experts if e.id in rows) == names
     for e in experts:
-        assert Path(rows[e["id"]]["path"]).is_file()
-        assert rows[e["id"]]["steps"] == 30
+        assert Path(rows[e.id]["path"]).is_file()
+        assert rows[e.id]["steps"] == 30
     assert not list((reg.artifacts_dir / "gates").rglob("*.tmp"))

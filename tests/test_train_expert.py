@@ -290,7 +290,7 @@ def test_gates_failing_in_the_experts_task_leave_the_expert_and_no_gates(toy, mo
     summary = run_expert_job(job)
     assert summary["gates"] == {"error": "gate training diverged at step 0 (loss nan)"}
     row = register_trained(registry, job, summary)
-    assert (Path(job.out_dir) / "adapter_model.safetensors").is_file() and registry.expert(job.name)["sha256"] == row["sha256"]
+    assert (Path(job.out_dir) / "adapter_model.safetensors").is_file() and registry.expert(job.name).sha256 == row["sha256"]
     capsys.readouterr()
     assert _record_gates(registry, row, settings, summary["gates"], Reporter()) == summary["gates"]["error"]
     said = capsys.readouterr()
@@ -326,7 +326,7 @@ def test_an_interrupt_while_gates_train_leaves_the_registered_adapter_as_it_was(
     from recycle.adapters import sha256_file
 
     assert sha256_file(Path(first.out_dir) / "adapter_model.safetensors") == row["sha256"]
-    assert registry.expert("toy-x")["sha256"] == row["sha256"]
+    assert registry.expert("toy-x").sha256 == row["sha256"]
     assert sorted(p.name for p in Path(first.out_dir).parent.iterdir()) == before
 
 

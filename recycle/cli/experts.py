@@ -140,8 +140,8 @@ def list_cmd(
         print_json([describe(r) for r in rows])
         return
     print_table(["name", "task", "base", "rank", "alpha", "modules", "params", "sha256"],
-                [[r["name"], r["task"] or "", r["base_model"], str(r["rank"]), f"{r['alpha']:g}",
-                  str(len(r["target_modules"] or [])), f"{r['n_params']:,}", r["sha256"][:12]] for r in rows])
+                [[r.name, r.task or "", r.base_model, str(r.rank), f"{r.alpha:g}", str(len(r.target_modules or [])),
+                  f"{r.n_params:,}", r.sha256[:12]] for r in rows])
     if not rows:
         info("no experts registered")
 
@@ -177,7 +177,7 @@ def remove_cmd(
         raise RecycleError("not removed", exit_code=1)
     out = remove_expert(registry, name)
     extra = "".join(f", {n} {t} rows" for t, n in out["dropped"].items())
-    info(f"removed {name}{extra}; files left at {out['expert']['path']}")
+    info(f"removed {name}{extra}; files left at {out['expert'].path}")
 
 
 @experts_app.command("verify")

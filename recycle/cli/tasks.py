@@ -239,14 +239,15 @@ def train_expert_cmd(
                                gpus_per_task=(resources or Resources()).gpus, replace=replace, gates=gate_settings)
         if out["status"] == "failed":
             raise RecycleError(out["reason"], exit_code=1)
-        row = {**registry.expert(job.name), "status": out["status"], "training": out}
+        row = {**registry.expert(job.name).to_dict(), "status": out["status"], "training": out}
         if "gates" in out:
             row["gates"] = out.pop("gates")
     if json_:
         from recycle.experts import describe
+        from recycle.records import Expert
 
         extra = {"gates": row.get("gates")} if gate_settings is not None else {}
-        print_json({**describe(row), "status": row["status"], "training": row.get("training"), **extra})
+        print_json({**describe(Expert.from_dict(row)), "status": row["status"], "training": row.get("training"), **extra})
     else:
         t = row.get("training", {})
         info(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from recycle.errors import RecycleError
-from recycle.methods.method import Method, Plan, Settings, is_multitask, per_example_rows
+from recycle.methods.method import Method, Plan, Settings, per_example_rows
 
 # table order = the order of results tables and of `recycle eval`'s default methods
 _MODULES = ("base", "uniform", "arrow", "spectr", "avg_activation", "retrieval", "phatgoose", "moepp", "cosmo",
@@ -73,4 +73,4 @@ def build_routed_model(model, expert_dirs: Mapping[str, str | Path], method: str
 
 
 __all__ = ["METHODS", "DEFAULT_EVAL", "TOKEN_ROUTED", "Method", "Plan", "Settings", "build_routed_model", "get",
-           "help_text", "is_multitask", "parse", "per_example_rows"]
+           "help_text", "parse", "per_example_rows"]

@@ -28,18 +28,18 @@ class AvgActivation(Method):
 
         out = {}
         for m in plan.members:
-            rows = plan.data[m["name"]]
-            path = cache_path(plan, "prototypes", {"base": plan.base, "sha": m["sha256"], "rows": rows})
+            rows = plan.data[m.name]
+            path = cache_path(plan, "prototypes", {"base": plan.base, "sha": m.sha256, "rows": rows})
             if path.is_file():
-                out[m["name"]] = load_tensors(path, "prototypes")
+                out[m.name] = load_tensors(path, "prototypes")
                 continue
-            modules = list(load_expert(m["path"], m["name"], m.get("sha256")).modules)
+            modules = list(load_expert(m.path, m.name, m.sha256).modules)
             enc = [encode_lm(tokenizer, p, a, max_length) for p, a, _ in rows]
             batches = [{k: v for k, v in collate(enc[i:i + batch_size], pad_id_of(tokenizer)).items() if k != "labels"}
                        for i in range(0, len(enc), batch_size)]
-            vecs = compute_prototypes(model, {m["name"]: batches}, modules)[m["name"]]
+            vecs = compute_prototypes(model, {m.name: batches}, modules)[m.name]
             save_tensors(path, vecs)
-            out[m["name"]] = vecs
+            out[m.name] = vecs
         return {"prototypes": out}
 
     def build(self, model, experts, settings, prototypes=None):

@@ -18,7 +18,7 @@ class Base(Method):
     def install(self, plan, model, tokenizer):
         from recycle.routing import install_nothing
 
-        return install_nothing(model, [m["name"] for m in plan.members], self.name)
+        return install_nothing(model, [m.name for m in plan.members], self.name)
 
 
 METHOD = Base()

@@ -175,9 +175,9 @@ def combine(p_seen_side: torch.Tensor, p_unseen_side: torch.Tensor, g: float, th
 
 
 def _sub_plan(part: dict, keep: list[str] | None = None) -> Plan:
-    p = Plan(**part)
+    p = Plan.from_dict(part)
     if keep is not None:
-        p.members = [m for m in p.members if m["name"] in keep]
+        p.members = [m for m in p.members if m.name in keep]
         p.state = {}  # a trained part is rebuilt untrained over a subset of its members
     return p
 
@@ -199,8 +199,8 @@ class Sides:
 
         out = {}
         for m in self.plan.members:
-            exs = [Example(p, None, a, None, t) for p, a, t in self.plan.data[m["name"]]]
-            out[m["name"]] = member_stats(self.embed(exs))
+            exs = [Example(p, None, a, None, t) for p, a, t in self.plan.data[m.name]]
+            out[m.name] = member_stats(self.embed(exs))
         return out
 
     def experts(self, examples, assignment: list[str], names: list[str]) -> list:
@@ -208,8 +208,8 @@ class Sides:
         from recycle.routing import ExampleRouter, install_routed, load_expert
         from recycle.scoring import score_choices
 
-        members = {m["name"]: m for m in self.plan.members}
-        experts = [load_expert(members[n]["path"], n, members[n].get("sha256")) for n in names]
+        members = {m.name: m for m in self.plan.members}
+        experts = [load_expert(members[n].path, n, members[n].sha256) for n in names]
         with install_routed(self.model, experts, lambda layer: ExampleRouter("cosmo-seen"), "cosmo-seen") as h:
             def on_rows(rows):
                 h.set_examples([assignment[i] for i in rows])
@@ -365,7 +365,7 @@ def run_fold_job(job: FoldJob) -> dict:
 
     torch.set_num_threads(max(1, int(job.threads)))
     t0 = time.time()
-    plan = Plan(**job.plan)
+    plan = Plan.from_dict(job.plan)
     model, tok = load_base(resolve_base(plan.base))
     device = cluster.device(job.device)
     model.to(device)
@@ -523,8 +523,8 @@ def train_gate(
         report.say(f"skip {name}: gate trained with these settings ({key[:12]}); --force retrains")
         return {**old, "status": "skipped"}
     registry.check_writable()
-    names = [m["name"] for m in plan.members]
-    member_task = {m["name"]: m["task"] for m in plan.members}
+    names = [m.name for m in plan.members]
+    member_task = {m.name: m.task for m in plan.members}
     examples, tasks = [], []
     for task in dict.fromkeys(member_task.values()):
         for ex in load_examples(registry, task, "validation", n=settings.examples, seed=settings.seed):
@@ -610,8 +610,7 @@ class Cosmo(Method):
             raise RecycleError(f"--unseen {unseen}: a COSMO composition cannot be the unseen side of another")
         if other.get("base_model") != base:
             raise RecycleError(f"--unseen {unseen}: it is over base model {other.get('base_model')}, not {base}")
-        if sorted((m["name"], m["sha256"]) for m in other["members"]) != sorted((m["name"], m["sha256"])
-                                                                               for m in members):
+        if sorted((m["name"], m["sha256"]) for m in other["members"]) != sorted((m.name, m.sha256) for m in members):
             raise RecycleError(f"--unseen {unseen}: its members differ from this composition's")
 
     def gather(self, registry, plan, seed=0):
@@ -626,7 +625,7 @@ class Cosmo(Method):
             if sorted(part.member_hashes.items()) != sorted(plan.member_hashes.items()):
                 raise RecycleError(f"--unseen {s.unseen}: its members differ from this composition's")
         else:
-            part = compose.plan(registry, method="phatgoose", experts=[m["name"] for m in plan.members],
+            part = compose.plan(registry, method="phatgoose", experts=[m.name for m in plan.members],
                                 data_seed=seed)
         plan.data["parts"] = {"unseen": part.to_dict()}
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from recycle.errors import RecycleError
+from recycle.records import Expert, Member
 from recycle.settings import Settings, setting
 
 
@@ -43,14 +44,19 @@ class Plan:
     method: str
     base: str  # base model name, for recycle.basemodels.resolve_base
     settings: dict
-    members: list[dict]  # name, path, sha256, task, and what the method needs (gates...)
+    members: list[Member]
     artifacts_dir: str
     data: dict = field(default_factory=dict)  # method-specific data gathered by the driver
     state: dict = field(default_factory=dict)  # trained parts: {key: {path, sha256, ...}}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> Plan:
+        """The plan :meth:`to_dict` made (members back to :class:`Member` records)."""
+        return cls(**{**values, "members": [Member(**m) for m in values["members"]]})
+
     @property
     def member_hashes(self) -> dict[str, str]:
-        return {m["name"]: m["sha256"] for m in self.members}
+        return {m.name: m.sha256 for m in self.members}
 
     @property
     def content_key(self) -> str:
@@ -59,13 +65,12 @@ class Plan:
         key = {
             "method": self.method,
             "settings": self.settings,
-            "members": sorted((m["name"], m["sha256"], m.get("config_sha256") or "", m.get("gates_sha") or "")
-                              for m in self.members),
+            "members": sorted((m.name, m.sha256, m.config_sha256 or "", m.gates_sha or "") for m in self.members),
         }
         if self.state:
             key["state"] = {k: v.get("sha256") for k, v in sorted(self.state.items())}
         if self.data.get("parts"):
-            key["parts"] = {k: Plan(**v).content_key for k, v in sorted(self.data["parts"].items())}
+            key["parts"] = {k: Plan.from_dict(v).content_key for k, v in sorted(self.data["parts"].items())}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict:
@@ -73,12 +78,7 @@ class Plan:
 
     @property
     def expert_dirs(self) -> dict[str, str]:
-        return {m["name"]: m["path"] for m in self.members}
-
-
-def is_multitask(expert: dict) -> bool:
-    meta = expert.get("meta") or {}
-    return bool(meta.get("multitask")) or "," in (expert.get("task") or "")
+        return {m.name: m.path for m in self.members}
 
 
 class Method:
@@ -119,53 +119,52 @@ class Method:
 
     # ---- driver side ---------------------------------------------------------------
 
-    def select(self, registry, names: list[str] | None, values: dict) -> list[dict]:
+    def select(self, registry, names: list[str] | None, values: dict) -> list[Expert]:
         """The member experts: the named ones, or every single-task expert (one base);
         ``values``: the settings as given (a method may name its member there)."""
         if names:
             experts = [registry.expert(n) for n in names]
         elif self.members == "multitask":
-            experts = [e for e in registry.experts() if is_multitask(e)]
+            experts = [e for e in registry.experts() if e.multitask]
         else:
-            experts = [e for e in registry.experts() if not is_multitask(e)]
+            experts = [e for e in registry.experts() if not e.multitask]
         if not experts and self.members != "none":
             raise RecycleError("no experts to compose: register some, or name them with --experts")
-        bases = {(e["base_model"], e["base_config_hash"]) for e in experts}
+        bases = {(e.base_model, e.base_config_hash) for e in experts}
         if len(bases) > 1:
             raise RecycleError("the experts are on different base models (" + ", ".join(sorted(b for b, _ in bases))
                                + "); name the ones to compose with --experts")
         return experts
 
-    def member(self, registry, expert: dict) -> dict | str:
+    def member(self, registry, expert: Expert) -> Member | str:
         """The member entry for a worker, or why this expert cannot be a member."""
-        m = {"name": expert["name"], "path": expert["path"], "sha256": expert["sha256"],
-             "config_sha256": expert.get("config_sha256"), "task": expert.get("task"), "gates": None}
+        gates = gates_sha = None
         if self.needs == "gates":
             g = registry.latest_gates(expert)
             if g is None:
                 return "no gates for their current adapter (run recycle train-gates)"
-            m["gates"], m["gates_sha"] = g["path"], g["settings_hash"]
-        elif self.needs == "task" and (not expert.get("task") or is_multitask(expert)):
+            gates, gates_sha = g["path"], g["settings_hash"]
+        elif self.needs == "task" and (not expert.task or expert.multitask):
             return "no registered single task (their own data is needed)"
-        return m
+        return Member(expert.name, expert.path, expert.sha256, expert.config_sha256, expert.task, gates, gates_sha)
 
-    def plan_members(self, registry, experts: list[dict]) -> list[dict]:
+    def plan_members(self, registry, experts: list[Expert]) -> list[Member]:
         members, missing = [], {}
         for e in experts:
             m = self.member(registry, e)
             if isinstance(m, str):
-                missing.setdefault(m, []).append(e["name"])
+                missing.setdefault(m, []).append(e.name)
             else:
                 members.append(m)
         for reason, names in missing.items():
             raise RecycleError(f"{self.name} needs what these experts lack, {reason}: {', '.join(names)}")
         return members
 
-    def complete(self, values: dict, experts: list[dict]) -> dict:
+    def complete(self, values: dict, experts: list[Expert]) -> dict:
         """The settings values once the members are known (e.g. the one expert's name)."""
         return values
 
-    def check_stored(self, registry, name: str, settings: Settings, members: list[dict], base: str | None) -> None:
+    def check_stored(self, registry, name: str, settings: Settings, members: list[Member], base: str | None) -> None:
         """Refuse, when the composition ``name`` is stored, settings that could only fail
         when it is used (nothing to check here)."""
 
@@ -182,7 +181,7 @@ class Method:
         """Install the plan's composition on ``model`` (in place); returns the handle."""
         from recycle.routing import load_expert
 
-        experts = [load_expert(m["path"], m["name"], m.get("sha256")) for m in plan.members]
+        experts = [load_expert(m.path, m.name, m.sha256) for m in plan.members]
         return self.build(model, experts, self.settings(plan.settings), **self.artifacts(plan, model, tokenizer))
 
     def artifacts(self, plan: Plan, model, tokenizer) -> dict:
@@ -350,8 +349,8 @@ def own_examples(registry, plan: Plan, n: int, seed: int) -> None:
     from recycle.tasks import load_examples
 
     for m in plan.members:
-        exs = load_examples(registry, m["task"], "train", n=n, seed=seed)
-        plan.data[m["name"]] = [[ex.prompt, ex.answer, ex.text] for ex in exs]
+        exs = load_examples(registry, m.task, "train", n=n, seed=seed)
+        plan.data[m.name] = [[ex.prompt, ex.answer, ex.text] for ex in exs]
 
 
 def per_example_rows(handle, chosen: list | None):

@@ -137,7 +137,7 @@ def calibration(registry, plan, source: str | None, n: int, seed: int) -> tuple[
         rows = random.Random(seed).sample(rows, min(n, len(rows)))
         return rows, {"file": str(path.resolve()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
     tasks = [t.strip() for t in source.split(",") if t.strip()] if source else \
-        list(dict.fromkeys(m["task"] for m in plan.members if m.get("task")))
+        list(dict.fromkeys(m.task for m in plan.members if m.task))
     if not tasks:
         raise RecycleError("no calibration data: the members have no registered tasks; give --calibration TASKS or FILE")
     per = max(1, -(-n // len(tasks)))
@@ -181,7 +181,7 @@ def run_router_job(job: RouterJob) -> dict:
     torch.set_num_threads(max(1, int(job.threads)))
     s = RouterTrainSettings(**job.settings)
     torch.manual_seed(s.seed)
-    plan = Plan(**job.plan)
+    plan = Plan.from_dict(job.plan)
     model, tok = load_base(resolve_base(plan.base))
     device = cluster.device(job.device)
     model.to(device)
@@ -299,7 +299,7 @@ class Moepp(Method):
     train_job = staticmethod(run_router_job)
 
     def artifacts(self, plan, model, tokenizer):
-        return {"gates": {m["name"]: m["gates"] for m in plan.members}}
+        return {"gates": {m.name: m.gates for m in plan.members}}
 
     def build(self, model, experts, settings, gates=None):
         from recycle.routing import install_routed

@@ -18,16 +18,12 @@ class Multitask(Single):
         return self.name
 
     def unavailable(self, registry):
-        from recycle.methods.method import is_multitask
-
-        return None if any(is_multitask(e) for e in registry.experts()) else "no multitask expert registered"
+        return None if any(e.multitask for e in registry.experts()) else "no multitask expert registered"
 
     def select(self, registry, names, values):
         experts = [registry.expert(n) for n in names] if names else None
         if experts is None:
-            from recycle.methods.method import is_multitask
-
-            experts = [e for e in registry.experts() if is_multitask(e)]
+            experts = [e for e in registry.experts() if e.multitask]
         if len(experts) != 1:
             raise RecycleError(
                 f"multitask needs exactly one multitask expert (found {len(experts)}); "

@@ -19,10 +19,10 @@ class Oracle(Method):
         return install_routed(model, experts, lambda layer: ExampleRouter(self.name), self.name)
 
     def skips(self, plan, task):
-        return None if task in {m["task"] for m in plan.members} else "no expert for this task (held-out)"
+        return None if task in {m.task for m in plan.members} else "no expert for this task (held-out)"
 
     def assign(self, handle, plan, examples, tasks):
-        by_task = {m["task"]: m["name"] for m in plan.members}
+        by_task = {m.task: m.name for m in plan.members}
         missing = sorted({t for t in tasks if t not in by_task}, key=str)
         if missing:
             raise RecycleError(f"oracle: no expert for task(s) {', '.join(map(str, missing))}")

@@ -30,7 +30,7 @@ class Phatgoose(Method):
     trains = "train-gates"  # recycle.gates.train
 
     def artifacts(self, plan, model, tokenizer):
-        return {"gates": {m["name"]: m["gates"] for m in plan.members}}
+        return {"gates": {m.name: m.gates for m in plan.members}}
 
     def build(self, model, experts, settings, gates=None):
         from recycle.routing import GateRouter, install_routed

@@ -22,7 +22,7 @@ class Retrieval(Method):
         from recycle.routing import RetrievalIndex, SentenceEmbedder
 
         embedder = SentenceEmbedder.from_folder(plan.settings.get("embedder"))
-        names = [m["name"] for m in plan.members]
+        names = [m.name for m in plan.members]
         path = cache_path(plan, "retrieval", {"members": plan.member_hashes, "texts": [plan.data[n] for n in names]})
         if path.is_file():
             index = RetrievalIndex.load(path)

@@ -23,7 +23,7 @@ class Single(Method):
         return [registry.expert(expert)]
 
     def complete(self, values, experts):
-        return {"expert": experts[0]["name"]}
+        return {"expert": experts[0].name}
 
     def build(self, model, experts, settings):
         from recycle.routing import ExampleRouter, install_routed
