@@ -10,7 +10,9 @@ runner = CliRunner()
 
 
 def _commands(group: click.Group, prefix=()):
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
         yield prefix + (name,), cmd
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, prefix + (name,))
@@ -24,6 +26,20 @@ def test_every_command_has_help_text():
         assert (cmd.help or "").strip(), f"{' '.join(path)} has no help"
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
+
+
+def test_every_command_is_found_where_the_lazy_root_looks():
+    """The root imports a command's module only when the command is asked for: every
+    command is in its table, under the module that defines it."""
+    import importlib
+
+    from recycle.cli.root import COMMANDS
+
+    for module in dict.fromkeys(COMMANDS.values()):
+        importlib.import_module(f"recycle.cli.{module}")
+    where = {c.name: c.callback.__module__ for c in app.registered_commands}
+    where.update({g.name: g.typer_instance.registered_commands[0].callback.__module__ for g in app.registered_groups})
+    assert where == {name: f"recycle.cli.{module}" for name, module in COMMANDS.items()}
 
 
 def test_no_args_shows_help():

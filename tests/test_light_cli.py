@@ -70,7 +70,9 @@ def small_registry(tmp_path_factory, make_adapter):
 
 
 def _commands(group: click.Group, prefix=()):
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
         yield prefix + (name,)
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, prefix + (name,))

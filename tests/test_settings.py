@@ -35,7 +35,7 @@ def one_line(result) -> str:
 def command(*path) -> click.Command:
     cmd = typer.main.get_command(app)
     for name in path:
-        cmd = cmd.commands[name]
+        cmd = cmd.get_command(click.Context(cmd), name)
     return cmd
 
 

@@ -3,6 +3,7 @@ the one place an error becomes one line."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import traceback
 
@@ -26,8 +27,38 @@ Examples:
 """
 
 
+# Each command's module in recycle.cli, in the order of --help. A module is imported when
+# one of its commands is run (or --help lists them all): a command builds its own room's
+# commands, not every room's.
+COMMANDS = {
+    "add-expert": "experts", "add-task": "tasks", "train-expert": "tasks", "train-gates": "gates",
+    "predict": "compose", "report": "evaluate", "run": "run", "demo": "run", "train": "routers",
+    "train-router": "routers", "train-gate": "routers", "train-cosmo-gate": "routers", "serve": "serve",
+    "lm-eval": "lmeval", "experts": "experts", "db": "experts", "tasks": "tasks", "gates": "gates",
+    "compose": "compose", "eval": "evaluate",
+}
+
+
 class RecycleGroup(TyperGroup):
-    """Turns a RecycleError anywhere below into one line on stderr and a non-zero exit."""
+    """Loads a command's module when it is asked for (:data:`COMMANDS`), and turns a
+    RecycleError anywhere below into one line on stderr and a non-zero exit."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load(COMMANDS)
+        return sorted(self.commands, key=lambda n: list(COMMANDS).index(n) if n in COMMANDS else len(COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str):
+        self._load([name])
+        return super().get_command(ctx, name)
+
+    def _load(self, names) -> None:
+        modules = {COMMANDS[n] for n in names if n in COMMANDS and n not in self.commands}
+        if modules:
+            for module in dict.fromkeys(COMMANDS.values()):  # in table order: registration order
+                if module in modules:
+                    importlib.import_module(f"recycle.cli.{module}")
+            for name, command in typer.main.get_command(app).commands.items():
+                self.commands.setdefault(name, command)
 
     def invoke(self, ctx: click.Context):
         try:
