@@ -55,7 +55,7 @@ def batch_prediction(registry, plan, items, workers_threads: int, tmp: Path) -> 
 
     from recycle.console import QUIET
     from recycle.predict import Predictor
-    from recycle.serving import predict_batch
+    from recycle.batch import predict_batch
 
     out = {}
     cores = os.cpu_count() or 1

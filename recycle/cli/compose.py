@@ -179,7 +179,7 @@ def predict_cmd(
         output_target(output)  # a device, folder, FIFO or unwritable folder: refused before any work
     registry = open_registry(db, create=False)
     if distributed:
-        from recycle.serving import predict_batch
+        from recycle.batch import predict_batch
 
         kind = "score" if items[0].get("choices") else "generate"
         options = {"batch_size": batch_size, "explain": explain, "max_new_tokens": max_new_tokens}
