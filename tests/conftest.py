@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -131,7 +133,58 @@ def one_line_error(r, code=2):
     assert r.exit_code == code, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.output
     return lines[0]
+
+
+# ---- the registry file, and a few adapters for the add-expert and registry tests ----
+
+
+def db_path() -> Path:
+    return Path(os.environ["RECYCLE_DB"])
+
+
+def rows(table="experts"):
+    if not db_path().exists():
+        return []
+    conn = sqlite3.connect(db_path())
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(f"select * from {table} order by id")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def dump():
+    """Every row of every table: to show a failed command changed nothing."""
+    if not db_path().exists():
+        return {}
+    conn = sqlite3.connect(db_path())
+    try:
+        names = [r[0] for r in conn.execute("select name from sqlite_master where type='table'")]
+        return {n: list(conn.execute(f"select * from [{n}]")) for n in names}
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, make_adapter):
+    """A few real PEFT adapters, written once for the module."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(root / "a", r=4, seed=1),
+        "b": make_adapter(root / "b", r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=2),
+        "c": make_adapter(root / "c", r=4, targets=("gate_proj", "up_proj", "down_proj"), seed=3,
+                          use_rslora=True),
+        "patterned": make_adapter(root / "patterned", r=4, seed=4, rank_pattern={"v_proj": 2}),
+    }
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
 
 
 TASKS = {
@@ -202,3 +255,101 @@ def train_real_gates(names, steps=3):
         reg.record_gates(e, {"path": result["path"], "settings_hash": settings.hash,
                              "settings": _json.dumps(settings.to_dict(), sort_keys=True),
                              **{k: result[k] for k in ("steps", "loss_start", "loss_end", "seconds")}})
+
+
+def write_task(registry, root, task, alphabet, n=40):
+    """A generation task of random strings over ``alphabet``, registered in ``registry``."""
+    import random
+
+    from recycle.tasks import add_task, parse_spec
+
+    rng = random.Random(task)
+    f = root / f"{task}.jsonl"
+    f.write_text("".join(
+        json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(6)),
+                    "target": "".join(rng.choice(alphabet) for _ in range(8))}) + "\n"
+        for _ in range(n)
+    ))
+    add_task(registry, parse_spec({"name": task, "template": task + ": {text} =", "target_field": "target",
+                                   "source": {"builder": "json", "data_files": str(f)}}))
+
+
+# ---- a tiny in-memory Llama and PEFT adapters on it (routing, methods, MoE++) ----
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama():
+    """A 2-layer random Llama (64 wide, 128 tokens) built in memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def write_adapter(base, folder, seed, **lora):
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora))
+    peft_model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def adapters(llama, tmp_path_factory):
+    """a, b, c: same rank and targets (Arrow needs that); d: rsLoRA, rank/alpha patterns and
+    only some modules; e: another rank on a subset."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {name: write_adapter(llama, root / name, i, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+           for i, name in enumerate("abc")}  # fmt: skip
+    out["d"] = write_adapter(
+        llama, root / "d", 10, r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+    )  # fmt: skip
+    out["e"] = write_adapter(
+        llama, root / "e", 11, r=6, lora_alpha=3, target_modules=["q_proj", "v_proj", "up_proj"],
+        alpha_pattern={"v_proj": 12}, rank_pattern={"up_proj": 3},
+    )  # fmt: skip
+    return out
+
+
+def random_gates(model, adapters, names, seed=0):
+    import torch
+
+    from recycle.routing import load_expert
+
+    g = torch.Generator().manual_seed(seed)
+    gates = {}
+    for n in names:
+        e = load_expert(adapters[n], n)
+        gates[n] = {p: torch.randn(model.get_submodule(p).in_features, generator=g) for p in e.modules}
+    return gates
+
+
+def inputs(batch=2, seq=7, seed=1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits(model, batch):
+    import torch
+
+    with torch.no_grad():
+        return model(**batch).logits

@@ -1,10 +1,12 @@
 """Every command documents itself."""
 
 import click
+import pytest
 import typer
 from typer.testing import CliRunner
 
 from recycle.cli import app
+from tests.conftest import cli
 
 runner = CliRunner()
 
@@ -46,3 +48,13 @@ def test_no_args_shows_help():
     result = runner.invoke(app, [])
     assert "Usage" in result.output
     assert "add-expert" in result.output
+
+
+@pytest.mark.parametrize("args", [["train-router", "c", "-x"], ["train-router", "c", "--steps", "nan"],
+                                  ["eval", "--bogus"], ["compose"]])
+def test_usage_errors_exit_2_without_a_traceback_line(args):
+    """Typer carries its own copy of click: its usage errors are bad input (exit 2, click's
+    usage message), not an internal error (exit 1)."""
+    r = cli(*args)
+    assert r.exit_code == 2, r.output
+    assert "run with --debug" not in r.output and "Traceback" not in r.output

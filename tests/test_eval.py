@@ -16,7 +16,7 @@ from recycle.data import Example
 from recycle.stats import suh, wilson
 from recycle.scoring import score_choices
 
-from tests.conftest import ok, one_line_error, train_real_gates
+from tests.conftest import cli, ok, one_line_error, train_real_gates
 
 runner = CliRunner()
 
@@ -213,3 +213,19 @@ def test_empty_and_repeated_lists(registered):
     assert [j.task for j in jobs] == ["t_alpha", "t_beta"]
     request = E.EvalRequest(methods=("base", "uniform", "base"), compositions=("c", "c"))
     assert request.methods == ("base", "uniform") and request.compositions == ("c",)
+
+
+def test_dead_and_interrupted_runs_agree(world):
+    import sqlite3
+
+    from recycle.registry import Registry
+
+    reg = Registry()
+    run = reg.start_run({"x": 1})
+    conn = sqlite3.connect(reg.path)
+    conn.execute("update eval_runs set pid = 999999999 where id = ?", [run])  # a process that is gone
+    conn.commit()
+    assert reg.mark_dead_runs() == 1
+    assert reg.run(run)["status"] == "died"
+    shown = cli("eval", "runs", "--json")
+    assert json.loads(shown.stdout)[0]["status"] == "died"

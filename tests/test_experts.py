@@ -6,77 +6,15 @@ import json
 import os
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from recycle.cli import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def db_path() -> Path:
-    return Path(os.environ["RECYCLE_DB"])
-
-
-def rows(table="experts"):
-    if not db_path().exists():
-        return []
-    conn = sqlite3.connect(db_path())
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(f"select * from {table} order by id")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
-
-
-def dump():
-    """Every row of every table: to show a failed command changed nothing."""
-    if not db_path().exists():
-        return {}
-    conn = sqlite3.connect(db_path())
-    try:
-        names = [r[0] for r in conn.execute("select name from sqlite_master where type='table'")]
-        return {n: list(conn.execute(f"select * from [{n}]")) for n in names}
-    finally:
-        conn.close()
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory, make_adapter):
-    """A few real PEFT adapters, written once for the module."""
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        "a": make_adapter(root / "a", r=4, seed=1),
-        "b": make_adapter(root / "b", r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=2),
-        "c": make_adapter(root / "c", r=4, targets=("gate_proj", "up_proj", "down_proj"), seed=3,
-                          use_rslora=True),
-        "patterned": make_adapter(root / "patterned", r=4, seed=4, rank_pattern={"v_proj": 2}),
-    }
-
-
-def copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def one_line_error(result, code=2):
-    assert result.exit_code == code, result.output
-    out = result.stderr.strip() if result.stderr_bytes is not None else result.output.strip()
-    lines = out.splitlines()
-    assert len(lines) == 1, out
-    assert lines[0].startswith("Error: ")
-    assert "Traceback" not in result.output
-    return lines[0]
+from tests.conftest import cli, copy, dump, ok, one_line_error, rows
 
 
 def test_add_records_everything(library, tiny_base):
@@ -315,7 +253,7 @@ def test_list_show_filters_json(library):
 
 def test_remove(library):
     assert cli("add-expert", library["a"], "--base", "tiny-llama").exit_code == 0
-    r = runner.invoke(app, ["experts", "remove", "a"], input="n\n")
+    r = cli("experts", "remove", "a", input="n\n")
     assert r.exit_code != 0 and len(rows()) == 1
     r = cli("experts", "remove", "a", "--yes")
     assert r.exit_code == 0 and rows() == []
@@ -371,3 +309,155 @@ def test_concurrent_adds_from_four_processes(library, tmp_path):
     assert names == ["p0", "p1", "p2", "p3"]
     assert conn.execute("select count(*) from base_models").fetchone()[0] == 1
     assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+BAD_NAMES = ["../../evil", "/abs", "..", "a\nb", "\x1b[31mred", "x" * 10_000, "a,b", "--help", "-x", ".hidden", ""]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_one_name_rule_for_experts(library, name):
+    from recycle.registry import Registry
+
+    Registry().close()
+    before = dump()
+    err = one_line_error(cli("add-expert", library["a"], "--name", name, "--base", "tiny-llama"))
+    assert "is not usable" in err and "\x1b" not in err
+    assert dump() == before
+
+
+def test_one_name_rule_for_folders_tasks_and_compositions(library, tmp_path, world):
+    odd = copy(library["a"], tmp_path / "my adapter")  # the default name is the folder's
+    assert "give one with --name" in one_line_error(cli("add-expert", odd, "--base", "tiny-llama"))
+    ok("add-expert", odd, "--name", "fine", "--base", "tiny-llama")
+    spec = tmp_path / "t.toml"
+    spec.write_text(world["specs"]["t_alpha"].read_text().replace('name = "t_alpha"', 'name = "--help"')
+                    .replace('data_files = "', f'data_files = "{world["root"]}/'))
+    assert "task name" in one_line_error(cli("add-task", spec))
+    for name in ("a/b", "x y", "..", ".hidden"):
+        r = cli("compose", "create", name, "--method", "uniform", "--all")
+        assert r.exit_code == 2 and "composition name" in r.stderr, r.output
+    from recycle import compose
+    from recycle.errors import RecycleError
+    from recycle.registry import Registry
+
+    with pytest.raises(RecycleError, match="composition name '--help' is not usable"):
+        compose.create(Registry(), "--help", "uniform", None)
+
+
+def test_a_runaway_or_invalid_rank_pattern(library, tmp_path):
+    for pattern, words in (("(", "not a valid regular expression"), ("(.*.*.*.*.*.*.*.*.*)*X", None)):
+        bad = copy(library["patterned"], tmp_path / f"p{len(words or 'x')}")
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        cfg["rank_pattern"] = {pattern: 2}
+        (bad / "adapter_config.json").write_text(json.dumps(cfg))
+        t0 = time.time()
+        r = cli("add-expert", bad, "--base", "tiny-llama")
+        assert time.time() - t0 < 30
+        if words:
+            err = one_line_error(r)
+            assert words in err and "adapter_config.json rank_pattern" in err and str(bad) in err
+        else:  # matches nothing: the modules keep r, which their tensors do not have
+            assert "rank" in one_line_error(r)
+
+
+def test_adapters_changed_on_disk_are_refused_wherever_they_are_used(library, tmp_path, world):
+    for spec in world["specs"].values():
+        ok("add-task", spec)
+    a = copy(library["a"], tmp_path / "ea")
+    ok("add-expert", a, "--task", "t_alpha", "--base", "tiny-llama")
+    ok("compose", "u", "--method", "uniform", "--all")
+    ok("predict", "u", "--prompt", "Alpha: x\nAnswer:", "--choices", " a, b")
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = cfg["lora_alpha"] * 50
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    assert "adapter_config.json of expert ea changed" in one_line_error(
+        cli("predict", "u", "--prompt", "x", "--choices", "a,b"))
+    assert "changed on disk" in one_line_error(cli("eval", "--methods", "uniform", "--tasks", "t_alpha"))
+    verify = cli("experts", "verify")
+    assert verify.exit_code == 1 and "adapter_config.json differs" in verify.stdout
+    (a / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": cfg["lora_alpha"] / 50}))
+    w = a / "adapter_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte in a weight
+    w.write_bytes(bytes(data))
+    assert "weights of expert ea changed" in one_line_error(cli("predict", "u", "--prompt", "x", "--choices", "a,b"))
+    import shutil
+
+    shutil.rmtree(a)
+    assert "is missing" in one_line_error(cli("compose", "v", "--method", "uniform", "--all"))
+
+
+def test_nan_and_inf_weights_and_alpha_are_refused(library, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bad = copy(library["a"], tmp_path / "nanw")
+    w = bad / "adapter_model.safetensors"
+    t = load_file(str(w))
+    first = sorted(t)[0]
+    t[first][0, 0] = float("nan")
+    save_file(t, str(w))
+    assert "NaN or infinite" in one_line_error(cli("add-expert", bad, "--base", "tiny-llama"))
+    t[first][0, 0] = float("inf")
+    save_file(t, str(w))
+    assert "NaN or infinite" in one_line_error(cli("add-expert", bad, "--base", "tiny-llama"))
+    alpha = copy(library["a"], tmp_path / "nana")
+    text = (alpha / "adapter_config.json").read_text()
+    cfg = json.loads(text)
+    for value, words in (("NaN", "NaN is not a number"), ("0", "lora_alpha=0"), ("-1", "lora_alpha=-1")):
+        (alpha / "adapter_config.json").write_text(json.dumps(cfg).replace(f'"lora_alpha": {cfg["lora_alpha"]}',
+                                                                           f'"lora_alpha": {value}'))
+        assert words in one_line_error(cli("add-expert", alpha, "--base", "tiny-llama"))
+    assert rows() == []
+    int8 = copy(library["a"], tmp_path / "int8")
+    t = load_file(str(int8 / "adapter_model.safetensors"))
+    save_file({k: (v * 10).to(torch.int8) for k, v in t.items()}, str(int8 / "adapter_model.safetensors"))
+    assert "floating point" in one_line_error(cli("add-expert", int8, "--base", "tiny-llama"))
+
+
+def test_duplicates_are_weights_and_config(library, tmp_path):
+    ok("add-expert", library["a"], "--name", "e0", "--base", "tiny-llama")
+    err = one_line_error(cli("add-expert", library["a"], "--name", "pk", "--base", "tiny-llama"))
+    assert "already registered as expert 'e0'" in err
+    other = copy(library["a"], tmp_path / "other-alpha")
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = cfg["lora_alpha"] + 1
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    ok("add-expert", other, "--name", "e1", "--base", "tiny-llama")  # same weights, another config: another expert
+    assert sorted(r["name"] for r in rows()) == ["e0", "e1"]
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda h: h[sorted(k for k in h if k != "__metadata__")[0]].update(dtype="Q7"), "unknown dtype"),
+    (lambda h: h[sorted(k for k in h if k != "__metadata__")[0]].update(shape=None), "malformed"),
+    (lambda h: h[sorted(k for k in h if k != "__metadata__")[0]].update(data_offsets=["0", "8"]), "malformed"),
+    (lambda h: [h[k].update(data_offsets=[0, h[k]["data_offsets"][1] - h[k]["data_offsets"][0]])
+                for k in h if k != "__metadata__"], "overlaps"),
+])
+def test_safetensors_header_gaps(library, tmp_path, edit, words):
+    bad = copy(library["a"], tmp_path / "hdr")
+    _rewrite_header(bad / "adapter_model.safetensors", edit)
+    assert words in one_line_error(cli("add-expert", bad, "--base", "tiny-llama"))
+
+
+def test_deep_json_config_and_odd_configs(library, tmp_path):
+    deep = copy(library["a"], tmp_path / "deep")
+    (deep / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    err = one_line_error(cli("add-expert", deep, "--base", "tiny-llama"))
+    assert "adapter_config.json" in err and str(deep) in err
+    for key, value, words in (("r", 4.7, "whole number"), ("fan_in_fan_out", True, "fan_in_fan_out")):
+        odd = copy(library["a"], tmp_path / f"odd-{key}")
+        cfg = json.loads((odd / "adapter_config.json").read_text())
+        cfg[key] = value
+        (odd / "adapter_config.json").write_text(json.dumps(cfg))
+        assert words in one_line_error(cli("add-expert", odd, "--base", "tiny-llama"))

@@ -16,6 +16,7 @@ import torch
 
 from recycle import gates as G
 from recycle.losses import answer_loss
+from tests.conftest import write_task
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -289,20 +290,6 @@ def test_default_gpus(local_ray):
         cluster.check_fits(1, 1)
 
 
-def _write_task(registry, root, task, alphabet, n=40):
-    from recycle.tasks import add_task, parse_spec
-
-    rng = random.Random(task)
-    f = root / f"{task}.jsonl"
-    f.write_text("".join(
-        json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(6)),
-                    "target": "".join(rng.choice(alphabet) for _ in range(8))}) + "\n"
-        for _ in range(n)
-    ))
-    add_task(registry, parse_spec({"name": task, "template": task + ": {text} =", "target_field": "target",
-                                   "source": {"builder": "json", "data_files": str(f)}}))
-
-
 @pytest.fixture
 def registry_with_experts(tmp_path, make_adapter):
     """A registry with tasks ``letters`` and ``digits`` and three experts on tiny-llama."""
@@ -310,8 +297,8 @@ def registry_with_experts(tmp_path, make_adapter):
     from recycle.registry import Registry
 
     reg = Registry()
-    _write_task(reg, tmp_path, "letters", "abcdefghij")
-    _write_task(reg, tmp_path, "digits", "0123456789")
+    write_task(reg, tmp_path, "letters", "abcdefghij")
+    write_task(reg, tmp_path, "digits", "0123456789")
     for i, task in enumerate(["letters", "digits", "letters"]):
         folder = make_adapter(tmp_path / f"exp{i}", seed=i)
         add_expert(reg, folder, task=task, base="tiny-llama")

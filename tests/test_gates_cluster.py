@@ -18,7 +18,7 @@ import pytest
 psutil = pytest.importorskip("psutil")
 
 from tests.raycluster import _kill_tree, _raylet, loopback  # noqa: E402
-from tests.test_gates import _write_task  # noqa: E402
+from tests.conftest import write_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_train_gates_survives_a_killed_worker_node(loopback_cluster, tmp_path, m
     from recycle.registry import Registry
 
     reg = Registry()
-    _write_task(reg, tmp_path, "letters", "abcdefghij")
+    write_task(reg, tmp_path, "letters", "abcdefghij")
     names = []
     for i in range(4):
         add_expert(reg, make_adapter(tmp_path / f"exp{i}", seed=i), task="letters", base="tiny-llama")

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from tests.test_experts import cli, one_line_error, rows
+from tests.conftest import cli, one_line_error, rows
 
 REPO = Path(__file__).resolve().parent.parent
 

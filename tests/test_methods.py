@@ -17,7 +17,7 @@ from recycle.methods import build_routed_model
 from recycle.routing import Route, Router, RoutedLoraLinear, install_routed, load_expert
 from recycle.settings import parse_cli_settings
 
-from tests.test_routing import adapters, inputs, llama, logits  # noqa: F401  (fixtures)
+from tests.conftest import inputs, logits
 
 
 def test_every_method_is_one_module_in_the_table():

@@ -17,8 +17,7 @@ from recycle.methods.moepp import MoeppSettings
 from recycle.routing import ExpertModule, RoutedLoraLinear, RoutingContext
 from recycle.routing.moepp import MARGIN, MoeppRouter
 
-from tests.conftest import cli, ok, one_line_error, train_real_gates
-from tests.test_routing import adapters, inputs, llama, logits, random_gates  # noqa: F401  (fixtures)
+from tests.conftest import cli, inputs, logits, ok, one_line_error, random_gates, train_real_gates
 
 D_IN, D_OUT = 24, 40
 

@@ -12,7 +12,7 @@ import pytest
 
 from recycle.errors import RecycleError
 from recycle.files import atomic_path, output_target, replace_dir, write_text
-from tests.test_experts import cli, library, one_line_error  # noqa: F401
+from tests.conftest import cli, one_line_error
 
 
 def _special(tmp_path, kind):

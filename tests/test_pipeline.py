@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from recycle.cli import app
+from tests.conftest import cli, one_line_error
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -322,3 +323,25 @@ def test_training_a_stored_composition_is_checked_before_any_step(tmp_path, make
     assert "training 1: composition u is uniform, which trains nothing" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert Registry().tasks() == []  # the tasks step never ran
+
+
+def test_pipeline_values_never_become_options(tmp_path):
+    for text, words in (
+        ('[tasks]\ncatalogue = ["--db=/tmp/other.db", "sms_spam"]', "tasks.catalogue"),
+        ('[[compositions]]\nname = "--help"\nmethod = "uniform"', "composition 1"),
+        ('[[experts]]\ntask = "t"\nname = "--help"', "expert 1 name"),
+        ('[[evaluations]]\nmethods = ["--force"]', "unknown method"),
+    ):
+        f = tmp_path / "p.toml"
+        f.write_text('name = "x"\nbase = "tiny-llama"\n' + text)
+        err = one_line_error(cli("run", f))
+        assert words in err, err
+    assert not Path("/tmp/other.db").exists()
+
+
+def test_pipeline_types_are_checked_at_load(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('name = "x"\nbase = "tiny-llama"\n[train]\nsteps = "many"\n')
+    assert "[train]: steps must be int" in one_line_error(cli("run", f))
+    f.write_text('name = "x"\nbase = "tiny-llama"\n[gates]\nlr = "fast"\n')
+    assert "[gates]: lr must be float" in one_line_error(cli("run", f))

@@ -10,23 +10,17 @@ import os
 import pytest
 
 from recycle.errors import RecycleError
-from tests.test_experts import cli, copy, library, one_line_error  # noqa: F401
-
-
-def _ok(*args):
-    r = cli(*args)
-    assert r.exit_code == 0, r.output
-    return r
+from tests.conftest import cli, copy, ok, one_line_error
 
 
 def test_weights_changed_in_place_with_the_same_size_and_mtime_are_refused(library, tmp_path):
     import struct
 
     a = copy(library["a"], tmp_path / "ea")
-    _ok("add-expert", a, "--base", "tiny-llama")
-    _ok("compose", "u", "--method", "uniform", "--all")
+    ok("add-expert", a, "--base", "tiny-llama")
+    ok("compose", "u", "--method", "uniform", "--all")
     args = ("predict", "u", "--prompt", "Alpha: x\nAnswer:", "--choices", " a, b")
-    assert json.loads(_ok(*args).stdout)["answer"] in (" a", " b")
+    assert json.loads(ok(*args).stdout)["answer"] in (" a", " b")
     w = a / "adapter_model.safetensors"
     st = os.stat(w)
     with open(w, "r+b") as f:  # in place: same inode, same size, same header; every float32 weight NaN
@@ -54,7 +48,7 @@ def test_non_finite_scores_are_an_error_not_an_answer(library, tmp_path):
     huge = copy(library["a"], tmp_path / "huge")  # finite weights whose products overflow float32
     w = huge / "adapter_model.safetensors"
     save_file({k: v.clone().fill_(1e30) for k, v in load_file(str(w)).items()}, str(w))
-    _ok("add-expert", huge, "--base", "tiny-llama")
+    ok("add-expert", huge, "--base", "tiny-llama")
     r = cli("predict", "uniform", "--prompt", "Alpha: x\nAnswer:", "--choices", " a, b")
     err = one_line_error(r, code=1)
     assert "not a finite number" in err and "no answer given" in err and '"answer"' not in r.output
@@ -110,7 +104,7 @@ def test_resumed_shards_must_answer_their_inputs(tmp_path):
     ({"prompt": "x", "choices": [" a", " b" * 200]}, "an answer choice is 400 tokens; at most 128"),
 ])
 def test_requests_over_a_bound_are_refused_before_scoring(library, tmp_path, item, words):
-    _ok("add-expert", library["a"], "--base", "tiny-llama")
+    ok("add-expert", library["a"], "--base", "tiny-llama")
     f = tmp_path / "in.jsonl"
     f.write_text(json.dumps({"prompt": "fine", "choices": [" a", " b"]}) + "\n" + json.dumps(item) + "\n")
     err = one_line_error(cli("predict", "uniform", "--input", f))
@@ -122,3 +116,37 @@ def test_shared_choices_are_bounded_too():
         cli("predict", "uniform", "--prompt", "x", "--choices", " a, b, a"))
     assert "--choices: 65 answer choices; at most 64" in one_line_error(
         cli("predict", "uniform", "--prompt", "x", "--choices", ",".join(f"c{i}" for i in range(65))))
+
+
+def test_predict_output_onto_a_folder(world, library, tmp_path):
+    for spec in world["specs"].values():
+        ok("add-task", spec)
+    ok("add-expert", library["a"], "--task", "t_alpha", "--base", "tiny-llama")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert "it is a folder" in one_line_error(cli("predict", "uniform", "--prompt", "x", "--choices", "a,b",
+                                                 "--output", folder))
+    assert list(tmp_path.glob(".out*")) == []
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"prompt": "x", "choices": "abc"}', "must be a list of strings"),
+    ('{"prompt": "x", "choices": [1, 2]}', "must be a list of strings"),
+    ('{"prompt": "", "choices": ["a", "b"]}', 'non-empty "prompt"'),
+    ('{"prompt": "x", "choices": ["a"]}', "at least two"),
+    ('{"prompt": "x", "choices": ["a", ""]}', "is empty"),
+])
+def test_predict_input_is_checked(world, library, tmp_path, line, words):
+    ok("add-expert", library["a"], "--base", "tiny-llama")
+    f = tmp_path / "in.jsonl"
+    f.write_text(line + "\n")
+    assert words in one_line_error(cli("predict", "uniform", "--input", f))
+
+
+def test_predict_options_and_encoding(world, library, tmp_path):
+    ok("add-expert", library["a"], "--base", "tiny-llama")
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    assert "not UTF-8" in one_line_error(cli("predict", "uniform", "--input", f))
+    assert "--batch-size" in one_line_error(cli("predict", "uniform", "--prompt", "x", "--batch-size", "0"))
+    assert "--max-new-tokens" in one_line_error(cli("predict", "uniform", "--prompt", "x", "--max-new-tokens", "-5"))

@@ -1,14 +1,14 @@
 """Routed inference against its peers: PEFT's PeftModel, PEFT's Arrow, explicit formulas.
 
-Tiny in-file models (Llama, T5) from config, adapters written by plain PEFT."""
+Tiny models (Llama from conftest.py, T5 here) from config, adapters written by plain PEFT."""
 
 import copy
 import math
 
 import pytest
 import torch
-from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from peft import ArrowConfig, PeftModel, create_arrow_model
+from transformers import T5Config, T5ForConditionalGeneration
 
 from recycle.errors import RecycleError
 from recycle.methods import build_routed_model
@@ -23,18 +23,9 @@ from recycle.routing import (
     save_vectors,
 )
 from recycle.routing.kernels import add_csr
+from tests.conftest import inputs, logits, random_gates, write_adapter
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_t5():
@@ -44,56 +35,6 @@ def tiny_t5():
         decoder_start_token_id=0,
     )  # fmt: skip
     return T5ForConditionalGeneration(config).eval()
-
-
-def write_adapter(base, folder, seed, **lora):
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora))
-    peft_model.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def adapters(llama, tmp_path_factory):
-    """a, b, c: same rank and targets (Arrow needs that); d: rsLoRA, rank/alpha patterns and
-    only some modules; e: another rank on a subset."""
-    root = tmp_path_factory.mktemp("adapters")
-    out = {name: write_adapter(llama, root / name, i, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
-           for i, name in enumerate("abc")}  # fmt: skip
-    out["d"] = write_adapter(
-        llama, root / "d", 10, r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "down_proj"],
-        rank_pattern={"layers.1.self_attn.q_proj": 2},
-    )  # fmt: skip
-    out["e"] = write_adapter(
-        llama, root / "e", 11, r=6, lora_alpha=3, target_modules=["q_proj", "v_proj", "up_proj"],
-        alpha_pattern={"v_proj": 12}, rank_pattern={"up_proj": 3},
-    )  # fmt: skip
-    return out
-
-
-def random_gates(model, adapters, names, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    gates = {}
-    for n in names:
-        e = load_expert(adapters[n], n)
-        gates[n] = {p: torch.randn(model.get_submodule(p).in_features, generator=g) for p in e.modules}
-    return gates
-
-
-def inputs(batch=2, seq=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 128, (batch, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-@torch.no_grad()
-def logits(model, batch):
-    return model(**batch).logits
 
 
 @torch.no_grad()

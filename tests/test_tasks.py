@@ -6,18 +6,12 @@ import itertools
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from recycle.cli import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from tests.conftest import cli, ok, one_line_error
 
 
 def tasks_rows() -> list[dict]:
@@ -331,3 +325,51 @@ def test_load_examples_samples_by_seed(user_task):
     assert [e.text for e in a] == [e.text for e in load_examples(reg, "toy", "train", n=5, seed=1)]
     assert [e.text for e in a] != [e.text for e in load_examples(reg, "toy", "train", n=5, seed=2)]
     assert len(load_examples(reg, "toy", "test")) == 6
+
+
+def test_templates_are_plain_fields(world, tmp_path):
+    spec = tmp_path / "t.toml"
+    text = world["specs"]["t_alpha"].read_text().replace('data_files = "', f'data_files = "{world["root"]}/')
+    for template in ("{text!r:>99999999}", "{text:>999}", "{text!s}", "{text.upper}", "{text[0]}"):
+        spec.write_text(text.replace('"Alpha: {text}\\nAnswer:"', json.dumps(template)))
+        err = one_line_error(cli("add-task", spec))
+        assert "plain field" in err, err
+
+
+@pytest.mark.parametrize("split, data, words", [
+    ("train = nan\ntest = 0.5", None, "split.train"),
+    ("train = 0.6\nvalidation = 0.1\ntest = 0.2", None, "add up to 0.9"),
+    (None, "", "is empty"),
+    (None, "\n  \n", "is empty"),
+    (None, "not json\nat all\n", "cannot load"),
+])
+def test_task_data_errors(tmp_path, split, data, words):
+    f = tmp_path / "d.jsonl"
+    f.write_text(data if data is not None else "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n"
+                                                        for i in range(30)))
+    spec = tmp_path / "t.toml"
+    spec.write_text('name = "t"\ntemplate = "T: {text}"\nchoices = [" a", " b"]\nlabel_field = "label"\n'
+                    f'[source]\nbuilder = "json"\ndata_files = "{f.name}"\n' + (f"[split]\n{split}\n" if split else ""))
+    assert words in one_line_error(cli("add-task", spec))
+
+
+def test_data_prints_literally(world, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": f":x: [bold]item[/bold] {i}", "label": i % 2}) + "\n" for i in range(30)))
+    spec = tmp_path / "t.toml"
+    spec.write_text('name = "lit"\ntemplate = "T: {text}"\nchoices = [" a", " b"]\nlabel_field = "label"\n'
+                    f'[source]\nbuilder = "json"\ndata_files = "{f.name}"\n')
+    ok("add-task", spec)
+    out = ok("tasks", "preview", "lit", "-n", "3").stdout
+    assert ":x: [bold]item[/bold]" in out and "❌" not in out
+
+
+def test_a_hub_data_set_offline_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    spec = tmp_path / "t.toml"
+    spec.write_text('name = "remote"\ntemplate = "T: {text}"\nchoices = [" a", " b"]\nlabel_field = "label"\n'
+                    '[source]\nhub = "some-org/not-cached-anywhere"\n')
+    t0 = time.time()
+    err = one_line_error(cli("add-task", spec))
+    assert "cannot load" in err and time.time() - t0 < 20
