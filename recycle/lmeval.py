@@ -166,7 +166,7 @@ def run_lmeval_job(job: LMEvalJob) -> dict:
     torch.manual_seed(0)
     t0 = time.time()
     plan = Plan(**job.plan)
-    model, tok = load_base(resolve_base(plan.base))
+    model, tok = load_base(resolve_base(plan.base), dtype=job.dtype)
     device = cluster.device(job.device)
     model.to(device)
     manager = TaskManager(include_path=job.include_path, include_defaults=False) if job.include_path else None

@@ -57,11 +57,11 @@ DRAIN_S = 30.0  # after Ctrl-C, how long a replica waits for the requests it is 
 class PredictorActor:
     """A Ray actor holding one loaded composition."""
 
-    def __init__(self, plan: dict, device: str = "cpu", threads: int = 1):
+    def __init__(self, plan: dict, dtype: str = "float32", device: str = "cpu", threads: int = 1):
         from recycle.methods import Plan
         from recycle.predict import Predictor
 
-        self.predictor = Predictor(Plan(**plan), device=device, threads=threads)
+        self.predictor = Predictor(Plan(**plan), device=device, threads=threads, dtype=dtype)
 
     def run(self, job: tuple[int, list[dict], str, dict]) -> tuple[int, list[dict], float]:
         shard, items, kind, options = job
@@ -116,6 +116,9 @@ def predict_batch(
 
     report = report or Reporter()
     options = dict(options or {})
+    dtype = cluster.resolve_dtype(options.pop("dtype", "float32"), gpus_per_worker)
+    if dtype != "float32":  # in the key below: float32 shards written before dtypes existed stay valid
+        options["dtype"] = dtype
     output = Path(output)
     if workers < 1:
         raise RecycleError(f"--workers must be at least 1, not {workers}")
@@ -170,7 +173,7 @@ def predict_batch(
         cluster.run(PredictorActor, [(i, shards[i], kind, options) for i in todo],
                     cluster.Resources(cpus_per_worker, gpus_per_worker), "predict", on_result, on_error=on_error,
                     what=f"predicting {len(items)} example(s) in {len(shards)} shard(s)", address=address,
-                    report=report, weight=lambda job: len(job[1]), workers=workers, init=(plan.to_dict(),),
+                    report=report, weight=lambda job: len(job[1]), workers=workers, init=(plan.to_dict(), dtype),
                     on_retry=on_retry)
         elapsed = time.time() - t0
         report.say(f"{new_done} example(s) in {elapsed:.1f} s: {new_done / max(elapsed, 1e-9):.1f} examples/s")
@@ -286,7 +289,7 @@ def check_request(body, served: dict, kind: str, tokenizer_of, max_length: int) 
 
 
 def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gpus: float = 0.0,
-             max_batch_size: int = 16, batch_wait_ms: float = 10.0, batching: bool = True, max_length: int = 512,
+             dtype: str = "float32", max_batch_size: int = 16, batch_wait_ms: float = 10.0, batching: bool = True, max_length: int = 512,
              forward_batch_size: int = 8):
     """The Ray Serve application serving ``plans`` (name -> Plan as a dict). A batch of
     requests is scored in forward passes of at most ``forward_batch_size`` requests of
@@ -307,11 +310,13 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
         def __init__(self):
             import torch
 
+            from recycle import cluster
             from recycle.methods import Plan
             from recycle.predict import Predictor
 
             torch.set_num_threads(threads)
-            self.predictors = {n: Predictor(Plan(**p), device="cuda" if gpus > 0 else "cpu") for n, p in plans.items()}
+            device = cluster.device("cuda" if gpus > 0 else "cpu")
+            self.predictors = {n: Predictor(Plan(**p), device=device, dtype=dtype) for n, p in plans.items()}
             self.info = [{"name": n, "method": p["method"], "members": [m["name"] for m in p["members"]],
                           "settings": p["settings"]} for n, p in plans.items()]
             self.score_batch.set_max_batch_size(max_batch_size)
