@@ -278,9 +278,10 @@ def resolve_dtype(dtype: str, gpus: float | None = None) -> str:
     """``--dtype`` made concrete before anything is keyed (every dtype but ``auto`` is
     returned as it is). ``auto``: bfloat16 where each task gets a GPU (``gpus`` > 0; None:
     the connected cluster has GPUs, or, not connected, this machine's torch sees a GPU
-    that computes in bfloat16), else float32: on this project's CPU bfloat16 was not
-    faster for a whole training step and its accuracy is not yet measured
-    (benchmarks/results/precision.md)."""
+    that computes in bfloat16), else float32: on this project's CPU bfloat16 steps were
+    faster under load but its peak RSS was not lower (the float32 checkpoint is read while
+    the bfloat16 copy is built) and its accuracy is not measured yet
+    (benchmarks/results/precision.md); float32 until it is shown not to cost accuracy."""
     if dtype != "auto":
         return dtype
     if gpus is None:
@@ -343,16 +344,18 @@ def peak_memory(scope: str = "task") -> dict:
 
 
 def measured(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``fn`` as a task that adds its peak memory (:func:`peak_memory`) to a dict result as
-    ``memory``, and the process's CUDA_VISIBLE_DEVICES as ``cuda_visible_devices``."""
+    """``fn`` as a task that adds to a dict result, as ``memory``, its peak memory
+    (:func:`peak_memory`), the GPUs Ray gave it (``cuda_visible_devices``, None without)
+    and when it ran (``started``, ``ended``: Unix seconds)."""
+    import time
 
     @functools.wraps(fn)
     def task(job):
-        scope = reset_peak_memory()
+        scope, started = reset_peak_memory(), time.time()
         result = fn(job)
         if isinstance(result, dict):
-            result = {**result, "memory": peak_memory(scope),
-                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+            result = {**result, "memory": {**peak_memory(scope), "started": started, "ended": time.time(),
+                                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
         return result
 
     return task

@@ -9,6 +9,7 @@ the same checks; values from the file are never turned into command lines.
 
     name = "demo"
     base = "smollm2-135m"
+    dtype = "bfloat16"            # optional: every table's default (any table may give its own)
 
     [tasks]
     catalogue = ["vader_tweets", "trec_coarse"]   # built-in task specs
