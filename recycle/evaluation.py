@@ -207,8 +207,8 @@ def run_eval_group(group: EvalGroup) -> dict:
     torch.manual_seed(0)
     t0 = time.time()
     first = Plan(**group.jobs[0].plan)
+    device = cluster.device(group.device)  # before loading: a GPU torch cannot see stops the task at once
     model, tok = load_base(resolve_base(first.base), dtype=group.dtype)
-    device = cluster.device(group.device)
     model.to(device)
     trunk = None
     shared = [j for j in group.jobs if methods.get(j.plan["method"]).shares_trunk]

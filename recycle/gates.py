@@ -252,8 +252,8 @@ def run_gate_job(job: GateJob) -> dict:
     settings = GateSettings(**job.settings)
     if not job.examples:
         raise RecycleError(f"expert {job.expert}: its task has no training examples")
+    device = cluster.device(job.device)  # before loading: a GPU torch cannot see stops the task at once
     model, tok = load_peft_model(job.base, job.adapter_path, dtype=settings.dtype)
-    device = cluster.device(job.device)
     model.to(device)
     result = train_on_examples(model, tok, job.examples, settings)
     save_gates(job.out_path, result.gates, file_metadata(job.expert, settings, job.adapter_sha256, result))

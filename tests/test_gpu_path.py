@@ -96,7 +96,7 @@ def test_a_gpu_torch_cannot_see_stops_the_task_with_one_line(registered, on_clus
     monkeypatch.delenv("RECYCLE_ALLOW_CPU_FALLBACK")
     r = cli("train-gates", "ea", "--steps", "2", "--batch-size", "4", "--address", on_cluster)
     assert r.exit_code != 0
-    line = [x for x in r.stderr.splitlines() if "ea:" in x]
+    line = [x for x in r.stderr.splitlines() if x.startswith("✗ ea:")]  # the task's report: one line
     assert len(line) == 1 and "sees no CUDA device" in line[0] and "RECYCLE_ALLOW_CPU_FALLBACK=1" in line[0], r.stderr
     from recycle.registry import Registry
 
