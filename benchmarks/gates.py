@@ -70,19 +70,21 @@ def timed(fn, warm: int, n: int) -> list[float]:
     return out
 
 
-def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int, layers: list[int] | None) -> dict:
+def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int, layers: list[int] | None,
+               dtype: str = "float32") -> dict:
     """Median seconds of one optimiser step, on the same model, batch and threads, of:
     the plain loop a user would write (``get_peft_model``, transformers' forward with
     ``labels`` and ``.loss``, AdamW), recycle's ``train-expert`` step (the LM head, and the
     top layer's frozen MLP products, run only where an answer token is predicted), and
     recycle's gate step (the adapter frozen, one gate per LoRA module trainable). The three
-    take turns within each repetition."""
+    take turns within each repetition. ``dtype``: the base model's (LoRA and gates stay
+    float32, as in recycle's training)."""
     from peft import LoraConfig, get_peft_model
 
     from recycle.losses import answer_loss
 
     def lora_model():
-        model, _ = load_base(resolve_base(base))
+        model, _ = load_base(resolve_base(base), dtype=dtype)
         torch.manual_seed(0)
         peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
                                                 layers_to_transform=layers))
@@ -91,7 +93,7 @@ def step_times(base: str, adapter: Path, batch: dict, warm: int, n: int, layers:
 
     plain, plain_opt = lora_model()
     ours, ours_opt = lora_model()
-    gated, _ = G.load_peft_model(base, adapter)
+    gated, _ = G.load_peft_model(base, adapter, dtype=dtype)
     gates = G.Gates(gated)
     gate_opt = torch.optim.AdamW(gates.parameters(), lr=5e-3, weight_decay=0.0)
 
@@ -171,6 +173,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="gate steps per expert in the Ray run")
     ap.add_argument("--layers", default="", help="comma-separated layers the adapters adapt (default all)")
     ap.add_argument("--quick", action="store_true", help="few repeats and steps")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the base model in the step timings")
+    ap.add_argument("--steps-only", metavar="JSON", type=Path,
+                    help="time the steps only (no Ray runs) and write them, with this process's peak RSS, to JSON")
     args = ap.parse_args()
     if args.quick:
         args.step_repeats, args.steps = 3, 5
@@ -183,9 +189,15 @@ def main() -> None:
         adapters = [make_adapter(args.base, tmp / f"a{i}", i, layers) for i in range(args.experts)]
         _, tok = load_base(resolve_base(args.base))
         batch = next(lm_batches(data, tok, args.batch_size, args.max_length, 0))
-        steps = step_times(args.base, adapters[0], batch, warm=1, n=args.step_repeats, layers=layers)
+        scope = cluster.reset_peak_memory()
+        steps = step_times(args.base, adapters[0], batch, warm=1, n=args.step_repeats, layers=layers, dtype=args.dtype)
         print(f"step medians {steps['median_s']}; train-expert/plain {steps['train_expert_over_plain']:.2f}, "
               f"gate/train-expert {steps['gate_over_train_expert']:.2f}", file=sys.stderr)
+        if args.steps_only:  # three models (plain, train-expert, gated) held at once: the RSS is theirs together
+            args.steps_only.write_text(json.dumps({"dtype": args.dtype, "base": args.base, "threads": threads,
+                                                   "batch_shape": list(batch["input_ids"].shape), "step": steps,
+                                                   "peak_rss": cluster.peak_memory(scope)}, indent=2) + "\n")
+            return
         runs = []
         for workers in (1, 2):
             r = ray_wall(args.base, adapters, data, args.steps, args.batch_size, args.max_length, workers, tmp)

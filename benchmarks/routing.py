@@ -134,6 +134,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="--reps 2")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the base model (the routed model computes in it; the adapters' LoRA is cast to it)")
+    ap.add_argument("--no-arrow", action="store_true", help="leave PEFT's Arrow model out")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -145,7 +148,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/routing.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
-    model = smollm2_shape()
+    from recycle.cluster import peak_memory, reset_peak_memory
+
+    scope = reset_peak_memory()
+    dtype = getattr(torch, args.dtype)
+    model = smollm2_shape().to(dtype)
     n_layers = model.config.num_hidden_layers
     if max(args.layers) > n_layers:
         ap.error(f"--layers: the model has {n_layers} layers")
@@ -171,11 +178,13 @@ def main(argv=None) -> None:
                 routed_build = time.perf_counter() - t0
                 dispatch = {("dense" if m.dense else "sparse") for m in handle.layers.values()}
                 t0 = time.perf_counter()
-                arrow_model = peft_arrow_model(copy.deepcopy(model), list(folders.values()), args.top_k, layers, n_layers)
+                arrow_model = None if args.no_arrow else peft_arrow_model(
+                    copy.deepcopy(model), list(folders.values()), args.top_k, layers, n_layers)
                 arrow_build = time.perf_counter() - t0
                 for bsz, batch in batches.items():
-                    t = time_forwards({"base": model, "routed": routed_model, "arrow": arrow_model}, batch, args.reps)
-                    base, routed, arrow = t["base"], t["routed"], t["arrow"]
+                    models = {"base": model, "routed": routed_model, **({"arrow": arrow_model} if arrow_model else {})}
+                    t = time_forwards(models, batch, args.reps)
+                    base, routed, arrow = t["base"], t["routed"], t.get("arrow", (float("nan"), float("nan")))
                     row = {
                         "routed_layers": n_routed, "routed_modules": 7 * n_routed, "n_experts": n,
                         "dispatch": "+".join(sorted(dispatch)), "tokens": bsz * args.seq, "batch": bsz,
@@ -191,7 +200,9 @@ def main(argv=None) -> None:
                 del handle, routed_model, arrow_model
 
     setup = {
-        "model": "LlamaConfig of SmolLM2-135M's shape, random init, float32",
+        "model": f"LlamaConfig of SmolLM2-135M's shape, random init, {args.dtype}",
+        "dtype": args.dtype,
+        "peak_rss": peak_memory(scope),
         "experts": "random rank-%d LoRA on q,k,v,o,gate,up,down of the top L layers, PEFT folders on disk" % args.rank,
         "rank": args.rank, "top_k": args.top_k, "batches": ",".join(map(str, args.batch)), "seq": args.seq, "reps": args.reps,
         "threads": args.threads, "torch": torch.__version__,
@@ -208,7 +219,7 @@ def main(argv=None) -> None:
         f"Setup: {setup['model']}; {setup['experts']}; k = {args.top_k}; inputs: batch {setup['batches']} x "
         f"{args.seq} tokens; {args.threads} threads; torch {torch.__version__}; time = {setup['timing']} "
         f"({args.reps} reps). Dispatch: the routed layer's choice (dense up to N·r = "
-        f"{RoutedLoraLinear.dense_limit('cpu', torch.float32)}, "
+        f"{RoutedLoraLinear.dense_limit('cpu', dtype)}, "
         f"sparse above: sparse-dense products on CPU).",
         "",
         "| routed modules | N experts | dispatch | tokens | base (s) | phatgoose-routed (s) | PEFT Arrow (s) "

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="dtype the base computes in, for training and both evaluations (the LoRA stays float32)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_expert"))
     args = ap.parse_args(argv)
 
@@ -64,20 +66,20 @@ def main(argv: list[str] | None = None) -> dict:
         acc = accuracy(test, score_choices(model, tok, test, batch_size=32))
         return acc, time.perf_counter() - t
 
-    model, tok = load_base(ref)
+    model, tok = load_base(ref, dtype=args.dtype)
     before, eval_s = evaluate(model, tok)
     print(f"base: {before:.3f} on {len(test)} test examples ({eval_s:.0f} s)", file=sys.stderr)
     del model
 
     settings = TrainSettings(rank=args.rank, alpha=args.alpha, layers=args.layers, steps=args.steps,
                              lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                             seed=args.seed)
+                             seed=args.seed, dtype=args.dtype)
     t0 = time.perf_counter()
     row = train_expert(registry, [args.task], args.base, settings, progress=True)
     wall = time.perf_counter() - t0
     training = json.loads((Path(row["path"]) / "training.json").read_text())
 
-    base_model, tok = load_base(ref)
+    base_model, tok = load_base(ref, dtype=args.dtype)
     model = PeftModel.from_pretrained(base_model, row["path"]).eval()
     after, _ = evaluate(model, tok)
     print(f"expert: {after:.3f}", file=sys.stderr)
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "task": args.task,
         "base": args.base,
+        "dtype": args.dtype,
         "n_test": len(test),
         "majority_class": round(majority, 4),
         "accuracy_base": round(before, 4),

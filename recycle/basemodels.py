@@ -272,8 +272,15 @@ def module_shapes(ref: BaseRef) -> dict[str, tuple[int, int]] | None:
 
 
 def load_base(ref: BaseRef, dtype=None):
-    """Load ``(model, tokenizer)`` for a base; the model in eval mode, float32 by default."""
+    """Load ``(model, tokenizer)`` for a base; the model in eval mode, in ``dtype`` (a torch
+    dtype or a resolved ``--dtype`` name; float32 by default), read straight into it: no
+    float32 copy first (transformers casts each tensor as it loads it)."""
     import torch
+
+    if isinstance(dtype, str):
+        from recycle.cluster import torch_dtype
+
+        dtype = torch_dtype(dtype)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     quiet_transformers()

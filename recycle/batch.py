@@ -27,11 +27,11 @@ from recycle.errors import RecycleError
 class PredictorActor:
     """A Ray actor holding one loaded composition."""
 
-    def __init__(self, plan: dict, device: str = "cpu", threads: int = 1):
+    def __init__(self, plan: dict, dtype: str = "float32", device: str = "cpu", threads: int = 1):
         from recycle.methods import Plan
         from recycle.predict import Predictor
 
-        self.predictor = Predictor(Plan.from_dict(plan), device=device, threads=threads)
+        self.predictor = Predictor(Plan.from_dict(plan), device=device, threads=threads, dtype=dtype)
 
     def run(self, job: tuple[int, list[dict], str, dict]) -> tuple[int, list[dict], float]:
         shard, items, kind, options = job
@@ -86,6 +86,9 @@ def predict_batch(
 
     report = report or Reporter()
     options = dict(options or {})
+    dtype = cluster.resolve_dtype(options.pop("dtype", "float32"), gpus_per_worker)
+    if dtype != "float32":  # in the key below: float32 shards written before dtypes existed stay valid
+        options["dtype"] = dtype
     output = Path(output)
     if workers < 1:
         raise RecycleError(f"--workers must be at least 1, not {workers}")
@@ -140,7 +143,7 @@ def predict_batch(
         cluster.run(PredictorActor, [(i, shards[i], kind, options) for i in todo],
                     cluster.Resources(cpus_per_worker, gpus_per_worker), "predict", on_result, on_error=on_error,
                     what=f"predicting {len(items)} example(s) in {len(shards)} shard(s)", address=address,
-                    report=report, weight=lambda job: len(job[1]), workers=workers, init=(plan.to_dict(),),
+                    report=report, weight=lambda job: len(job[1]), workers=workers, init=(plan.to_dict(), dtype),
                     on_retry=on_retry)
         elapsed = time.time() - t0
         report.say(f"{new_done} example(s) in {elapsed:.1f} s: {new_done / max(elapsed, 1e-9):.1f} examples/s")

@@ -16,9 +16,11 @@ Workers get plain data and paths; only the driver writes the registry.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -37,6 +39,7 @@ WORKER_ENV_VARS = (
     "TRANSFORMERS_OFFLINE",
     "TRANSFORMERS_VERBOSITY",
     "XDG_CACHE_HOME",
+    "RECYCLE_ALLOW_CPU_FALLBACK",
 )
 DEFAULT_MAX_RETRIES = 3
 
@@ -257,18 +260,115 @@ def describe_error(e: BaseException) -> str:
 
 def device(requested: str) -> str:
     """The torch device a worker uses: ``requested`` (``"cuda"`` when its task was given a
-    GPU), or ``"cpu"`` where CUDA is asked for but this process has none."""
+    GPU). A task given a GPU that torch cannot see stops with one line, never computing on
+    the CPU unnoticed; ``RECYCLE_ALLOW_CPU_FALLBACK=1`` (passed to the workers) lets it
+    compute on the CPU instead (a cluster that declares GPUs it has not, as in the tests)."""
     import torch
 
-    return requested if requested != "cuda" or torch.cuda.is_available() else "cpu"
+    if requested != "cuda" or torch.cuda.is_available():
+        return requested
+    if os.environ.get("RECYCLE_ALLOW_CPU_FALLBACK") == "1":
+        return "cpu"
+    raise RecycleError(f"this task was given a GPU (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) "
+                       f"but torch {torch.__version__} sees no CUDA device; install a CUDA build of torch, or set "
+                       "RECYCLE_ALLOW_CPU_FALLBACK=1 to compute on the CPU")
+
+
+def resolve_dtype(dtype: str, gpus: float | None = None) -> str:
+    """``--dtype`` made concrete before anything is keyed (every dtype but ``auto`` is
+    returned as it is). ``auto``: bfloat16 where each task gets a GPU (``gpus`` > 0; None:
+    the connected cluster has GPUs, or, not connected, this machine's torch sees a GPU
+    that computes in bfloat16), else float32: on this project's CPU bfloat16 steps were
+    faster under load but its peak RSS was not lower (the float32 checkpoint is read while
+    the bfloat16 copy is built) and its accuracy is not measured yet
+    (benchmarks/results/precision.md); float32 until it is shown not to cost accuracy."""
+    if dtype != "auto":
+        return dtype
+    if gpus is None:
+        import ray
+
+        if ray.is_initialized():
+            gpus = ray.cluster_resources().get("GPU", 0)
+        else:
+            import torch
+
+            gpus = 1 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 0
+    return "bfloat16" if gpus > 0 else "float32"
+
+
+def torch_dtype(name: str):
+    """``"bfloat16"`` -> ``torch.bfloat16`` (a resolved ``--dtype``)."""
+    import torch
+
+    if name == "auto":
+        name = resolve_dtype(name)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def reset_peak_memory() -> str:
+    """Start a task's memory high-water marks: the process's peak RSS (Linux: ``5`` written
+    to ``/proc/self/clear_refs``; Ray reuses worker processes, so without it a task would
+    report an earlier task's peak) and torch's CUDA peak where CUDA is in use. Returns the
+    RSS scope then measured: ``task``, or ``process`` where the reset is refused."""
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "task"
+    except OSError:
+        return "process"
+
+
+def peak_memory(scope: str = "task") -> dict:
+    """``{peak_rss_mib, rss_scope, cuda_peak_mib}`` of this process since
+    :func:`reset_peak_memory` (``cuda_peak_mib`` only where CUDA was used)."""
+    out: dict = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out = {"peak_rss_mib": round(int(line.split()[1]) / 1024, 1), "rss_scope": scope}
+    except OSError:
+        pass
+    if not out:  # not Linux: the process's lifetime peak
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+        out = {"peak_rss_mib": round(kb / 1024, 1), "rss_scope": "process"}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def measured(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` as a task that adds to a dict result, as ``memory``, its peak memory
+    (:func:`peak_memory`), the GPUs Ray gave it (``cuda_visible_devices``, None without)
+    and when it ran (``started``, ``ended``: Unix seconds)."""
+    import time
+
+    @functools.wraps(fn)
+    def task(job):
+        scope, started = reset_peak_memory(), time.time()
+        result = fn(job)
+        if isinstance(result, dict):
+            result = {**result, "memory": {**peak_memory(scope), "started": started, "ended": time.time(),
+                                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
+        return result
+
+    return task
 
 
 @dataclass(kw_only=True)
 class Job:
-    """What :func:`run` sets on a job from the resources it got: torch threads, device."""
+    """What :func:`run` sets on a job from the resources it got: torch threads, device;
+    ``dtype`` (a resolved ``--dtype``) is set by the command's driver."""
 
     threads: int = 1
     device: str = "cpu"
+    dtype: str = "float32"
 
 
 @dataclass
@@ -293,7 +393,7 @@ def run_tasks(fn: Callable[[Any], Any], jobs: Sequence[Any], resources: Resource
     """
     import ray
 
-    remote = ray.remote(fn).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, retry_exceptions=False,
+    remote = ray.remote(measured(fn)).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, retry_exceptions=False,
                                     max_retries=resources.max_retries, runtime_env={"env_vars": worker_env()})
     pending: dict = {}
     current = None  # the job whose result is being handled

@@ -21,7 +21,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from recycle import cluster
@@ -52,6 +52,7 @@ class EvalRequest:
     force: bool = False
     address: str | None = None
     share: bool = True  # one worker per task: one model load, the layers below the experts computed once
+    dtype: str = "float32"  # --dtype; "auto" is resolved by evaluate() before anything is keyed
 
     def __post_init__(self):
         if self.n is not None and self.n < 1:
@@ -73,7 +74,8 @@ class EvalRequest:
     def record(self) -> dict:
         """The run's settings as stored with it."""
         return {"methods": list(self.methods), "compositions": list(self.compositions), "tasks": self.tasks,
-                "n": self.n, "seed": self.seed, "top_k": self.top_k}
+                "n": self.n, "seed": self.seed, "top_k": self.top_k,
+                **({"dtype": self.dtype} if self.dtype != "float32" else {})}
 
 
 @dataclass
@@ -205,8 +207,8 @@ def run_eval_group(group: EvalGroup) -> dict:
     torch.manual_seed(0)
     t0 = time.time()
     first = Plan.from_dict(group.jobs[0].plan)
-    model, tok = load_base(resolve_base(first.base))
-    device = cluster.device(group.device)
+    device = cluster.device(group.device)  # before loading: a GPU torch cannot see stops the task at once
+    model, tok = load_base(resolve_base(first.base), dtype=group.dtype)
     model.to(device)
     trunk = None
     shared = [j for j in group.jobs if methods.get(j.plan["method"]).shares_trunk]
@@ -252,12 +254,13 @@ def choose_tasks(registry: Registry, spec: str) -> list[tuple[str, str]]:
     return [(t, "in" if t in held_in else "out") for t in chosen]
 
 
-def result_key(plan: Plan, registry: Registry, task: str, n: int | None, seed: int) -> str:
+def result_key(plan: Plan, registry: Registry, task: str, n: int | None, seed: int, dtype: str = "float32") -> str:
     """Equal keys, equal results: the plan's content key, base, the task spec's hash (a
-    changed spec means new examples), n and seed."""
+    changed spec means new examples), n, seed, and the dtype unless float32 (results stored
+    before dtypes existed were float32 and keep their keys)."""
     spec = registry.task(task)["spec_sha256"]
-    return hashlib.sha256(json.dumps([EVAL_FORMAT, plan.content_key, plan.base, task, spec, n, seed],
-                                     sort_keys=True).encode()).hexdigest()
+    parts = [EVAL_FORMAT, plan.content_key, plan.base, task, spec, n, seed] + ([dtype] if dtype != "float32" else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def plan_eval(registry: Registry, request: EvalRequest) -> tuple[list[EvalJob], list[dict]]:
@@ -289,18 +292,19 @@ def plan_eval(registry: Registry, request: EvalRequest) -> tuple[list[EvalJob], 
                     raise RecycleError(f"task {task}: empty test split")
             exs = examples_cache[task]
             jobs.append(EvalJob(p.label, p.to_dict(), task, held, exs, batch_size=request.batch_size,
-                                key=result_key(p, registry, task, request.n, request.seed),
+                                key=result_key(p, registry, task, request.n, request.seed, request.dtype),
                                 content_key=p.content_key, member_hashes=p.member_hashes, n=len(exs),
                                 seed=request.seed))
     return jobs, skipped
 
 
-def _row(run_id: int, job: EvalJob, result: dict, reused_from: int | None = None) -> dict:
+def _row(run_id: int, job: EvalJob, result: dict, reused_from: int | None = None, dtype: str = "float32") -> dict:
     keep = ("n", "correct", "accuracy", "ci_low", "ci_high", "routing", "predictions", "scores", "labels", "extra",
             "seconds")
     return {"run_id": run_id, "key": job.key, "label": job.label, "method": job.plan["method"],
             "settings_hash": job.content_key, "member_hashes": job.member_hashes, "task": job.task,
-            "held": job.held, "seed": job.seed, "reused_from": reused_from, **{k: result.get(k) for k in keep}}
+            "held": job.held, "seed": job.seed, "reused_from": reused_from, "dtype": dtype,
+            **{k: result.get(k) for k in keep + ("memory",)}}
 
 
 def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None = None) -> EvalOutcome:
@@ -312,6 +316,7 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
         raise RecycleError("nothing to evaluate: give methods or compositions")
     registry.check_writable()
     registry.mark_dead_runs()
+    request = replace(request, dtype=cluster.resolve_dtype(request.dtype, request.gpus_per_task))
     jobs, skipped = plan_eval(registry, request)
     t0 = time.time()
     run_id = registry.start_run(request.record())
@@ -319,7 +324,7 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
     for job in jobs:
         old = None if request.force else registry.stored_result(job.key)
         if old is not None and old.get("scores") is not None:
-            registry.record_result(_row(run_id, job, old, reused_from=old["id"]))
+            registry.record_result(_row(run_id, job, old, reused_from=old["id"], dtype=request.dtype))
             reused += 1
         else:
             todo.append(job)
@@ -332,7 +337,7 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
         by_task: dict[str, list[EvalJob]] = {}
         for job in todo:
             by_task.setdefault(job.task, []).append(job)
-        groups = [EvalGroup(task, jobs, share=request.share) for task, jobs in by_task.items()]
+        groups = [EvalGroup(task, jobs, share=request.share, dtype=request.dtype) for task, jobs in by_task.items()]
         groups.sort(key=lambda g: -sum(j.n for j in g.jobs))  # the longest first
 
         def fail(job, reason):
@@ -344,8 +349,8 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
                 if "error" in entry:
                     fail(job, entry["error"])
                     continue
-                result = entry["result"]
-                registry.record_result(_row(run_id, job, result))
+                result = {**entry["result"], "memory": res.get("memory")}  # the group's task's peak
+                registry.record_result(_row(run_id, job, result, dtype=request.dtype))
                 report.ok(f"{job.label} on {job.task}: {result['accuracy']:.3f} "
                           f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] n={result['n']}, "
                           f"{result['seconds']:.1f} s")
@@ -407,6 +412,18 @@ def gate_quality(rows: list[dict]) -> dict:
             ece = expected_calibration_error(conf, truth)
             out[label] = {"auc": auc(conf, truth), "ece": ece["ece"], "bins": ece["bins"], "n": len(conf)}
     return out
+
+
+def memory_line(rows: list[dict]) -> str:
+    """The dtypes a run's results were computed in and its workers' peak memory: one line."""
+    dtypes = sorted({r.get("dtype") or "float32" for r in rows})
+    mems = [r["memory"] for r in rows if r.get("memory")]
+    line = f"dtype {', '.join(dtypes)}"
+    if not mems:
+        return line + "; peak memory not recorded"
+    line += f"; peak worker RSS {max(m['peak_rss_mib'] for m in mems):.0f} MiB"
+    cuda = [m["cuda_peak_mib"] for m in mems if m.get("cuda_peak_mib") is not None]
+    return line + (f", CUDA {max(cuda):.0f} MiB" if cuda else "") + f" (max over {len(mems)} result(s))"
 
 
 def fmt(x) -> str:

@@ -121,8 +121,9 @@ class Gates:
         def pre_hook(module, args):
             v = self.vectors[name]
             x = args[0]
-            logit = x @ v.to(x.dtype)
-            return (x * torch.sigmoid(logit).unsqueeze(-1),) + tuple(args[1:])
+            # the gate's score and sigmoid in float32 (v is float32), whatever the base computes in
+            gate = torch.sigmoid(x.float() @ v)
+            return (x * gate.to(x.dtype).unsqueeze(-1),) + tuple(args[1:])
 
         return pre_hook
 
@@ -252,8 +253,8 @@ def run_gate_job(job: GateJob) -> dict:
     settings = GateSettings(**job.settings)
     if not job.examples:
         raise RecycleError(f"expert {job.expert}: its task has no training examples")
-    model, tok = load_peft_model(job.base, job.adapter_path)
-    device = cluster.device(job.device)
+    device = cluster.device(job.device)  # before loading: a GPU torch cannot see stops the task at once
+    model, tok = load_peft_model(job.base, job.adapter_path, dtype=settings.dtype)
     model.to(device)
     result = train_on_examples(model, tok, job.examples, settings)
     save_gates(job.out_path, result.gates, file_metadata(job.expert, settings, job.adapter_sha256, result))
@@ -263,6 +264,7 @@ def run_gate_job(job: GateJob) -> dict:
         **_result_numbers(result),
         "modules": len(result.gates),
         "device": device,
+        "dtype": settings.dtype,
         "node": os.uname().nodename,
         "pid": os.getpid(),
     }
@@ -296,7 +298,9 @@ def file_metadata(expert: str, settings: GateSettings, adapter_sha256: str, resu
 
 
 def _row(path, settings: GateSettings, numbers: dict) -> dict:
+    memory = numbers.get("memory")
     return {"path": str(path), "settings_hash": settings.hash, "settings": json.dumps(settings.to_dict(), sort_keys=True),
+            "dtype": settings.dtype, "memory": json.dumps(memory) if memory else None,
             **{k: numbers[k] for k in ("steps", "loss_start", "loss_end", "seconds")}}
 
 
@@ -336,7 +340,7 @@ def select_experts(registry, names: list[str] | None = None, all_: bool = False,
 
 
 def _numbers(row: dict) -> dict:
-    return {k: row.get(k) for k in ("steps", "loss_start", "loss_end", "seconds", "path")}
+    return {k: row.get(k) for k in ("steps", "loss_start", "loss_end", "seconds", "path", "memory")}
 
 
 def train(
@@ -360,6 +364,7 @@ def train(
     report = report or Reporter()
     if cpus_per_expert <= 0:
         raise RecycleError(f"--cpus-per-expert must be positive, not {cpus_per_expert}")
+    settings = settings.with_dtype(cluster.resolve_dtype(settings.dtype, gpus_per_expert))  # in the hash unless float32
     outcomes: dict[str, dict] = {}
     jobs: list[GateJob] = []
     by_name: dict[str, Expert] = {}

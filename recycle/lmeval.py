@@ -68,6 +68,7 @@ class LMEvalRequest:
     cpus_per_task: float = 1.0
     gpus_per_task: float | None = None
     address: str | None = None
+    dtype: str = "float32"  # --dtype; "auto" resolved by lm_evaluate() before anything is keyed
 
     def __post_init__(self):
         if bool(self.composition) == bool(self.method):
@@ -166,7 +167,7 @@ def run_lmeval_job(job: LMEvalJob) -> dict:
     torch.manual_seed(0)
     t0 = time.time()
     plan = Plan.from_dict(job.plan)
-    model, tok = load_base(resolve_base(plan.base))
+    model, tok = load_base(resolve_base(plan.base), dtype=job.dtype)
     device = cluster.device(job.device)
     model.to(device)
     manager = TaskManager(include_path=job.include_path, include_defaults=False) if job.include_path else None
@@ -267,9 +268,10 @@ def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | N
         plan = comp.plan(registry, method=request.method, experts=list(request.experts) or None)
     folder = str(Path(request.include_path).resolve()) if request.include_path else None
     files = _dir_hash(folder)
+    dtype = cluster.resolve_dtype(request.dtype, request.gpus_per_task)
     jobs = [LMEvalJob(plan.label, plan.to_dict(), t, folder, request.num_fewshot, request.limit, request.batch_size,
                       key_parts=[FORMAT, version, plan.content_key, plan.base, files, request.num_fewshot,
-                                 request.limit])
+                                 request.limit] + ([dtype] if dtype != "float32" else []), dtype=dtype)
             for t in dict.fromkeys(request.tasks)]
     held_in = set(task_sets(registry)[0])
     merged: dict = {}
@@ -289,7 +291,7 @@ def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | N
                 "run_id": run_id, "key": key, "label": job.label, "method": plan.method,
                 "settings_hash": plan.content_key, "member_hashes": plan.member_hashes, "task": name,
                 "held": "in" if name in held_in else "out", "seed": 0, "reused_from": None,
-                "routing": res["routing"], "seconds": res["seconds"],
+                "routing": res["routing"], "seconds": res["seconds"], "dtype": dtype, "memory": res.get("memory"),
                 **{k: r[k] for k in ("n", "correct", "accuracy", "ci_low", "ci_high", "predictions",
                                      "scores", "labels", "extra")}})
             report.ok(f"{job.label} on {name}: acc {r['accuracy']:.3f} [{r['ci_low']:.3f}, "

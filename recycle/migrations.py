@@ -179,3 +179,13 @@ def m007_expert_files(db):
     db["experts"].add_column("config_sha256", str)
     for column in ("weights_size", "weights_mtime_ns", "config_size", "config_mtime_ns"):
         db["experts"].add_column(column, int)
+
+
+@migrations()
+def m008_dtype_and_memory(db):
+    # The dtype a result was computed in (None: float32, before dtypes existed) and the
+    # peak memory of the Ray task that computed it (JSON {peak_rss_mib, rss_scope,
+    # cuda_peak_mib}).
+    for table in ("gates", "eval_results"):
+        db[table].add_column("dtype", str)
+        db[table].add_column("memory", str)

@@ -9,6 +9,7 @@ the same checks; values from the file are never turned into command lines.
 
     name = "demo"
     base = "smollm2-135m"
+    dtype = "bfloat16"            # optional: every table's default (any table may give its own)
 
     [tasks]
     catalogue = ["vader_tweets", "trec_coarse"]   # built-in task specs
@@ -55,14 +56,14 @@ from recycle import methods
 from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.names import check_name
-from recycle.settings import EvalSettings, GateSettings, Resources, Settings, TrainSettings
+from recycle.settings import EvalSettings, GateSettings, Precision, Resources, Settings, TrainSettings
 
 # The keys of each table: its settings' fields (recycle/settings.py), plus what names things.
 TASK_RESOURCES = {"cpus": "cpus_per_task", "gpus": "gpus_per_task"}
 EXPERT_RESOURCES = {"cpus": "cpus_per_expert", "gpus": "gpus_per_expert"}
 TRAINING_RESOURCES = {"cpus": "cpus", "gpus": "gpus"}  # per Ray task, as `recycle train` names them
 TOP_KEYS = {"name", "description", "base", "tasks", "train", "experts", "gates", "compositions", "training",
-            "evaluations"}
+            "evaluations", *Precision.names()}  # a top-level dtype: every step's default
 TRAIN_KEYS = set(TrainSettings.names())
 EXPERT_KEYS = TRAIN_KEYS | {"task", "multitask", "name", "adapter", "dataset"}
 GATE_KEYS = set(GateSettings.names()) | set(EXPERT_RESOURCES.values())
@@ -102,10 +103,11 @@ def _check_keys(path, where: str, table, allowed: set) -> None:
         raise _bad(path, f"unknown key(s) in [{where}]: {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
 
 
-def load(path: str | Path) -> Pipeline:
+def load(path: str | Path, precision: Precision | None = None) -> Pipeline:
     """Parse and check a whole pipeline file before anything runs: every key, every value's
     type and range (by the settings it becomes), every name, the task specs, and that every
-    output's folder is writable. Every problem is one line naming the file and the key."""
+    output's folder is writable. Every problem is one line naming the file and the key.
+    ``precision`` (``recycle run --dtype``) replaces the file's top-level ``dtype``."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -114,6 +116,8 @@ def load(path: str | Path) -> Pipeline:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise _bad(path, f"not valid TOML ({e})") from None
     _check_keys(path, "top level", raw, TOP_KEYS)
+    if precision is not None:
+        raw.update(precision.to_dict() or {"dtype": precision.dtype})
     for key in ("tasks", "train", "gates"):
         if key in raw and not isinstance(raw[key], dict):
             raise _bad(path, f"[{key}] must be a table")
@@ -123,6 +127,7 @@ def load(path: str | Path) -> Pipeline:
         raise _bad(path, "needs base = \"...\" (an alias such as smollm2-135m, a folder or a hub id)")
     if not isinstance(raw.get("description", ""), str):
         raise _bad(path, "description must be a string")
+    _defaults(path, raw)
     p = Pipeline(path=path.resolve(), name=raw["name"], base=raw["base"])
     tasks = raw.get("tasks", {})
     _check_keys(path, "tasks", tasks, {"catalogue", "specs"})
@@ -205,6 +210,20 @@ def load(path: str | Path) -> Pipeline:
             _writable_folder(path, f"{where} output", output_target(ev["output"]).parent)
         p.evaluations.append(ev)
     return p
+
+
+def _defaults(path, raw: dict) -> None:
+    """The top level's :class:`Precision` keys (``dtype``) as the default of every table
+    that loads a model: ``[train]``, ``[gates]``, each ``[[training]]`` and ``[[evaluations]]``."""
+    given = {k: raw.pop(k) for k in Precision.names() if k in raw}
+    if not given:
+        return
+    _settings(path, "top level", Precision, given)
+    raw.setdefault("train", {})
+    for table in [raw["train"], raw.get("gates")] + list(raw.get("training") or []) + list(raw.get("evaluations") or []):
+        if isinstance(table, dict):
+            for k, v in given.items():
+                table.setdefault(k, v)
 
 
 def _training(path, i: int, t: dict, composed: dict[str, str]) -> dict:
@@ -467,8 +486,7 @@ class Runner:
     def evaluate(self, registry, ev: dict) -> dict:
         from recycle import evaluation as E
 
-        kw = {k: ev[k] for k in ("tasks", "n", "seed", "top_k", "batch_size", "cpus_per_task", "gpus_per_task")
-              if k in ev}
+        kw = {k: ev[k] for k in (*EvalSettings.names(), "cpus_per_task", "gpus_per_task") if k in ev}
         request = E.EvalRequest(methods=tuple(ev.get("methods", ())), compositions=tuple(ev.get("compositions", ())),
                                 address=self.address, **kw)
         outcome = E.evaluate(registry, request, self.report)

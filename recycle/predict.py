@@ -118,7 +118,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class Predictor:
     """A loaded composition: ``score`` (rank classification) and ``generate``."""
 
-    def __init__(self, plan: Plan, device: str = "cpu", threads: int | None = None):
+    def __init__(self, plan: Plan, device: str = "cpu", threads: int | None = None, dtype: str = "float32"):
         import torch
 
         from recycle.basemodels import load_base, resolve_base
@@ -126,7 +126,7 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         self.plan = plan
-        self.model, self.tokenizer = load_base(resolve_base(plan.base))
+        self.model, self.tokenizer = load_base(resolve_base(plan.base), dtype=dtype)
         self.device = cluster.device(device)
         self.model.to(self.device)
         self.method = methods.get(plan.method)

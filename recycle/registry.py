@@ -44,10 +44,10 @@ ENV_DB = "RECYCLE_DB"
 _JSON = {
     "experts": ("ranks", "target_modules", "meta"),
     "tasks": ("spec",),
-    "gates": ("settings",),
+    "gates": ("settings", "memory"),
     "compositions": ("settings", "members", "state"),
     "eval_runs": ("settings",),
-    "eval_results": ("routing", "member_hashes", "predictions", "scores", "labels", "extra"),
+    "eval_results": ("routing", "member_hashes", "predictions", "scores", "labels", "extra", "memory"),
 }
 
 

@@ -115,7 +115,7 @@ def check_request(body, served: dict, kind: str, tokenizer_of, max_length: int) 
 
 
 def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gpus: float = 0.0,
-             max_batch_size: int = 16, batch_wait_ms: float = 10.0, batching: bool = True, max_length: int = 512,
+             dtype: str = "float32", max_batch_size: int = 16, batch_wait_ms: float = 10.0, batching: bool = True, max_length: int = 512,
              forward_batch_size: int = 8):
     """The Ray Serve application serving ``plans`` (name -> Plan as a dict). A batch of
     requests is scored in forward passes of at most ``forward_batch_size`` requests of
@@ -136,12 +136,13 @@ def make_app(plans: dict[str, dict], *, replicas: int = 1, cpus: float = 1.0, gp
         def __init__(self):
             import torch
 
+            from recycle import cluster
             from recycle.methods import Plan
             from recycle.predict import Predictor
 
             torch.set_num_threads(threads)
-            self.predictors = {n: Predictor(Plan.from_dict(p), device="cuda" if gpus > 0 else "cpu")
-                               for n, p in plans.items()}
+            device = cluster.device("cuda" if gpus > 0 else "cpu")
+            self.predictors = {n: Predictor(Plan.from_dict(p), device=device, dtype=dtype) for n, p in plans.items()}
             self.info = [{"name": n, "method": p["method"], "members": [m["name"] for m in p["members"]],
                           "settings": p["settings"]} for n, p in plans.items()]
             self.score_batch.set_max_batch_size(max_batch_size)

@@ -266,6 +266,32 @@ def _option(f, flag: str, optional: bool, help_text: str | None, about: str, typ
 
 # ---- the groups every training command shares ------------------------------------------
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Precision(Settings):
+    """The dtype a command's models compute in (``--dtype``), a group of its own for the
+    commands that store nothing (``predict``, ``serve``) and inherited by every group that
+    loads a model, so it is declared here once. ``auto`` is resolved before anything is
+    keyed (:func:`recycle.cluster.resolve_dtype`): bfloat16 where the tasks get a GPU,
+    float32 on a CPU. A float32 setting is left out of :meth:`to_dict` (so of every hash
+    and key): what was stored before dtypes existed was float32 and keeps its key."""
+
+    dtype: str = setting("float32", "dtype the base model computes in (auto: bfloat16 on a GPU, float32 on a CPU); "
+                         "trained parameters stay float32", choices=DTYPES)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d.get("dtype") == "float32":
+            del d["dtype"]
+        return d
+
+    def with_dtype(self, dtype: str):
+        from dataclasses import replace
+
+        return replace(self, dtype=dtype)
+
 
 @dataclass(frozen=True)
 class Resources(Settings):
@@ -280,7 +306,7 @@ GATES_ALGORITHM = "phatgoose-gates/1"
 
 
 @dataclass(frozen=True)
-class GateSettings(Settings):
+class GateSettings(Precision):
     """What decides a PHATGOOSE gate file's content (with the adapter and the data)."""
 
     steps: int = setting(100, "training steps per expert", minimum=1)
@@ -292,7 +318,7 @@ class GateSettings(Settings):
     weight_decay: float = setting(0.0, "AdamW weight decay", minimum=0)
 
     def to_dict(self) -> dict:
-        return {"algorithm": GATES_ALGORITHM, **asdict(self)}
+        return {"algorithm": GATES_ALGORITHM, **super().to_dict()}
 
     @property
     def warmup_steps(self) -> int:
@@ -300,7 +326,7 @@ class GateSettings(Settings):
 
 
 @dataclass(frozen=True)
-class TrainSettings(Settings):
+class TrainSettings(Precision):
     """A LoRA expert's training (``train-expert``, a pipeline's ``[train]``)."""
 
     rank: int = setting(8, "LoRA rank r", minimum=1)
@@ -319,7 +345,7 @@ class TrainSettings(Settings):
 
 
 @dataclass(frozen=True)
-class RouterTrainSettings(Settings):
+class RouterTrainSettings(Precision):
     """A MoE++ composition's router training (``train-router``)."""
 
     steps: int = setting(200, "optimiser steps", minimum=1)
@@ -348,7 +374,7 @@ class RouterTrainOptions(RouterTrainSettings):
 
 
 @dataclass(frozen=True)
-class GateTrainSettings(Settings):
+class GateTrainSettings(Precision):
     """A COSMO composition's gate training by leaving experts out (``train-gate``)."""
 
     folds: int = setting(4, "folds of held-out experts (at most the number of members)", minimum=2)
@@ -358,7 +384,7 @@ class GateTrainSettings(Settings):
 
 
 @dataclass(frozen=True)
-class EvalSettings(Settings):
+class EvalSettings(Precision):
     """What an evaluation runs on (``eval``, a pipeline's ``[[evaluations]]``)."""
 
     tasks: str = setting("held-out", "held-out, held-in, all, or comma-separated task names")

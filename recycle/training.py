@@ -146,7 +146,7 @@ def run_expert_job(job: ExpertJob) -> dict:
     ref = resolve_base(job.base)
     torch.set_num_threads(job.threads or _cores())
     torch.manual_seed(settings.seed)
-    model, tokenizer = load_base(ref)
+    model, tokenizer = load_base(ref, dtype=settings.dtype)  # LoRA weights float32 (PEFT's autocast_adapter_dtype)
     device = cluster.device(job.device)
     model.to(device)
     layers = parse_layers(settings.layers, _n_layers(model.config))
@@ -265,7 +265,7 @@ def _train_gates_here(job: ExpertJob, device: str, trunk, folder: Path) -> dict:
 
     settings = gates.GateSettings(**job.gates)
     try:
-        model, tok = gates.load_peft_model(job.base, folder)
+        model, tok = gates.load_peft_model(job.base, folder, dtype=settings.dtype)
         model.to(device)
         result = gates.train_on_examples(model, tok, job.examples, settings, trunk=trunk)
     except RecycleError as e:
@@ -341,8 +341,10 @@ def train_expert(
     row gets ``gates``: ``"trained"`` or why not."""
     if gates is not None and multitask:
         raise RecycleError("gates are trained for single-task experts only (a multitask expert is not routed)")
-    job = plan_expert(registry, tasks, base, settings or TrainSettings(), name=name, multitask=multitask,
-                      replace=replace)
+    settings = settings or TrainSettings()
+    settings = settings.with_dtype(cluster.resolve_dtype(settings.dtype, 0))  # this process: the CPU
+    gates = gates.with_dtype(settings.dtype) if gates is not None else None  # as the expert: its trunk is replayed
+    job = plan_expert(registry, tasks, base, settings, name=name, multitask=multitask, replace=replace)
     job.progress = progress
     if gates is not None:
         job.gates = asdict(gates)
@@ -385,16 +387,20 @@ def train_experts(
         raise RecycleError(f"--cpus-per-task must be positive, not {cpus_per_task}")
     outcomes: dict[str, dict] = {}
     for job in jobs:
+        dtype = cluster.resolve_dtype(job.settings.get("dtype", "float32"), gpus_per_task)
+        job.settings = {**job.settings, "dtype": dtype}
         if gates is not None and not job.multitask:
-            job.gates = asdict(gates)
+            job.gates = asdict(gates.with_dtype(dtype))  # as the expert: its trunk is replayed
 
     def on_result(job, summary):
         row = register_trained(registry, job, summary, replace=replace)
-        outcomes[job.name] = {"name": job.name, "status": row["status"], **row["training"]}
+        outcomes[job.name] = {"name": job.name, "status": row["status"], **row["training"],
+                              "dtype": job.settings["dtype"], "memory": summary.get("memory")}
         report.ok(f"{job.name}: final loss {summary['final_loss']:.3f}, {summary['train_seconds']:.0f} s "
                   f"({summary['settings']['threads']} thread(s))")
         if "gates" in summary:
-            outcomes[job.name]["gates"] = _record_gates(registry, row, gates, summary["gates"], report)
+            outcomes[job.name]["gates"] = _record_gates(registry, row, gates.with_dtype(job.settings["dtype"]),
+                                                        {**summary["gates"], "memory": summary.get("memory")}, report)
 
     def on_error(job, reason):
         outcomes[job.name] = {"name": job.name, "status": "failed", "reason": reason}

@@ -44,7 +44,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _node_args(temp_dir: Path) -> tuple[list[str], int]:
+def _node_args(temp_dir: Path, cpus: int = 1, gpus: int = 0) -> tuple[list[str], int]:
     """Ports for one node (none left to Ray's fixed defaults, so parallel clusters on this
     machine do not collide); returns the args and the node manager port."""
     nm, om, agent, agent_grpc, metrics, rt_env = _free_ports(6)
@@ -60,8 +60,8 @@ def _node_args(temp_dir: Path) -> tuple[list[str], int]:
         f"--runtime-env-agent-port={rt_env}",
         f"--min-worker-port={lo}",
         f"--max-worker-port={lo + 99}",
-        "--num-cpus=1",
-        "--num-gpus=0",
+        f"--num-cpus={cpus}",
+        f"--num-gpus={gpus}",  # declared: Ray schedules GPUs it is told of, hardware or not
         "--disable-usage-stats",
     ], nm
 
@@ -115,9 +115,10 @@ def _kill_tree(proc) -> None:
 
 
 @contextmanager
-def loopback(dashboard: bool = False):
-    """Start a head node (with the dashboard and job server when ``dashboard``) and one
-    worker node; yields address, env (with the token), root, worker_nm, dashboard_url."""
+def loopback(dashboard: bool = False, *, head_cpus: int = 1, head_gpus: int = 0, with_worker: bool = True):
+    """Start a head node (with the dashboard and job server when ``dashboard``; ``head_cpus``
+    and ``head_gpus`` declared) and one worker node (unless not ``with_worker``); yields address,
+    env (with the token), root, worker_nm, dashboard_url."""
     root = Path(tempfile.mkdtemp(prefix="rgt", dir="/tmp"))  # short: Ray's socket paths
     marker = uuid.uuid4().hex
     env = dict(os.environ)
@@ -136,7 +137,7 @@ def loopback(dashboard: bool = False):
     try:
         for attempt in range(3):  # a port taken between _free_ports and `ray start`: new ports
             gcs_port, client_port, dash_port = _free_ports(3)
-            head_args, _ = _node_args(root / f"head{attempt}")
+            head_args, _ = _node_args(root / f"head{attempt}", head_cpus, head_gpus)
             worker_args, worker_nm = _node_args(root / f"worker{attempt}")
             address = f"127.0.0.1:{gcs_port}"
             dash = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
@@ -146,6 +147,9 @@ def loopback(dashboard: bool = False):
                  *dash, *head_args],
                 env=env, capture_output=True, text=True, timeout=180,
             )  # fmt: skip
+            if head.returncode == 0 and not with_worker:
+                worker_nm = None
+                break
             if head.returncode == 0:
                 worker = subprocess.run(
                     [RAY, "start", f"--address={address}", *worker_args],

@@ -17,7 +17,7 @@ from recycle.cli.common import AddressOption, DbOption, JsonOption, console, inf
 from recycle.cli.root import app
 from recycle.console import print_table
 from recycle.errors import RecycleError
-from recycle.settings import Resources, bounded, options
+from recycle.settings import Precision, Resources, bounded, options
 from recycle.settings import parse_cli_settings
 
 
@@ -132,6 +132,7 @@ def _read_inputs(prompt, input_file, choices) -> list[dict]:
 
 @app.command("predict")
 @options("resources", Resources, names={"cpus": "cpus_per_worker", "gpus": "gpus_per_worker"})
+@options("precision", Precision)
 def predict_cmd(
     name: Annotated[str, typer.Argument(help="A stored composition, or a method over all experts.")],
     prompt: Annotated[Optional[str], typer.Option(help="One prompt.")] = None,
@@ -149,6 +150,7 @@ def predict_cmd(
                                                    show_default=False, callback=bounded(minimum=1))] = None,
     address: AddressOption = None,
     resources: Resources = None,
+    precision: Precision = None,
     shard_size: Annotated[Optional[int], typer.Option(help="Examples per shard (default: 2 batches).",
                                                       show_default=False, callback=bounded(minimum=1))] = None,
     db: DbOption = None,
@@ -182,14 +184,17 @@ def predict_cmd(
         from recycle.batch import predict_batch
 
         kind = "score" if items[0].get("choices") else "generate"
-        options = {"batch_size": batch_size, "explain": explain, "max_new_tokens": max_new_tokens}
+        options = {"batch_size": batch_size, "explain": explain, "max_new_tokens": max_new_tokens,
+                   "dtype": precision.dtype}
         res = predict_batch(resolve(registry, name), items, output, kind=kind, options=options,
                             workers=workers or 1, cpus_per_worker=resources.cpus, gpus_per_worker=resources.gpus,
                             shard_size=shard_size, address=address)
         info(f"wrote {res.examples} predictions to {output} ({res.shards} shards, {res.resumed} resumed, "
              f"{res.retried} retried; {res.examples_per_second:.1f} examples/s)")
         return
-    predictor = Predictor(resolve(registry, name))
+    from recycle.cluster import resolve_dtype
+
+    predictor = Predictor(resolve(registry, name), dtype=resolve_dtype(precision.dtype, 0))  # here: the CPU
     try:
         if items[0].get("choices"):
             results = predictor.score(items, batch_size=batch_size, explain=explain)

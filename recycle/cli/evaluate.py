@@ -142,6 +142,8 @@ def show_cmd(
     rows = registry.run_results(run)
     if not compare:
         _output(registry, run, rows, json_, csv_)
+        if not (json_ or csv_) and rows:
+            info(E.memory_line(rows))
         return
     pair = split(compare)
     if len(pair) != 2:

@@ -95,6 +95,13 @@ def list_cmd(json_: JsonOption = False, db: DbOption = None):
     console.print(table, markup=False)
 
 
+def _memory(m: dict | None) -> str:
+    if not m:
+        return "peak memory not recorded"
+    cuda = f", CUDA {m['cuda_peak_mib']:.0f} MiB" if m.get("cuda_peak_mib") is not None else ""
+    return f"peak worker RSS {m['peak_rss_mib']:.0f} MiB{cuda}"
+
+
 @gates_app.command("show")
 def show_cmd(
     name: Annotated[str, typer.Argument(help="Expert name.", show_default=False)],
@@ -120,7 +127,8 @@ def show_cmd(
     console.print(
         f"{row['expert']}: settings {row['settings_hash'][:12]} {row['settings']}\n"
         f"steps {row['steps']}, loss {_fmt(row['loss_start'])} → {_fmt(row['loss_end'])}, "
-        f"{_fmt(row['seconds'], '.1f')} s\n{row['path']}",
+        f"{_fmt(row['seconds'], '.1f')} s, dtype {row.get('dtype') or 'float32'}, {_memory(row.get('memory'))}\n"
+        f"{row['path']}",
         highlight=False, markup=False,
     )
     table = Table()

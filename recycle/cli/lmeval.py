@@ -9,9 +9,11 @@ import typer
 
 from recycle.cli.root import app
 from recycle.cli.common import AddressOption, DbOption, JsonOption, info, open_registry, split
+from recycle.settings import Precision, options
 
 
 @app.command("lm-eval")
+@options("precision", Precision)
 def lm_eval_cmd(
     name: Annotated[Optional[str], typer.Argument(help="A stored composition (or give --method).",
                                                   show_default=False)] = None,
@@ -33,6 +35,7 @@ def lm_eval_cmd(
     gpus_per_task: Annotated[Optional[float], typer.Option(
         help="GPUs per task, fractions allowed (default: 1 if the cluster has GPUs, else 0).", show_default=False)] = None,
     cpus_per_task: Annotated[float, typer.Option(help="CPUs per task (also its torch threads).")] = 1.0,
+    precision: Precision = None,
     json_: JsonOption = False,
     db: DbOption = None,
 ):
@@ -54,7 +57,7 @@ def lm_eval_cmd(
     request = L.LMEvalRequest(tasks=tuple(split(tasks)), composition=name, method=method,
                               experts=tuple(split(experts)), include_path=str(include_path) if include_path else None,
                               num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, cpus_per_task=cpus_per_task,
-                              gpus_per_task=gpus_per_task, address=address)
+                              gpus_per_task=gpus_per_task, address=address, dtype=precision.dtype)
     L.require_lm_eval()
     if output:
         output_target(output)  # checked before any work

@@ -9,11 +9,15 @@ import typer
 
 from recycle.cli.common import AddressOption, DbOption, info, open_registry
 from recycle.cli.root import app
+from recycle.settings import Precision, options
 
 
 @app.command("run")
+@options("precision", Precision, optional=True, help={"dtype": "Every step's dtype where its table gives none "
+                                                              "(the file's top-level dtype; default float32)."})
 def run_cmd(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline TOML file (see pipelines/).")],
+    precision: Precision = None,
     address: AddressOption = None,
     db: DbOption = None,
 ):
@@ -29,7 +33,7 @@ def run_cmd(
     """
     from recycle import pipeline as P
 
-    p = P.load(pipeline)
+    p = P.load(pipeline, precision)
     print_tables(P.Runner(p, db, address).run(), db)
 
 
@@ -45,7 +49,8 @@ def print_tables(outs: list[dict], db) -> None:
 
 
 @app.command("demo")
-def demo_cmd(address: AddressOption = None, db: DbOption = None):
+@options("precision", Precision)
+def demo_cmd(precision: Precision = None, address: AddressOption = None, db: DbOption = None):
     """The whole pipeline on real data in one command: SmolLM2-135M, real catalogue tasks,
     a handful of held-in experts (cached), their gates, and a zero-shot evaluation on
     held-out tasks (pipelines/demo.toml); ends by printing each evaluation's results table
@@ -55,7 +60,7 @@ def demo_cmd(address: AddressOption = None, db: DbOption = None):
     """
     from recycle import pipeline as P
 
-    p = P.load(P.builtin("demo"))
+    p = P.load(P.builtin("demo"), precision)
     outs = P.Runner(p, db, address).run()
     for o in outs:
         info(f"results: {o.get('markdown')} and {o.get('json')}")

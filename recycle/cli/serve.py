@@ -9,11 +9,12 @@ import typer
 
 from recycle.cli.common import AddressOption, DbOption, open_registry
 from recycle.cli.root import app
-from recycle.settings import Resources, bounded, options
+from recycle.settings import Precision, Resources, bounded, options
 
 
 @app.command("serve")
 @options("resources", Resources, names={"cpus": "cpus_per_replica", "gpus": "gpus_per_replica"})
+@options("precision", Precision)
 def serve_cmd(
     names: Annotated[list[str], typer.Argument(help="Stored compositions (or methods over every expert) to serve.",
                                                show_default=False)],
@@ -22,6 +23,7 @@ def serve_cmd(
     replicas: Annotated[int, typer.Option(help="Copies of the deployment (each holds every composition).",
                                           callback=bounded(minimum=1))] = 1,
     resources: Resources = None,
+    precision: Precision = None,
     max_batch_size: Annotated[int, typer.Option(help="Requests scored together at most.",
                                                 callback=bounded(minimum=1))] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.",
@@ -61,5 +63,6 @@ def serve_cmd(
         gpus = cluster.default_gpus(resources.gpus)
         cluster.check_fits(resources.cpus, gpus)
         serve(plans, host=host, port=port, address=address, replicas=replicas, cpus=resources.cpus, gpus=gpus,
+              dtype=cluster.resolve_dtype(precision.dtype, gpus),
               max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, batching=batching, max_length=max_length,
               forward_batch_size=forward_batch_size)

@@ -178,7 +178,7 @@ def catalogue_cmd(
 @app.command("train-expert")
 @options("resources", Resources, names={"cpus": "cpus_per_task", "gpus": "gpus_per_task"}, optional=True,
          help={"cpus": "Train as a Ray task with this many CPUs (also its torch threads)."})
-@options("gates", GateSettings, prefix="gate_", optional="steps", exclude=("batch_size", "max_length", "seed"),
+@options("gates", GateSettings, prefix="gate_", optional="steps", exclude=("batch_size", "max_length", "seed", "dtype"),
          about=" of the gates (with --gate-steps)", help={"steps": (
              "Also train its PHATGOOSE gates, this many steps, right after it: the gates `train-gates NAME --steps N "
              "--batch-size B --max-length L --seed S` would train (the expert's batch size, length and seed), at "
@@ -228,7 +228,7 @@ def train_expert_cmd(
     gate_settings = None
     if gates is not None:
         gate_settings = replace_fields(gates, batch_size=settings.batch_size, max_length=settings.max_length,
-                                       seed=settings.seed)
+                                       seed=settings.seed, dtype=settings.dtype)
     registry = open_registry(db)
     if address is None and resources is None:
         row = train_expert(registry, task_names, base, settings, name=name, multitask=bool(multitask),

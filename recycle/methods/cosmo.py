@@ -366,7 +366,7 @@ def run_fold_job(job: FoldJob) -> dict:
     torch.set_num_threads(max(1, int(job.threads)))
     t0 = time.time()
     plan = Plan.from_dict(job.plan)
-    model, tok = load_base(resolve_base(plan.base))
+    model, tok = load_base(resolve_base(plan.base), dtype=job.dtype)
     device = cluster.device(job.device)
     model.to(device)
     sides = Sides(plan, model, tok, job.batch_size, job.max_length)
@@ -514,6 +514,7 @@ def train_gate(
     row = registry.composition(name)
     if get(row["method"]).trains != "train-cosmo-gate":
         raise RecycleError(f"composition {name} is {row['method']}: it has no COSMO gate to train")
+    settings = settings.with_dtype(cluster.resolve_dtype(settings.dtype, gpus))  # part of the key unless float32
     plan = comp.plan(registry, composition=name, data_seed=settings.seed)
     plan.state = {}
     key = hashlib.sha256(json.dumps({"composition": plan.content_key, "settings": settings.to_dict()},
@@ -535,7 +536,7 @@ def train_gate(
         raise RecycleError(f"{name}: the members' tasks have no validation examples with answer choices")
     splits = fold_split(names, settings.folds, settings.seed)
     jobs = [FoldJob(plan.to_dict(), f, [n for n in names if n not in held], held, examples, tasks,
-                    batch_size=settings.batch_size, stats=(f == 0))
+                    batch_size=settings.batch_size, stats=(f == 0), dtype=settings.dtype)
             for f, held in enumerate(splits)]
     results: list[dict] = []
     errors: list[str] = []
@@ -564,7 +565,8 @@ def train_gate(
     save_tensors(out, tensors, meta)
     state = {"path": str(out), "sha256": sha256_file(out), "key": key, "settings": settings.to_dict(),
              "folds": meta["folds"], "metrics": fitted["metrics"], "theta": fitted["theta"],
-             "temperature": fitted["temperature"]}
+             "temperature": fitted["temperature"], "dtype": settings.dtype,
+             "memory": max((r.get("memory") or {} for r in results), key=lambda m: m.get("peak_rss_mib", 0))}
     METHOD.record_state(registry, row, state)
     m = fitted["metrics"][mode]
     report.ok(f"{name}: gate on {len(results)} folds: AUC {m['auc']:.3f}, ECE {m['ece']:.3f}, fold S {m['S']:.3f} "

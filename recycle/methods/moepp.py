@@ -182,7 +182,7 @@ def run_router_job(job: RouterJob) -> dict:
     s = RouterTrainSettings(**job.settings)
     torch.manual_seed(s.seed)
     plan = Plan.from_dict(job.plan)
-    model, tok = load_base(resolve_base(plan.base))
+    model, tok = load_base(resolve_base(plan.base), dtype=s.dtype)
     device = cluster.device(job.device)
     model.to(device)
     for p in model.parameters():
@@ -248,6 +248,7 @@ def train_router(
 
     if get(row["method"]).trains != "train-router":
         raise RecycleError(f"composition {name} is {row['method']}: it has no router to train")
+    settings = settings.with_dtype(cluster.resolve_dtype(settings.dtype, gpus))  # part of the key unless float32
     plan = comp.plan(registry, composition=name, data_seed=settings.seed)
     plan.state = {}  # train from the zero-initialised router
     rows, source = calibration(registry, plan, calibration_source, settings.examples, settings.seed)
@@ -273,8 +274,9 @@ def train_router(
     if errors:
         raise RecycleError(f"router training for {name} failed: {errors[0]}", exit_code=1)
     state = {"path": str(out), "sha256": sha256_file(out), "key": key, "settings": settings.to_dict(),
-             "calibration": source, **{k: result[k] for k in ("steps", "loss_start", "loss_end", "balance_start",
-                                                               "balance_end", "examples", "seconds")}}
+             "calibration": source, "dtype": settings.dtype, "memory": result.get("memory"),
+             **{k: result[k] for k in ("steps", "loss_start", "loss_end", "balance_start", "balance_end", "examples",
+                                       "seconds")}}
     METHOD.record_state(registry, row, state)
     what = "distillation KL" if settings.objective == "distill" else "LM loss"
     report.ok(f"{name}: {what} {result['loss_start']:.4f} → {result['loss_end']:.4f}, balance "

@@ -45,6 +45,8 @@ def select_top_k(
     ``scale`` ([tokens, 1], positive): the true scores are ``scores * scale``; only the kept
     ones are scaled (a positive factor per token does not change which are kept).
     """
+    if scores.dtype in (torch.bfloat16, torch.float16):  # top-k, softmax and sigmoid in float32 (or wider) always
+        scores = scores.float()
     k = min(top_k, scores.shape[-1])
     top, idx = _top_k(scores, k)
     if weighting == "uniform":
