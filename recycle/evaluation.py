@@ -436,14 +436,16 @@ def table(summary: dict) -> tuple[list[str], list[list[str]]]:
     as rows; tasks, held-in and held-out averages, and S/U/H where the run mixes both."""
     tasks = summary["tasks"]
     has_suh = any("H" in m for m in summary["methods"].values())
-    head = ["method"] + [f"{t} ({summary['held'][t]})" for t in tasks] + ["held-in avg", "held-out avg"]
-    keys = ["S", "U", "H"] if has_suh else []
+    kinds = summary.get("near_far") or {}  # held-out near/far (recycle.results.add_near_far)
+    head = ["method"] + [f"{t} ({kinds.get(t, summary['held'][t])})" for t in tasks] + ["held-in avg", "held-out avg"]
+    keys = (["held_out_near_avg", "held_out_far_avg"] if kinds else []) + (["S", "U", "H"] if has_suh else [])
+    names = {"held_out_near_avg": "held-out near avg", "held_out_far_avg": "held-out far avg"}
     body = [
         [label] + [fmt(m["tasks"].get(t)) for t in tasks] + [fmt(m["held_in_avg"]), fmt(m["held_out_avg"])]
         + [fmt(m.get(k)) for k in keys]
         for label, m in summary["methods"].items()
     ]
-    return head + keys, body
+    return head + [names.get(k, k) for k in keys], body
 
 
 def routing_matrices(rows: list[dict], label: str | None = None):
@@ -592,6 +594,9 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
         output_target(target.with_suffix(suffix), make_parents=True)
     rows = registry.run_results(run_id)
     summary = summarise(rows)
+    from recycle.results import add_near_far, task_families
+
+    add_near_far(summary, task_families(registry, summary["tasks"]))
     per_example = ("predictions", "routing", "scores", "labels")
     data = {
         **(about or {}),

@@ -379,7 +379,9 @@ class Registry:
                 return "added"
             if old["spec_sha256"] == row["spec_sha256"]:
                 counts = {k: row[k] for k in ("n_train", "n_validation", "n_test") if row[k] != old[k]}
-                if counts:  # same spec, the data under it changed
+                if json.loads(row["spec"]) != old["spec"]:  # a key outside the identity (family)
+                    counts["spec"] = row["spec"]
+                if counts:  # same spec, the data under it (or its family label) changed
                     db["tasks"].update(old["id"], counts)
                 return "unchanged"
             if not replace:

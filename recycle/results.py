@@ -106,6 +106,35 @@ def example_rows(registry: Registry, run_id: int, task: str | None = None) -> li
     return out
 
 
+def task_families(registry: Registry, tasks) -> dict[str, str | None]:
+    """Each task's family as its registered spec names it (None: no family, or the task is
+    gone)."""
+    out = {}
+    for t in tasks:
+        row = registry.task_or_none(t)
+        spec = (row or {}).get("spec")
+        out[t] = spec.get("family") if isinstance(spec, dict) else None
+    return out
+
+
+def add_near_far(summary: dict, families: dict[str, str | None]) -> dict:
+    """Split a summary's held-out tasks into near (a held-in task of the run shares its
+    family) and far (none does; a task without a family is far), and add each method's
+    ``held_out_near_avg`` and ``held_out_far_avg``. Unchanged where no task has a family."""
+    held = summary["held"]
+    if not any(families.get(t) for t in held):
+        return summary
+    seen = {families.get(t) for t in held if held[t] == "in"} - {None}
+    kinds = {t: ("near" if families.get(t) in seen else "far") for t in held if held[t] == "out"}
+    summary["near_far"] = kinds
+    summary["families"] = {t: families.get(t) for t in held}
+    for entry in summary["methods"].values():
+        for kind in ("near", "far"):
+            accs = [a for t, a in entry["tasks"].items() if kinds.get(t) == kind]
+            entry[f"held_out_{kind}_avg"] = sum(accs) / len(accs) if accs else None
+    return summary
+
+
 def _cell(v):
     return json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v)
 

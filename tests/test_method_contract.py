@@ -26,6 +26,7 @@ CASES = {
     "oracle": ("oracle", None),
     "multitask": ("multitask", None),
     "single": ("single ea", None),
+    "peft-arrow": ("peft-arrow", None),
 }
 ITEM = {"prompt": "Alpha: t_alpha item 3\nAnswer:", "choices": [" a", " b"], "task": "t_alpha"}
 
@@ -63,7 +64,14 @@ def test_method_contract(name, registered, ray_local, make_adapter, tmp_path, it
         train_real_gates(["ea", "eb"])
     if m.members == "multitask":
         ok("add-expert", make_adapter(tmp_path / "mt", seed=21), "--meta", "multitask=1", "--base", "tiny-llama")
-    ok("compose", "c", "--method", spec, *([] if m.members in ("one", "multitask") else ["--all"]))
+    members = [] if m.members in ("one", "multitask") else ["--all"]
+    if name == "peft-arrow":  # PEFT's Arrow takes experts of one rank and target set only
+        ok("compose", "mixed", "--method", spec, "--all")
+        assert "rank mismatch" in one_line_error(cli("predict", "mixed", *item))
+        ok("add-expert", make_adapter(tmp_path / "ec", r=4, seed=13, targets=("q_proj", "v_proj", "up_proj")),
+           "--name", "ec", "--task", "t_beta", "--base", "tiny-llama")
+        members = ["--experts", "ea,ec"]
+    ok("compose", "c", "--method", spec, *members)
     assert Registry().composition("c")["method"] == name
 
     if train_args is None:

@@ -76,7 +76,10 @@ def eval_cmd(
 
 
 def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool) -> None:
+    from recycle.results import add_near_far, task_families
+
     summary = E.summarise(rows)
+    add_near_far(summary, task_families(registry, summary["tasks"]))
     if json_:
         per_example = ("predictions", "scores", "labels")
         print_json({"run": run_id, "summary": summary,

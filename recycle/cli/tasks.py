@@ -157,11 +157,12 @@ def catalogue_cmd(
     specs = catalogue_specs(names)
     if not add:
         if json_:
-            print_json([{"name": s.name, "description": s.description, "source": s.describe_source()} for s in specs])
+            print_json([{"name": s.name, "family": s.family, "description": s.description,
+                         "source": s.describe_source()} for s in specs])
             return
-        table = Table("name", "choices", "description")
+        table = Table("name", "family", "choices", "description")
         for s in specs:
-            table.add_row(s.name, str(len(s.choices or [])), s.description)
+            table.add_row(s.name, s.family or "", str(len(s.choices or [])), s.description)
         console.print(table, markup=False)
         return
     registry = open_registry(db)

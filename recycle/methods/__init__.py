@@ -18,7 +18,7 @@ from recycle.methods.method import Method, Plan, Settings, per_example_rows
 
 # table order = the order of results tables and of `recycle eval`'s default methods
 _MODULES = ("base", "uniform", "arrow", "spectr", "avg_activation", "retrieval", "phatgoose", "moepp", "cosmo",
-            "oracle", "multitask", "single")
+            "oracle", "multitask", "single", "peft_arrow")
 
 METHODS: dict[str, Method] = {}
 for _mod in _MODULES:

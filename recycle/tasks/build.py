@@ -3,7 +3,9 @@
 Splits are deterministic: after de-duplicating on the example's raw text (first
 occurrence wins), every example is placed by ``sha256(seed, text)``, so the same data
 and seed always give the same splits, whatever the file order. Test is disjoint from
-train and validation (no shared text), and validation from train.
+train and validation (no shared text), and validation from train. A spec's
+``split.disjoint_from`` names built-in tasks whose train and validation texts are then
+dropped from its test split too (a held-out task over the same words or file as experts).
 """
 
 from __future__ import annotations
@@ -325,9 +327,31 @@ def build_splits(spec: TaskSpec) -> dict[str, list[Example]]:
             raise RecycleError(
                 f"task {spec.name}: split {name!r} is empty ({total} examples after filtering and de-duplication)"
             )
+    if spec.split.get("disjoint_from"):
+        taken = _trained_texts(spec)
+        splits["test"] = [e for e in splits["test"] if _dedupe_key(e) not in taken]
+        if not splits["test"]:
+            raise RecycleError(f"task {spec.name}: no test example is left after split.disjoint_from")
     splits = {k: splits[k] for k in SPLITS}
     _MEMO[memo_key] = splits
     return splits
+
+
+def _trained_texts(spec: TaskSpec) -> set[str]:
+    """The train and validation texts of the built-in tasks ``split.disjoint_from`` names."""
+    from recycle.tasks.catalogue import catalogue_spec
+
+    out: set[str] = set()
+    for name in spec.split["disjoint_from"]:
+        if name == spec.name:
+            raise RecycleError(f"task {spec.name}: split.disjoint_from names the task itself")
+        other = catalogue_spec(name)
+        if other.split.get("disjoint_from"):
+            raise RecycleError(f"task {spec.name}: split.disjoint_from names {name}, which has a "
+                               "disjoint_from of its own (one level only)")
+        parts = build_splits(other)
+        out |= {_dedupe_key(e) for e in parts["train"] + parts["validation"]}
+    return out
 
 
 def _stamps(spec: TaskSpec) -> list:

