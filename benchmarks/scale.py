@@ -375,7 +375,7 @@ def stage_cosmo(ctx) -> dict:
 
     from recycle import compose
     from recycle.basemodels import load_base, resolve_base
-    from recycle.methods.cosmo import member_stats_cached
+    from recycle.methods.cosmo import Sides
     from recycle.registry import Registry
 
     torch.set_num_threads(ctx["workers"])
@@ -386,7 +386,7 @@ def stage_cosmo(ctx) -> dict:
     out = {}
     for label in ("cold", "warm"):
         t0 = time.perf_counter()
-        stats = member_stats_cached(plan, model, tok, batch_size=16, max_length=256)
+        stats = Sides(plan, model, tok, batch_size=16, max_length=256).member_stats()
         out[f"{label}_seconds"] = round(time.perf_counter() - t0, 1)
     out["members"] = len(stats)
     out["distinct"] = len({id(v) for v in stats.values()})

@@ -90,20 +90,17 @@ class RoutedLoraLinear(nn.Module):
             local[g] = j
         self.register_buffer("local_index", local.to(w.device), persistent=False)
         self.ranks = [m.rank for _, _, m in experts]
-        wide = torch.promote_types(w.dtype, torch.float32)
         starts = [0]
         for r in self.ranks:
             starts.append(starts[-1] + r)
         A = torch.empty(starts[-1], base_layer.in_features, dtype=w.dtype, device=w.device)
         BT = torch.empty(starts[-1], base_layer.out_features, dtype=w.dtype, device=w.device)
-        for j, (_, name, m) in enumerate(experts):
+        for _, name, m in experts:
             if m.A.shape[1] != base_layer.in_features or m.B.shape[0] != base_layer.out_features:
                 raise RecycleError(
                     f"expert {name} at {path}: A {tuple(m.A.shape)} B {tuple(m.B.shape)} do not fit "
                     f"Linear({base_layer.in_features}, {base_layer.out_features})"
                 )
-            A[starts[j]:starts[j + 1]] = m.A.to(w.device, w.dtype)
-            BT[starts[j]:starts[j + 1]] = (m.scaling * m.B.T.to(wide)).to(w.device, w.dtype)  # s_j folded in
         self.dense = False  # the dispatch, dense or sparse: set with the router
         self.register_buffer("A_rows", A, persistent=False)
         self.register_buffer("BT_rows", BT, persistent=False)
@@ -114,12 +111,34 @@ class RoutedLoraLinear(nn.Module):
                              persistent=False)
         #: the rank every expert here has, or 0 where they differ (the kernels' simpler path)
         self.common_rank = self.ranks[0] if self.ranks and len(set(self.ranks)) == 1 else 0
-        narrow = starts[-1] <= self.dense_limit(w.device.type, w.dtype)
-        self.register_buffer("lora_A_cat", A.T.contiguous() if narrow else None, persistent=False)
+        self.register_buffer("lora_A_cat", None, persistent=False)
+        self._starts = starts
+        if not any(m.A.is_meta for _, _, m in experts):
+            for j, (_, name, m) in enumerate(experts):
+                self.fill(j, m, name)
+            self.finish()
         self._padded_cache: tuple | None = None
         size = w.element_size()
         self._use_grouped_mm = hasattr(F, "grouped_mm") and w.dtype in (torch.float32, torch.bfloat16, torch.float16) \
             and (base_layer.in_features * size) % 16 == 0 and (base_layer.out_features * size) % 16 == 0
+
+    def fill(self, j: int, m: ExpertModule, name: str = "") -> None:
+        """Copy local expert ``j``'s factors into its rows (``s_j B_j^T`` with the scaling
+        folded in); :meth:`finish` once every expert is in."""
+        w = self.base_layer.weight
+        rows = slice(self._starts[j], self._starts[j + 1])
+        if tuple(m.A.shape) != (rows.stop - rows.start, self.in_features) or m.B.shape[0] != self.out_features:
+            raise RecycleError(f"expert {name or j} at {self.path}: its factors no longer have the shapes "
+                               "its file announced")
+        wide = torch.promote_types(w.dtype, torch.float32)
+        self.A_rows[rows] = m.A.to(w.device, w.dtype)
+        self.BT_rows[rows] = (m.scaling * m.B.T.to(wide)).to(w.device, w.dtype)
+
+    def finish(self) -> None:
+        """After the last :meth:`fill`: the dense kernel's ``A_cat``, where it may run."""
+        w = self.base_layer.weight
+        narrow = self.A_rows.shape[0] <= self.dense_limit(w.device.type, w.dtype)
+        self.lora_A_cat = self.A_rows.T.contiguous() if narrow else None
 
     def set_router(self, router: nn.Module) -> None:
         """Own ``router`` (built from this layer) and choose the dispatch: dense for few
