@@ -459,7 +459,8 @@ def train(
 
         def on_result(job, result):
             registry.record_gates(by_name[job.expert], _row(result["path"], settings, result))
-            outcomes[job.expert] = {"status": "trained", "reason": "", **_numbers(result)}
+            outcomes[job.expert] = {"status": "trained", "reason": "", **_numbers(result),
+                                    "job_seconds": result.get("job_seconds")}
             report.ok(f"{job.expert}: loss {result['loss_start']:.4f} → {result['loss_end']:.4f}, "
                       f"{result['seconds']:.1f} s")
 
