@@ -523,6 +523,11 @@ def main() -> None:
               f"{ {k: v for k, v in mine[stage].items() if k not in ('table',)} }", file=sys.stderr)
         commands[str(n)] = "python benchmarks/scale.py " + shlex.join(sys.argv[1:])
         RESULTS.mkdir(exist_ok=True)
+        # another N may have run meanwhile: keep what it wrote, replace only this N's part
+        stored = json.loads(out_json.read_text()) if out_json.is_file() else {}
+        stored.setdefault("commands", {})[str(n)] = commands[str(n)]
+        results = {**stored, "cpu": results["cpu"], str(n): mine, "commands": stored["commands"]}
+        commands = results["commands"]
         out_json.write_text(json.dumps(results, indent=1, sort_keys=True))
         (RESULTS / "scale.md").write_text(markdown(results, sorted(set(commands.values()))))
     print((RESULTS / "scale.md").read_text())
