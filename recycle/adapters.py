@@ -142,14 +142,26 @@ def _is_int(v) -> bool:
 def check_tensors(path: Path) -> None:
     """Every tensor of a (header-checked) safetensors file read with ``safetensors`` and
     found finite: NaN or infinite LoRA weights are refused here, not met in a prediction."""
-    import torch
+    import numpy as np
     from safetensors import SafetensorError, safe_open
 
+    # numpy, not torch: a command that registers adapters need not import torch (seconds);
+    # bfloat16, which numpy lacks, is read with torch
+    header = read_safetensors_header(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        if any(t["dtype"] == "BF16" for t in header.values()):
+            import torch
+
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise AdapterError(f"{path}: tensor {key} has NaN or infinite values")
+            return
+        with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():
                 t = f.get_tensor(key)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if t.dtype.kind == "f" and not bool(np.isfinite(t).all()):
                     raise AdapterError(f"{path}: tensor {key} has NaN or infinite values")
     except SafetensorError as e:
         raise AdapterError(f"{path}: safetensors file unreadable ({' '.join(str(e).split())[:150]})") from None

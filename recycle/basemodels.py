@@ -252,9 +252,30 @@ def load_config(ref: BaseRef):
 
 def module_shapes(ref: BaseRef) -> dict[str, tuple[int, int]] | None:
     """``{module path: (out_features, in_features)}`` of every Linear, built on the meta
-    device (no weights read). None when the base cannot be loaded locally."""
+    device (no weights read). None when the base cannot be loaded locally. Kept in the cache
+    (``shapes/<config hash>-<transformers version>.json``): building the model, importing its
+    class included, takes seconds, and every ``add-expert`` command needs the shapes."""
     if ref.path is None:
         return None
+    import json
+    from importlib.metadata import version
+
+    from recycle.files import write_json
+
+    stored = cache_dir() / "shapes" / f"{ref.config_hash}-{version('transformers')}.json"
+    try:
+        return {k: tuple(v) for k, v in json.loads(stored.read_text()).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    shapes = _module_shapes(ref)
+    try:
+        write_json(stored, shapes)
+    except (OSError, RecycleError):  # a read-only cache: build them every time
+        pass
+    return shapes
+
+
+def _module_shapes(ref: BaseRef) -> dict[str, tuple[int, int]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 

@@ -350,9 +350,9 @@ def measured(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     import time
 
     @functools.wraps(fn)
-    def task(job):
+    def task(*args):  # a task's job, or an actor's (self, job)
         scope, started = reset_peak_memory(), time.time()
-        result = fn(job)
+        result = fn(*args)
         if isinstance(result, dict):
             result = {**result, "memory": {**peak_memory(scope), "started": started, "ended": time.time(),
                                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
@@ -427,7 +427,7 @@ def run_tasks(fn: Callable[[Any], Any], jobs: Sequence[Any], resources: Resource
 def run(fn: Callable[[Any], Any] | type, jobs: Sequence[Any], resources: Resources, label: str,
         on_result: Callable[[Any, Any], None], *, on_error: Callable[[Any, str], None],
         on_interrupt: Callable[[list], None] | None = None, what: str | None = None, address: str | None = None,
-        report=None, weight: Callable[[Any], int] = lambda job: 1, workers: int = 1, init: tuple = (),
+        report=None, weight: Callable[[Any], int] = lambda job: 1, workers: int | None = 1, init: tuple = (),
         on_retry: Callable[[Any], None] = lambda job: None) -> None:
     """The one driver of every command that runs jobs: run ``jobs`` on Ray and hand each
     result to ``on_result(job, result)`` in this process as it arrives.
@@ -440,7 +440,8 @@ def run(fn: Callable[[Any], Any] | type, jobs: Sequence[Any], resources: Resourc
 
     ``fn`` a function: one task per job (:func:`run_tasks`; ``on_interrupt`` there). ``fn``
     a class: a pool of ``workers`` actors, each built once as ``fn(*init, device=...,
-    threads=...)``, running ``actor.run(job)``, two jobs in flight each; a job whose actor
+    threads=...)``, running ``actor.run(job)`` (``workers=None``: as many actors as the cluster
+    runs at once, at most one per job), two jobs in flight each; a job whose actor
     dies goes back to the queue (``on_retry(job)``) and a replacement starts where the
     cluster has room. Ctrl-C cancels what is left.
     """
@@ -464,6 +465,8 @@ def run(fn: Callable[[Any], Any] | type, jobs: Sequence[Any], resources: Resourc
             if isinstance(job, Job):
                 job.threads, job.device = threads, kind
         pool = isinstance(fn, type)
+        if pool and workers is None:  # as many as the cluster runs at once, at most one per job
+            workers = max(1, min(len(jobs), capacity(res.num_cpus, res.num_gpus)))
         if pool and workers > (room := capacity(res.num_cpus, res.num_gpus)):  # more only queue and slow it down
             raise RecycleError(f"--workers {workers}: this cluster runs at most {room} worker(s) of {res.num_cpus:g} "
                                f"CPU and {res.num_gpus:g} GPU each; lower --workers (or --cpus-per-worker)")

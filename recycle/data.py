@@ -82,7 +82,8 @@ def pad_id_of(tokenizer) -> int:
 
 
 def lm_batches(
-    examples: list[Example], tokenizer, batch_size: int, max_length: int, seed: int, window: int = 32
+    examples: list[Example], tokenizer, batch_size: int, max_length: int, seed: int, window: int = 32,
+    encoded: list[dict] | None = None,
 ) -> Iterator[dict]:
     """Endless batches of (prompt, answer) LM examples, deterministic by ``seed``.
 
@@ -94,7 +95,8 @@ def lm_batches(
         raise RecycleError("no training examples")
     if batch_size < 1:
         raise RecycleError("batch size must be at least 1")
-    encoded = [encode_lm(tokenizer, e.prompt, e.answer, max_length) for e in examples]
+    if encoded is None:  # else: these examples, already encoded this way (by a worker that reuses them)
+        encoded = [encode_lm(tokenizer, e.prompt, e.answer, max_length) for e in examples]
     pad = pad_id_of(tokenizer)
     rng = random.Random(seed)
     order: list[int] = []

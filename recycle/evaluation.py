@@ -463,20 +463,39 @@ def routing_matrices(rows: list[dict], label: str | None = None):
     te = [[0.0] * len(experts) for _ in tasks]
     le = [[0.0] * len(experts) for _ in layers]
     lcount = [0] * len(layers)
+    col, lrow = {e: i for i, e in enumerate(experts)}, {x: i for i, x in enumerate(layers)}
     for ti, r in enumerate(routed):
         mods = r["routing"]
         for path, loads in mods.items():
             for e, v in loads.items():
-                te[ti][experts.index(e)] += v / len(mods)
+                te[ti][col[e]] += v / len(mods)
             li = layer_of(path)
             if li is not None:
-                k = layers.index(li)
+                k = lrow[li]
                 for e, v in loads.items():
-                    le[k][experts.index(e)] += v
+                    le[k][col[e]] += v
                 lcount[k] += 1
     le = [[v / max(lcount[k], 1) for v in row] for k, row in enumerate(le)]
     return {"label": label, "experts": experts, "tasks": tasks, "layers": layers,
             "task_expert": te, "layer_expert": le}
+
+
+def top_experts(mats: dict, keep: int) -> dict:
+    """``mats`` (:func:`routing_matrices`) with only the ``keep`` experts of the largest total
+    share over the tasks, the others summed into one column ``other (M)``: what a table or a
+    plot of a large library can show (0: every expert)."""
+    n = len(mats["experts"])
+    if not keep or n <= keep:
+        return mats
+    total = [sum(row[j] for row in mats["task_expert"]) for j in range(n)]
+    top = sorted(sorted(range(n), key=lambda j: -total[j])[:keep])
+    rest = sorted(set(range(n)) - set(top))
+
+    def cut(rows):
+        return [[row[j] for j in top] + [sum(row[j] for j in rest)] for row in rows]
+
+    return {**mats, "experts": [mats["experts"][j] for j in top] + [f"other ({len(rest)})"],
+            "task_expert": cut(mats["task_expert"]), "layer_expert": cut(mats["layer_expert"])}
 
 
 def plot_routing(mats: dict | None, path, gates: dict | None = None) -> None:

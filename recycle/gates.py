@@ -16,8 +16,9 @@ hash, the adapter's sha256 and the losses in the file's metadata. Files are writ
 temporary name and renamed, so a retried or killed task never leaves a half file.
 
 Workers run :func:`run_gate_job` on plain data (:class:`GateJob`) and never touch the
-registry; :func:`train` is the driver (one Ray task per expert, results recorded by the
-driver as they arrive).
+registry; :func:`train` is the driver (a pool of :class:`GateWorker` actors, each loading
+the base model once and training one expert after another; results recorded by the driver
+as they arrive).
 """
 
 from __future__ import annotations
@@ -242,40 +243,100 @@ class GateJob(cluster.Job):
     examples: list  # recycle.data.Example items of the expert's train split
     settings: dict  # GateSettings fields
     out_path: str
+    examples_key: str = ""  # names the examples (their task): workers tokenise them once per key
 
 
 def run_gate_job(job: GateJob) -> dict:
-    """Train one expert's gates and write them; returns a plain summary (what a Ray task
-    returns to the driver)."""
+    """Train one expert's gates and write them, loading the base model for it alone; returns
+    a plain summary (what a Ray task returns to the driver). :class:`GateWorker` does the
+    same for many experts on one loaded base model."""
     import torch
 
     torch.set_num_threads(max(1, int(job.threads)))
-    settings = GateSettings(**job.settings)
-    if not job.examples:
-        raise RecycleError(f"expert {job.expert}: its task has no training examples")
-    device = cluster.device(job.device)  # before loading: a GPU torch cannot see stops the task at once
-    model, tok = load_peft_model(job.base, job.adapter_path, dtype=settings.dtype)
-    model.to(device)
-    result = train_on_examples(model, tok, job.examples, settings)
-    save_gates(job.out_path, result.gates, file_metadata(job.expert, settings, job.adapter_sha256, result))
-    return {
-        "expert": job.expert,
-        "path": job.out_path,
-        **_result_numbers(result),
-        "modules": len(result.gates),
-        "device": device,
-        "dtype": settings.dtype,
-        "node": os.uname().nodename,
-        "pid": os.getpid(),
-    }
+    return GateWorker(job.device, job.threads).run(job)
 
 
-def train_on_examples(model, tok, examples: list, settings: GateSettings, trunk=None) -> TrainResult:
+class GateWorker:
+    """Trains gates for one expert after another on one loaded base model (a Ray actor in
+    :func:`train`: one model load per worker, not per expert).
+
+    Per expert the adapter is attached with PEFT (``PeftModel.from_pretrained`` on the loaded
+    base), its gates trained and written, and the adapter taken off again (``unload()``: the
+    original Linear modules are put back, unmerged), so each expert's gates are those a fresh
+    process would train (tests/test_gates.py checks it bit for bit). The base model and the
+    tokenised training examples (per task and ``max_length``) are kept between experts.
+    """
+
+    def __init__(self, device: str = "cpu", threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = cluster.device(device)
+        self._base: tuple | None = None  # (base name, model, tokenizer)
+        self._encoded: dict = {}  # (examples_key, count, max_length) -> the examples encoded
+
+    def _model(self, base: str, dtype: str):
+        if self._base is None or self._base[0] != (base, dtype):
+            from recycle.basemodels import load_base, resolve_base
+
+            self._base = None  # the previous model freed before the next is loaded
+            model, tok = load_base(resolve_base(base), dtype=dtype)
+            self._base, self._encoded = ((base, dtype), model.to(self.device), tok), {}
+        return self._base[1], self._base[2]
+
+    @cluster.measured  # each expert's own peak memory and times, as a task's
+    def run(self, job: GateJob) -> dict:
+        from peft import PeftModel
+
+        t0 = time.perf_counter()
+        settings = GateSettings(**job.settings)
+        if not job.examples:
+            raise RecycleError(f"expert {job.expert}: its task has no training examples")
+        model, tok = self._model(job.base, settings.dtype)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(job.adapter_path), adapter_name=ADAPTER_NAME,
+                                                   is_trainable=False)
+        except (OSError, ValueError, KeyError) as e:
+            raise RecycleError(f"cannot load adapter {job.adapter_path}: {e}") from None
+        try:
+            for p in peft_model.parameters():
+                p.requires_grad_(False)
+            peft_model.eval()
+            result = train_on_examples(peft_model, tok, job.examples, settings, encoded=self._encoding(job, tok, settings))
+        finally:
+            peft_model.unload()  # the base model's own modules back, nothing merged
+        save_gates(job.out_path, result.gates, file_metadata(job.expert, settings, job.adapter_sha256, result))
+        return {
+            "expert": job.expert,
+            "path": job.out_path,
+            **_result_numbers(result),
+            "job_seconds": time.perf_counter() - t0,
+            "modules": len(result.gates),
+            "device": self.device,
+            "dtype": settings.dtype,
+            "node": os.uname().nodename,
+            "pid": os.getpid(),
+        }
+
+    def _encoding(self, job: GateJob, tok, settings: GateSettings) -> list | None:
+        """The examples tokenised as :func:`recycle.data.lm_batches` does, once per task."""
+        from recycle.data import encode_lm
+
+        if not job.examples_key:
+            return None
+        key = (job.examples_key, len(job.examples), settings.max_length)
+        if key not in self._encoded:
+            self._encoded[key] = [encode_lm(tok, e.prompt, e.answer, settings.max_length) for e in job.examples]
+        return self._encoded[key]
+
+
+def train_on_examples(model, tok, examples: list, settings: GateSettings, trunk=None, encoded=None) -> TrainResult:
     """Gates for ``model`` (a frozen PEFT model) on an expert's training examples, in the
-    batches :func:`recycle.data.lm_batches` draws for these settings."""
+    batches :func:`recycle.data.lm_batches` draws for these settings (``encoded``: the
+    examples already tokenised for them)."""
     from recycle.data import lm_batches
 
-    batches = lm_batches(examples, tok, settings.batch_size, settings.max_length, settings.seed)
+    batches = lm_batches(examples, tok, settings.batch_size, settings.max_length, settings.seed, encoded=encoded)
     return train_gates(model, iter(batches), settings, trunk=trunk)
 
 
@@ -354,7 +415,8 @@ def train(
     cpus_per_expert: float = 1.0,
     report: Reporter | None = None,
 ) -> list[dict]:
-    """Train PHATGOOSE gates for ``experts`` (registry rows), one Ray task each; returns one
+    """Train PHATGOOSE gates for ``experts`` (registry rows) on a pool of Ray workers, each
+    loading the base model once (:class:`GateWorker`); returns one
     outcome per expert: ``{expert, status: trained | skipped | failed, reason, steps, ...}``.
     Experts whose gates exist for the same settings and adapter content are skipped unless
     ``force``. An interrupt (KeyboardInterrupt) leaves no gates file without its row."""
@@ -392,6 +454,7 @@ def train(
             expert=name, base=e.base_model, adapter_path=e.path, adapter_sha256=e.sha256,
             examples=examples_cache[e.task], settings=asdict(settings),
             out_path=str(gates_path(registry.artifacts_dir, name, settings.hash, e.sha256)),
+            examples_key=f"{e.task}",
         ))
         by_name[name] = e
     for name, o in outcomes.items():
@@ -404,7 +467,8 @@ def train(
 
         def on_result(job, result):
             registry.record_gates(by_name[job.expert], _row(result["path"], settings, result))
-            outcomes[job.expert] = {"status": "trained", "reason": "", **_numbers(result)}
+            outcomes[job.expert] = {"status": "trained", "reason": "", **_numbers(result),
+                                    "job_seconds": result.get("job_seconds")}
             report.ok(f"{job.expert}: loss {result['loss_start']:.4f} → {result['loss_end']:.4f}, "
                       f"{result['seconds']:.1f} s")
 
@@ -419,9 +483,13 @@ def train(
                     Path(job.out_path).unlink(missing_ok=True)
 
         try:
-            cluster.run(run_gate_job, jobs, cluster.Resources(cpus_per_expert, gpus_per_expert), "gates", on_result,
-                        on_error=on_error, on_interrupt=on_interrupt, address=address, report=report,
+            # a pool of workers, each loading the base model once and training expert after expert
+            cluster.run(GateWorker, jobs, cluster.Resources(cpus_per_expert, gpus_per_expert), "gates", on_result,
+                        on_error=on_error, address=address, report=report, workers=None,
                         what=f"training gates (settings {settings.hash[:12]}) for {len(jobs)} expert(s)")
+        except KeyboardInterrupt:
+            on_interrupt(jobs)
+            raise
         finally:
             for job in jobs:
                 remove_temps(job.out_path)

@@ -56,7 +56,7 @@ def test_train_gates_survives_a_killed_worker_node(loopback_cluster, tmp_path, m
                     title = " ".join(child.cmdline())
                 except psutil.NoSuchProcess:
                     continue
-                if "run_gate_job" in title:
+                if "GateWorker" in title:
                     killed = title
                     _kill_tree(raylet)
                     break

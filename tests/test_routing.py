@@ -221,6 +221,10 @@ def test_sparse_blocks_balanced_and_skewed(skew):
     torch.testing.assert_close(w.grad.double(), grad, atol=1e-4, rtol=1e-5)
 
 
+def csr_layout(layer):
+    return layer.A_rows, layer.BT_rows, layer.row_start, layer.rank_of, layer.common_rank
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_sparse_dense_products_with_repeated_and_skipped_picks(skip):
     """The CSR dispatch: a token that picks one expert twice gets both (the blocks add
@@ -252,11 +256,11 @@ def test_sparse_dense_products_with_repeated_and_skipped_picks(skip):
         return out
 
     with torch.no_grad():
-        assert add_csr(torch.zeros(t, 40), x, layer.lora_A, layer.lora_BT, idx, w, skip)  # the CSR path itself ran
+        assert add_csr(torch.zeros(t, 40), x, *csr_layout(layer), idx, w, skip)  # the CSR path itself ran
         torch.testing.assert_close(layer.sparse_delta(x, idx, w).double(), explicit(idx), atol=1e-5, rtol=1e-5)
         twice = idx.clone()
         twice[7, 1] = twice[7, 0] = 2
-        assert not add_csr(torch.zeros(t, 40), x, layer.lora_A, layer.lora_BT, twice, w, skip)  # left to the blocks
+        assert not add_csr(torch.zeros(t, 40), x, *csr_layout(layer), twice, w, skip)  # left to the blocks
         torch.testing.assert_close(layer.sparse_delta(x, twice, w).double(), explicit(twice), atol=1e-5, rtol=1e-5)
 
 
@@ -300,7 +304,9 @@ def test_set_router_never_relays_out_the_factors():
         return {k: (v.data_ptr(), v.shape, v.stride()) for k, v in layer.named_buffers(recurse=False)}
 
     before = buffers()
-    assert layer.lora_A.shape == (4, 8, 24) and layer.lora_A_cat.shape == (24, 32)
+    rows = sum(m.rank for _, _, m in experts)  # ranks differ: stacked without padding
+    assert layer.A_rows.shape == (rows, 24) and layer.lora_A_cat.shape == (24, rows)
+    assert layer.lora_A.shape == (4, 8, 24)  # the padded layout of the block kernels, made on demand
     moepp = MoeppRouter(layer, {n: {"lin": v["lin"]} for n, v in gates.items()}, MoeppSettings())
     for router, dense in ((GateRouter(layer, gates, 2), True), (moepp, False), (GateRouter(layer, gates, 1), True)):
         layer.set_router(router)

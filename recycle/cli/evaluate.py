@@ -229,10 +229,13 @@ def report_cmd(
     run: int,
     plot: Annotated[Optional[Path], typer.Option(help="Write routing heatmaps (PNG) here.")] = None,
     method: Annotated[Optional[str], typer.Option(help="Which routed method or composition (default phatgoose).")] = None,
+    top: Annotated[int, typer.Option(help="Experts shown in the table and plot: the most used, the rest summed "
+                                          "as 'other' (0: all; --json has all).", min=0)] = 20,
     json_: JsonOption = False,
     db: DbOption = None,
 ):
-    """Routing report of a run: per-task expert usage and per-layer expert usage.
+    """Routing report of a run: per-task expert usage and per-layer expert usage (the --top
+    experts by share of tokens; the others in one column).
 
     Example: recycle report 3 --plot routing.png
     """
@@ -240,18 +243,19 @@ def report_cmd(
     registry.run(run)
     rows = registry.run_results(run)
     mats = E.routing_matrices(rows, method)
+    shown = E.top_experts(mats, top) if mats is not None else None
     gates = E.gate_quality(rows)
     if mats is None and not gates:
         raise RecycleError(f"run {run} has no routed method results (routing is recorded for routed methods)")
     if json_:
         print_json({**(mats or {}), "gates": gates} if gates else mats)
-    elif mats:
-        table = Table("task", *mats["experts"], title=f"{mats['label']}: share of tokens per expert (mean over modules)")
-        for t, row in zip(mats["tasks"], mats["task_expert"]):
+    elif shown:
+        table = Table("task", *shown["experts"], title=f"{shown['label']}: share of tokens per expert (mean over modules)")
+        for t, row in zip(shown["tasks"], shown["task_expert"]):
             table.add_row(t, *[f"{v:.2f}" for v in row])
         console.print(table, markup=False)
     for label, g in gates.items():
         console.print(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, ECE {g['ece']:.3f}", markup=False)
     if plot:
-        E.plot_routing(mats, plot, gates)
+        E.plot_routing(shown, plot, gates)
         info(f"wrote {plot}")

@@ -131,19 +131,38 @@ def _say(row: dict) -> None:
 def list_cmd(
     base: Annotated[Optional[str], typer.Option(help="Only experts on this base model.")] = None,
     task: Annotated[Optional[str], typer.Option(help="Only experts for this task.")] = None,
+    limit: Annotated[int, typer.Option(help="Table rows at most (0: all); --json lists every expert.", min=0)] = 100,
     json_: JsonOption = False,
     db: DbOption = None,
 ):
-    """List registered experts. Example: recycle experts list --task rt_sentiment --json"""
+    """List registered experts (a large library: the first --limit, then a summary by task
+    and rank). Example: recycle experts list --task rt_sentiment --json"""
     rows = open_registry(db, create=False).experts(base=base, task=task)
     if json_:
         print_json([describe(r) for r in rows])
         return
+    shown = rows if not limit else rows[:limit]
     print_table(["name", "task", "base", "rank", "alpha", "modules", "params", "sha256"],
-                [[r.name, r.task or "", r.base_model, str(r.rank), f"{r.alpha:g}", str(len(r.target_modules or [])),
-                  f"{r.n_params:,}", r.sha256[:12]] for r in rows])
+                [[r.name, r.task or "", r.base_model, str(r.rank), f"{r.alpha:g}",
+                  str(len(r.target_modules or [])), f"{r.n_params:,}", r.sha256[:12]] for r in shown])
     if not rows:
         info("no experts registered")
+    elif len(shown) < len(rows):
+        info(f"{len(shown)} of {len(rows)} experts shown (--limit 0 for all, --task T to filter, --json for every "
+             f"record); {summary(rows)}")
+
+
+def summary(rows: list) -> str:
+    """``N experts: by task ...; by rank ...`` in one line (the most frequent first, ten at most)."""
+    from collections import Counter
+
+    def top(counter: Counter) -> str:
+        items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{k} {n}" for k, n in items[:10])
+        return text + (f", … {len(items) - 10} more" if len(items) > 10 else "")
+
+    return (f"{len(rows)} experts: by task {top(Counter(r.task or '(none)' for r in rows))}; "
+            f"by rank {top(Counter(str(r.rank) for r in rows))}")
 
 
 @experts_app.command("show")
@@ -186,10 +205,13 @@ def verify_cmd(
         Optional[list[Path]], typer.Option(help="Folders to look in for moved adapters.")
     ] = None,
     fix: Annotated[bool, typer.Option("--fix", help="Record the new path of moved adapters.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="A row for every expert, not only those with a problem.")] = False,
     json_: JsonOption = False,
     db: DbOption = None,
 ):
     """Re-hash every adapter: report moved, missing or modified ones (exit 1 if any).
+
+    The table has a row per expert with a problem (--all: every expert), then a count.
 
     Example: recycle experts verify --search ./adapters --fix
     """
@@ -197,10 +219,15 @@ def verify_cmd(
     if json_:
         print_json(report)
     else:
-        table = Table("name", "status", "detail")
-        for r in report:
-            table.add_row(r["name"], r["status"], r["detail"])
-        console.print(table, markup=False)
+        rows = report if all_ else [r for r in report if r["status"] != "ok"]
+        if rows:
+            table = Table("name", "status", "detail")
+            for r in rows:
+                table.add_row(r["name"], r["status"], r["detail"])
+            console.print(table, markup=False)
+        ok_count = sum(r["status"] == "ok" for r in report)
+        info(f"{ok_count} of {len(report)} experts ok" + ("" if ok_count == len(report) else
+                                                           f", {len(report) - ok_count} with a problem"))
     bad = [r for r in report if r["status"] != "ok" and not (fix and r["status"] == "moved")]
     if bad:
         raise typer.Exit(1)

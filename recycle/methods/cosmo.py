@@ -115,8 +115,13 @@ def identify(ident: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior over the identifier's experts [n, E] and ``D_min / d`` [n] for vectors ``h``."""
     import torch
 
-    diff = h.double().unsqueeze(1) - ident["means"].unsqueeze(0)  # [n, E, d]
-    dist = torch.einsum("ned,df,nef->ne", diff, ident["precision"], diff)
+    means, h = ident["means"], h.double()
+    rows = max(1, (1 << 24) // max(1, means.numel()))  # [rows, E, d] differences at a time (128 MiB)
+    parts = []
+    for i in range(0, h.shape[0], rows):
+        diff = h[i:i + rows].unsqueeze(1) - means.unsqueeze(0)  # [rows, E, d]
+        parts.append(torch.einsum("ned,df,nef->ne", diff, ident["precision"], diff))
+    dist = torch.cat(parts) if parts else h.new_zeros(0, means.shape[0])
     return torch.softmax(-dist / 2, -1), dist.min(-1).values / h.shape[-1]
 
 
@@ -195,12 +200,34 @@ class Sides:
         return embed_prompts(self.model, self.tok, examples, **self.kw)
 
     def member_stats(self) -> dict[str, dict]:
-        from recycle.data import Example
+        """Every member's prototype statistics (:func:`member_stats` of its own prompts'
+        vectors), each computed once and cached in the artifacts, keyed by what it is made
+        of (the base, the member's own example sample, batch size and length): folds,
+        compositions and evaluations over the same expert read it back. Members whose
+        samples are equal share one file and one object."""
+        import torch
 
-        out = {}
+        from recycle.data import Example
+        from recycle.files import load_tensors, save_tensors
+        from recycle.methods.method import cache_path
+
+        out, by_path = {}, {}
         for m in self.plan.members:
-            exs = [Example(p, None, a, None, t) for p, a, t in self.plan.data[m.name]]
-            out[m.name] = member_stats(self.embed(exs))
+            data = self.plan.data[m.name]
+            key = {"kind": "cosmo-prototype", "base": self.plan.base, "examples": data, **self.kw}
+            path = cache_path(self.plan, "prototypes", key)
+            if path not in by_path:
+                try:
+                    t = load_tensors(path, "prototype") if path.is_file() else None
+                except RecycleError:
+                    t = None
+                if t is None:
+                    exs = [Example(p, None, a, None, txt) for p, a, txt in data]
+                    s = member_stats(self.embed(exs))
+                    t = {"n": torch.tensor(s["n"]), "mean": s["mean"], "scatter": s["scatter"]}
+                    save_tensors(path, t)
+                by_path[path] = {"n": int(t["n"]), "mean": t["mean"], "scatter": t["scatter"]}
+            out[m.name] = by_path[path]
         return out
 
     def experts(self, examples, assignment: list[str], names: list[str]) -> list:
@@ -208,8 +235,11 @@ class Sides:
         from recycle.routing import ExampleRouter, install_routed, load_expert
         from recycle.scoring import score_choices
 
+        if not examples:
+            return []
         members = {m.name: m for m in self.plan.members}
-        experts = [load_expert(members[n].path, n, members[n].sha256) for n in names]
+        used = set(assignment)  # only the experts some example is assigned to are read and installed
+        experts = [load_expert(members[n].path, n, members[n].sha256, lazy=True) for n in names if n in used]
         with install_routed(self.model, experts, lambda layer: ExampleRouter("cosmo-seen"), "cosmo-seen") as h:
             def on_rows(rows):
                 h.set_examples([assignment[i] for i in rows])

@@ -181,7 +181,8 @@ class Method:
         """Install the plan's composition on ``model`` (in place); returns the handle."""
         from recycle.routing import load_expert
 
-        experts = [load_expert(m.path, m.name, m.sha256) for m in plan.members]
+        # lazy: each file is read once, when installed, straight into the stacked layout
+        experts = [load_expert(m.path, m.name, m.sha256, lazy=True) for m in plan.members]
         return self.build(model, experts, self.settings(plan.settings), **self.artifacts(plan, model, tokenizer))
 
     def artifacts(self, plan: Plan, model, tokenizer) -> dict:

@@ -171,12 +171,16 @@ def install_routed(
     context = RoutingContext()
     originals: dict[str, nn.Module] = {}
     try:
+        layers = {}
         for p, base in bases.items():
             here = [(g, e.name, e.modules[p]) for g, e in enumerate(experts) if p in e.modules]
-            layer = RoutedLoraLinear(base, p, here, len(experts), context)
+            layers[p] = RoutedLoraLinear(base, p, here, len(experts), context)
+        if any(e.lazy for e in experts):
+            _fill(layers, experts)
+        for p, layer in layers.items():
             layer.set_router(make_router(layer))
             _set_submodule(model, p, layer)
-            originals[p] = base
+            originals[p] = bases[p]
     except Exception:
         for p, original in originals.items():
             _set_submodule(model, p, original)
@@ -184,6 +188,22 @@ def install_routed(
     handle = RoutedModel(model, method, names, originals, context)
     context.groups = group_siblings(handle.layers)
     return handle
+
+
+def _fill(layers: dict[str, RoutedLoraLinear], experts: Sequence[LoraExpert]) -> None:
+    """Read the lazy experts one at a time straight into the layers' stacked rows (each
+    file once, hash-checked; only one expert's factors held besides the stack), then finish
+    the layers."""
+    local = {p: {n: j for j, n in enumerate(layer.expert_names)} for p, layer in layers.items()}
+    for e in experts:
+        loaded = e.materialise()
+        for p, m in loaded.modules.items():
+            layers[p].fill(local[p][e.name], m, e.name)
+        if set(loaded.modules) != set(e.modules):
+            raise RecycleError(f"expert {e.name}: its file no longer adapts the modules it announced")
+        del loaded
+    for layer in layers.values():
+        layer.finish()
 
 
 def _merged_linear(base: nn.Linear, delta: torch.Tensor) -> nn.Linear:
@@ -206,9 +226,16 @@ def install_merged(model: nn.Module, experts: Sequence[LoraExpert], method: str 
     if not experts:
         raise RecycleError(f"method {method} needs at least one expert")
     originals = {}
-    for p, base in _paths(model, experts).items():
-        total = sum(e.modules[p].delta_weight() for e in experts if p in e.modules)
-        _set_submodule(model, p, _merged_linear(base, total / len(experts)))
+    bases = _paths(model, experts)
+    if any(e.lazy for e in experts):  # one expert read at a time, its deltas summed
+        totals: dict[str, torch.Tensor] = {}
+        for e in experts:
+            for p, m in e.materialise().modules.items():
+                totals[p] = totals[p] + m.delta_weight() if p in totals else m.delta_weight()
+    else:
+        totals = {p: sum(e.modules[p].delta_weight() for e in experts if p in e.modules) for p in bases}
+    for p, base in bases.items():
+        _set_submodule(model, p, _merged_linear(base, totals[p] / len(experts)))
         originals[p] = base
     return RoutedModel(model, method, [e.name for e in experts], originals)
 

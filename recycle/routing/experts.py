@@ -59,16 +59,32 @@ class ExpertModule:
 
 @dataclass
 class LoraExpert:
-    """A LoRA adapter read from disk: its name, folder, config and factors per module."""
+    """A LoRA adapter read from disk: its name, folder, config and factors per module.
+
+    A lazy expert (``load_expert(..., lazy=True)``) holds the factors' shapes only (meta
+    tensors); :meth:`materialise` reads them (hash-checked against ``sha256``). Installing
+    lazy experts reads each file once, straight into the stacked layout, so a composition
+    never holds every expert's factors twice."""
 
     name: str
     path: Path
     config: dict
     modules: dict[str, ExpertModule] = field(default_factory=dict)
+    sha256: str | None = None
+
+    @property
+    def lazy(self) -> bool:
+        return any(m.A.is_meta for m in self.modules.values())
+
+    def materialise(self) -> LoraExpert:
+        """This expert with its factors read (itself where they are already)."""
+        return load_expert(self.path, self.name, self.sha256) if self.lazy else self
 
 
-def load_expert(path: str | Path, name: str | None = None, sha256: str | None = None) -> LoraExpert:
-    """Read one PEFT LoRA adapter folder into a :class:`LoraExpert`.
+def load_expert(path: str | Path, name: str | None = None, sha256: str | None = None, *,
+                lazy: bool = False) -> LoraExpert:
+    """Read one PEFT LoRA adapter folder into a :class:`LoraExpert` (``lazy``: the factors'
+    shapes only, from the safetensors header; the weights are read when installed).
 
     With ``sha256`` (the registry's hash of the weights file) the bytes read are hashed
     as they are used and must match, so weights changed in place (same size and mtime,
@@ -89,7 +105,8 @@ def load_expert(path: str | Path, name: str | None = None, sha256: str | None = 
         raise RecycleError(f"{path}: fan_in_fan_out (Conv1D) targets are not supported")
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in _read_weights(weights_file, name or path.name, sha256).items():
+    tensors = _header_tensors(weights_file) if lazy else _read_weights(weights_file, name or path.name, sha256)
+    for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
         if match is None:
             raise RecycleError(f"{path}: unsupported tensor {key!r} (only lora_A/lora_B on linear layers)")
@@ -101,7 +118,28 @@ def load_expert(path: str | Path, name: str | None = None, sha256: str | None = 
         modules[module_path] = ExpertModule(ab["A"], ab["B"], lora_scaling(config, module_path))
     if not modules:
         raise RecycleError(f"{path}: adapter has no LoRA weights")
-    return LoraExpert(name=name or path.name, path=path, config=config, modules=modules)
+    return LoraExpert(name=name or path.name, path=path, config=config, modules=modules, sha256=sha256)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _header_tensors(weights_file: Path) -> dict[str, torch.Tensor]:
+    """Meta tensors of the shapes and dtypes a safetensors file's header names (nothing read
+    but the header, checked entry by entry)."""
+    from recycle.adapters import AdapterError, read_safetensors_header
+
+    try:
+        header = read_safetensors_header(weights_file)
+    except AdapterError as e:
+        raise RecycleError(str(e)) from None
+    out = {}
+    for key, entry in header.items():
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise RecycleError(f"{weights_file}: tensor {key!r} has dtype {entry.get('dtype')}, not a float type")
+        out[key] = torch.empty(entry["shape"], dtype=dtype, device="meta")
+    return out
 
 
 def _read_weights(weights_file: Path, name: str, sha256: str | None) -> dict[str, torch.Tensor]:

@@ -8,11 +8,14 @@ Each adds the routed LoRA delta to ``out`` [T, d_out] (in place; out of place wi
         if 0 <= e < N:  # -1 (no expert) and computation-free indices add nothing
             out[t] += weight[t, k] * (A[e] @ x[t]) @ BT[e]
 
-The layout, allocated once by :class:`~recycle.routing.layer.RoutedLoraLinear`: ``A`` ``[N, r,
-d_in]`` (each ``A_j`` as PEFT stores it), ``BT`` ``[N, r, d_out]`` (``s_j B_j^T``, the scaling
-folded in), ranks zero-padded to one ``r``; and ``A_cat`` ``[d_in, N r]`` (each ``A_j^T`` side by
-side) for the dense kernel where the layer is narrow enough for it (a view of ``A`` there is a
-different BLAS call, with different bits).
+The layout, allocated once by :class:`~recycle.routing.layer.RoutedLoraLinear`: each expert's
+rows after the previous one's, whatever the ranks: ``A`` ``[R, d_in]`` (``R = Σ_j r_j``; each
+``A_j`` as PEFT stores it), ``BT`` ``[R, d_out]`` (``s_j B_j^T``, the scaling folded in), expert
+``j`` at rows ``start[j] ... start[j] + rank[j]``, ``owner`` ``[R]`` the expert of each row; and
+``A_cat`` ``[d_in, R]`` (each ``A_j^T`` side by side) for the dense kernel where the layer is
+narrow enough for it (a view of ``A`` there is a different BLAS call, with different bits). The
+block and grouped kernels take a padded ``[N, r_max, d]`` layout the layer makes from these
+where they run. ``rank``: the rank all experts share, or 0 where they differ.
 
 - :func:`add_dense`, for few experts: ``x A_cat`` in one matmul, each expert's block times its
   routing weight (zero where not chosen), then one matmul with the stacked ``BT``: all N
@@ -42,35 +45,40 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
-def add_dense(out, x, A_cat, BT, idx, weight, filtered, inplace=True, z=None):
+def add_dense(out, x, A_cat, BT, owner, n, rank, idx, weight, filtered, inplace=True, z=None):
     """``x A_cat`` (or ``z``, computed already: a view into siblings' shared product), scaled
     per expert by ``p[t, e] = Σ_k weight[t, k] [idx[t, k] = e]``, times the stacked ``BT``.
     ``filtered``: ``idx`` may hold indices outside ``0..N-1`` (dropped)."""
-    t, n, d_out = x.shape[0], BT.shape[0], BT.shape[2]
+    t = x.shape[0]
     if filtered:  # -1 and computation-free experts land in an extra column, dropped
         col = torch.where((idx >= 0) & (idx < n), idx, n)
         p = x.new_zeros(t, n + 1).scatter_add_(1, col, weight)[:, :n]
     else:
         p = x.new_zeros(t, n).scatter_add_(1, idx, weight)
     if z is None:
-        z = torch.mm(x, A_cat).view(t, n, -1)
-        z = (z.mul_(p.unsqueeze(-1)) if inplace else z * p.unsqueeze(-1)).view(t, -1)
-    else:  # not in place
+        z = torch.mm(x, A_cat)
+        if rank:
+            z = z.view(t, n, -1)
+            z = (z.mul_(p.unsqueeze(-1)) if inplace else z * p.unsqueeze(-1)).view(t, -1)
+        else:  # ranks differ: each column times its expert's weight
+            z = z.mul_(p.index_select(1, owner)) if inplace else z * p.index_select(1, owner)
+    elif rank:  # not in place
         z = (z.view(t, n, -1) * p.unsqueeze(-1)).view(t, -1)
-    b = BT.view(-1, d_out)
+    else:
+        z = z * p.index_select(1, owner)
     if not inplace:
-        return out + (z @ b).to(out.dtype)
+        return out + (z @ BT).to(out.dtype)
     if out.dtype == z.dtype:
-        return out.addmm_(z, b)
-    return out.add_((z @ b).to(out.dtype))
+        return out.addmm_(z, BT)
+    return out.add_((z @ BT).to(out.dtype))
 
 
-def add_csr(out, x, A, BT, idx, weight, filtered) -> bool:
+def add_csr(out, x, A, BT, start, ranks, rank, idx, weight, filtered) -> bool:
     """In place, as two sparse-dense products (see the module docstring); ``x``, ``out``
     float32/64 on CPU. Returns False (nothing added) where a token picks one expert twice;
     :func:`add_blocks` then adds both."""
     t, k = idx.shape
-    n, r = BT.shape[0], BT.shape[1]
+    n = start.shape[0]
     if filtered:  # -1 and computation-free experts: only the LoRA picks, token by token
         keep = (idx >= 0) & (idx < n)
         rows = torch.arange(t, device=x.device).unsqueeze(1)
@@ -90,11 +98,25 @@ def add_csr(out, x, A, BT, idx, weight, filtered) -> bool:
             return False
         experts, w = experts.reshape(-1), weight.gather(1, order).reshape(-1)
         crow = torch.arange(0, t * k + 1, k, device=x.device)
-    cols = (experts.unsqueeze(1) * r + torch.arange(r, device=x.device)).reshape(-1)
-    pattern = torch.sparse_csr_tensor(crow * r, cols, x.new_zeros(cols.numel()), (t, n * r))
-    z = torch.sparse.sampled_addmm(pattern, x, A.reshape(n * r, -1).t(), beta=0.0)
-    z.values().view(-1, r).mul_(w.unsqueeze(1))
-    out.addmm_(z, BT.view(n * r, -1))
+    if rank:  # every expert r rows: pair i's columns are experts[i] * r ... + r
+        cols = (experts.unsqueeze(1) * rank + torch.arange(rank, device=x.device)).reshape(-1)
+        crow, values_w, width = crow * rank, None, rank
+    else:  # ranks differ: pair i's columns are start[e] ... start[e] + rank[e]
+        r = ranks.index_select(0, experts)
+        ends = r.cumsum(0)
+        total = int(ends[-1]) if ends.numel() else 0
+        pair = torch.repeat_interleave(torch.arange(r.numel(), device=x.device), r, output_size=total)
+        cols = start.index_select(0, experts).index_select(0, pair) + torch.arange(total, device=x.device) \
+            - (ends - r).index_select(0, pair)
+        crow = torch.cat([ends.new_zeros(1), ends]).index_select(0, crow)
+        values_w, width = w.index_select(0, pair), 0
+    pattern = torch.sparse_csr_tensor(crow, cols, x.new_zeros(cols.numel()), (t, A.shape[0]))
+    z = torch.sparse.sampled_addmm(pattern, x, A.t(), beta=0.0)
+    if width:
+        z.values().view(-1, width).mul_(w.unsqueeze(1))
+    else:
+        z.values().mul_(values_w)
+    out.addmm_(z, BT)
     return True
 
 

@@ -44,10 +44,15 @@ class RoutedLoraLinear(nn.Module):
         context: the routing context shared by the model's routed layers.
 
     Expert factors are non-persistent buffers (they follow ``.to()`` but stay out of the
-    ``state_dict``), cast to the base layer's dtype and device, allocated here once in the layout
-    of :mod:`recycle.routing.kernels`: ``lora_A`` ``[N, r_max, d_in]``, ``lora_BT`` ``[N, r_max, d_out]``
-    (scaling folded in), ranks zero-padded to the largest rounded up to 16 bytes, and ``lora_A_cat``
-    ``[d_in, N * r_max]`` where the dense kernel may run (else None). Call :meth:`set_router` first.
+    ``state_dict``), cast to the base layer's dtype and device, stacked here once, each expert's
+    rows after the previous one's (no padding, whatever the ranks): ``A_rows`` ``[R, d_in]``
+    (``R = Σ_j r_j``; each ``A_j`` as PEFT stores it), ``BT_rows`` ``[R, d_out]`` (``s_j B_j^T``,
+    the scaling folded in), expert ``j`` at rows ``row_start[j] ... + rank_of[j]``, and
+    ``lora_A_cat`` ``[d_in, R]`` where the dense kernel may run (else None). The padded
+    ``[N, r_max, d]`` layout of the block and ``grouped_mm`` kernels (:attr:`lora_A`,
+    :attr:`lora_BT`) is made from these only where those kernels run (gradients, CUDA, or a
+    dtype the CSR kernel does not take) and kept while the rows are unchanged. Call
+    :meth:`set_router` first.
     """
 
     #: dispatch: while the stacked rank N * r_max is at most this, the dense path (T·N·r·(d_in +
@@ -85,27 +90,55 @@ class RoutedLoraLinear(nn.Module):
             local[g] = j
         self.register_buffer("local_index", local.to(w.device), persistent=False)
         self.ranks = [m.rank for _, _, m in experts]
-        # pad the rank so rows of A^T x and B^T are 16-byte aligned, as grouped_mm needs
-        size, wide = w.element_size(), torch.promote_types(w.dtype, torch.float32)
-        r_max = -(-max(self.ranks, default=0) // max(1, 16 // size)) * max(1, 16 // size)
-        A = torch.zeros(len(experts), r_max, base_layer.in_features, dtype=w.dtype, device=w.device)
-        BT = torch.zeros(len(experts), r_max, base_layer.out_features, dtype=w.dtype, device=w.device)
-        for j, (_, name, m) in enumerate(experts):
+        starts = [0]
+        for r in self.ranks:
+            starts.append(starts[-1] + r)
+        A = torch.empty(starts[-1], base_layer.in_features, dtype=w.dtype, device=w.device)
+        BT = torch.empty(starts[-1], base_layer.out_features, dtype=w.dtype, device=w.device)
+        for _, name, m in experts:
             if m.A.shape[1] != base_layer.in_features or m.B.shape[0] != base_layer.out_features:
                 raise RecycleError(
                     f"expert {name} at {path}: A {tuple(m.A.shape)} B {tuple(m.B.shape)} do not fit "
                     f"Linear({base_layer.in_features}, {base_layer.out_features})"
                 )
-            A[j, : m.rank, :] = m.A.to(w.device, w.dtype)
-            BT[j, : m.rank, :] = (m.scaling * m.B.T.to(wide)).to(w.device, w.dtype)  # s_j folded in
         self.dense = False  # the dispatch, dense or sparse: set with the router
-        self.register_buffer("lora_A", A, persistent=False)
-        self.register_buffer("lora_BT", BT, persistent=False)
-        narrow = len(experts) * r_max <= self.dense_limit(w.device.type, w.dtype)
-        self.register_buffer("lora_A_cat", A.permute(2, 0, 1).reshape(A.shape[2], -1) if narrow else None,
+        self.register_buffer("A_rows", A, persistent=False)
+        self.register_buffer("BT_rows", BT, persistent=False)
+        ranks = torch.tensor(self.ranks, dtype=torch.long)
+        self.register_buffer("row_start", torch.tensor(starts[:-1], dtype=torch.long).to(w.device), persistent=False)
+        self.register_buffer("rank_of", ranks.to(w.device), persistent=False)
+        self.register_buffer("row_owner", torch.repeat_interleave(torch.arange(len(experts)), ranks).to(w.device),
                              persistent=False)
+        #: the rank every expert here has, or 0 where they differ (the kernels' simpler path)
+        self.common_rank = self.ranks[0] if self.ranks and len(set(self.ranks)) == 1 else 0
+        self.register_buffer("lora_A_cat", None, persistent=False)
+        self._starts = starts
+        if not any(m.A.is_meta for _, _, m in experts):
+            for j, (_, name, m) in enumerate(experts):
+                self.fill(j, m, name)
+            self.finish()
+        self._padded_cache: tuple | None = None
+        size = w.element_size()
         self._use_grouped_mm = hasattr(F, "grouped_mm") and w.dtype in (torch.float32, torch.bfloat16, torch.float16) \
             and (base_layer.in_features * size) % 16 == 0 and (base_layer.out_features * size) % 16 == 0
+
+    def fill(self, j: int, m: ExpertModule, name: str = "") -> None:
+        """Copy local expert ``j``'s factors into its rows (``s_j B_j^T`` with the scaling
+        folded in); :meth:`finish` once every expert is in."""
+        w = self.base_layer.weight
+        rows = slice(self._starts[j], self._starts[j + 1])
+        if tuple(m.A.shape) != (rows.stop - rows.start, self.in_features) or m.B.shape[0] != self.out_features:
+            raise RecycleError(f"expert {name or j} at {self.path}: its factors no longer have the shapes "
+                               "its file announced")
+        wide = torch.promote_types(w.dtype, torch.float32)
+        self.A_rows[rows] = m.A.to(w.device, w.dtype)
+        self.BT_rows[rows] = (m.scaling * m.B.T.to(wide)).to(w.device, w.dtype)
+
+    def finish(self) -> None:
+        """After the last :meth:`fill`: the dense kernel's ``A_cat``, where it may run."""
+        w = self.base_layer.weight
+        narrow = self.A_rows.shape[0] <= self.dense_limit(w.device.type, w.dtype)
+        self.lora_A_cat = self.A_rows.T.contiguous() if narrow else None
 
     def set_router(self, router: nn.Module) -> None:
         """Own ``router`` (built from this layer) and choose the dispatch: dense for few
@@ -152,8 +185,34 @@ class RoutedLoraLinear(nn.Module):
 
     def factors(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(A_j, B_j)`` per local expert; B is unscaled (the scaling is in ``self.scalings``)."""
-        for j, r in enumerate(self.ranks):
-            yield self.lora_A[j, :r, :], self.lora_BT[j, :r, :].T / self.scalings[j]
+        for j, (start, r) in enumerate(zip(self.row_start.tolist(), self.ranks)):
+            yield self.A_rows[start:start + r], self.BT_rows[start:start + r].T / self.scalings[j]
+
+    def _padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [N, r_max, d_in], BT [N, r_max, d_out])``: the rows zero-padded to one rank,
+        rounded up to 16 bytes (rows of ``A^T x`` and ``B^T`` aligned, as ``grouped_mm`` needs),
+        for the block and grouped kernels; made on first use, kept while the rows are the same."""
+        A, BT = self.A_rows, self.BT_rows
+        key = (A.data_ptr(), A.dtype, A.device, BT.data_ptr())
+        if self._padded_cache is None or self._padded_cache[0] != key:
+            n, size = len(self.ranks), A.element_size()
+            r_max = -(-max(self.ranks, default=0) // max(1, 16 // size)) * max(1, 16 // size)
+            slot = self.row_owner * r_max + (torch.arange(A.shape[0], device=A.device)
+                                             - self.row_start.index_select(0, self.row_owner))
+            pa = A.new_zeros(n * r_max, A.shape[1]).index_copy_(0, slot, A).view(n, r_max, -1)
+            pb = BT.new_zeros(n * r_max, BT.shape[1]).index_copy_(0, slot, BT).view(n, r_max, -1)
+            self._padded_cache = (key, pa, pb)
+        return self._padded_cache[1], self._padded_cache[2]
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """The factors A in the padded layout ``[N, r_max, d_in]`` (see :meth:`_padded`)."""
+        return self._padded()[0]
+
+    @property
+    def lora_BT(self) -> torch.Tensor:
+        """``s_j B_j^T`` in the padded layout ``[N, r_max, d_out]`` (see :meth:`_padded`)."""
+        return self._padded()[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -163,7 +222,7 @@ class RoutedLoraLinear(nn.Module):
         route = self.router(x, self)
         if ctx.recorder is not None:
             ctx.recorder.add(self, x.shape[:-1], route)
-        x2d = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
+        x2d = x.reshape(-1, x.shape[-1]).to(self.A_rows.dtype)
         out = result.view(-1, result.shape[-1])
         if self.router.wants_delta or ctx.keep_deltas:
             delta = self.delta(x2d, route)
@@ -188,9 +247,11 @@ class RoutedLoraLinear(nn.Module):
             self.context.recorder.add(self, x.shape[:-1], Route(idx, weight, raw, rstd))
         out = result.view(-1, result.shape[-1])
         if z is None:
-            self.add_sparse_delta(out, x2d.to(self.lora_A.dtype), idx, weight)
+            self.add_sparse_delta(out, x2d.to(self.A_rows.dtype), idx, weight)
         else:
-            kernels.add_dense(out, x2d, self.lora_A_cat, self.lora_BT, idx, weight.to(z.dtype), False, z=z)
+            kernels.add_dense(out, x2d, self.lora_A_cat, self.BT_rows, self.row_owner, self.n_experts,
+                              self.common_rank, idx,
+                              weight.to(z.dtype), False, z=z)
         return result
 
     def delta(self, x: torch.Tensor, route: Route) -> torch.Tensor:
@@ -216,9 +277,12 @@ class RoutedLoraLinear(nn.Module):
         # in place where no gradient flows through (inference); out of place when training
         inplace = not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or out.requires_grad)
         if self.dense:
-            return kernels.add_dense(out, x, self.lora_A_cat, self.lora_BT, idx, weight, filtered, inplace)
+            return kernels.add_dense(out, x, self.lora_A_cat, self.BT_rows, self.row_owner, self.n_experts,
+                              self.common_rank, idx,
+                                     weight, filtered, inplace)
         if inplace and self.csr and x.device.type == "cpu" and x.dtype in _CSR_DTYPES and out.dtype == x.dtype:
-            if kernels.add_csr(out, x, self.lora_A, self.lora_BT, idx, weight, filtered):
+            if kernels.add_csr(out, x, self.A_rows, self.BT_rows, self.row_start, self.rank_of, self.common_rank,
+                               idx, weight, filtered):
                 return out
         experts, weight = idx.reshape(-1), weight.reshape(-1)
         if filtered:  # only the assignments to LoRA experts are computed

@@ -239,26 +239,25 @@ def right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 class SpectrRouter(TokenRouter):
     """``score_i = ‖V_iᵀ x‖`` for every expert at the layer (SpectR: see :mod:`recycle.methods.spectr`).
 
-    The experts' ``V_iᵀ`` are stacked, zero-padded to the largest rank, into one
-    ``[d_in, N·r_max]`` matrix: one matmul gives every expert's projection."""
+    The experts' ``V_iᵀ`` are stacked side by side, without padding (ranks may differ), into one
+    ``[d_in, Σ_i r_i]`` matrix: one matmul gives every expert's projection, whose squares are
+    summed per expert (``owner``: the expert of each column)."""
 
     name = "spectr"
 
     def __init__(self, layer, top_k: int = 2, weighting: str = "uniform", temperature: float = 1.0):
         super().__init__(top_k, weighting, temperature)
         vs = [right_singular_vectors(A, B) for A, B in layer.factors()]
-        r_max = max(v.shape[0] for v in vs)
-        keys = torch.zeros(len(vs), r_max, layer.in_features, dtype=torch.float64)
-        for j, v in enumerate(vs):
-            keys[j, : v.shape[0]] = v
         dt = torch.promote_types(layer.weight.dtype, torch.float32)
-        self.r_max = r_max
-        self.register_buffer("keys", keys.reshape(-1, layer.in_features).T.contiguous().to(layer.weight.device, dt),
-                             persistent=False)
+        owner = torch.repeat_interleave(torch.arange(len(vs)), torch.tensor([v.shape[0] for v in vs]))
+        self.n = len(vs)
+        self.register_buffer("keys", torch.cat(vs).T.contiguous().to(layer.weight.device, dt), persistent=False)
+        self.register_buffer("owner", owner.to(layer.weight.device), persistent=False)
 
     def scores(self, x: torch.Tensor):
-        z = x.to(self.keys.dtype) @ self.keys  # [T, N * r_max]
-        return torch.linalg.vector_norm(z.view(x.shape[0], -1, self.r_max), dim=-1), None
+        z = x.to(self.keys.dtype) @ self.keys  # [T, Σ r_i]
+        sq = z.new_zeros(x.shape[0], self.n).index_add_(1, self.owner, z.square_())
+        return sq.sqrt_(), None
 
 
 class ExampleRouter(Router):
