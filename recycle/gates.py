@@ -271,7 +271,7 @@ class GateWorker:
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
-        self.device = cluster.device(device)
+        self._requested, self.device = device, None  # checked by the first job: its failure is that job's one line
         self._base: tuple | None = None  # (base name, model, tokenizer)
         self._encoded: dict = {}  # (examples_key, count, max_length) -> the examples encoded
 
@@ -292,6 +292,8 @@ class GateWorker:
         settings = GateSettings(**job.settings)
         if not job.examples:
             raise RecycleError(f"expert {job.expert}: its task has no training examples")
+        if self.device is None:  # before loading: a GPU torch cannot see stops the job at once
+            self.device = cluster.device(self._requested)
         model, tok = self._model(job.base, settings.dtype)
         try:
             peft_model = PeftModel.from_pretrained(model, str(job.adapter_path), adapter_name=ADAPTER_NAME,

@@ -402,19 +402,19 @@ def test_one_worker_trains_expert_after_expert_as_fresh_processes_do(registry_wi
     settings = G.GateSettings(steps=3, batch_size=4, max_length=48)
     jobs = []
     for e in reg.experts():
-        examples = load_examples(reg, e["task"], "train")
+        examples = load_examples(reg, e.task, "train")
         for where in ("fresh", "pooled"):
-            jobs.append(G.GateJob(e["name"], e["base_model"], e["path"], e["sha256"], examples,
+            jobs.append(G.GateJob(e.name, e.base_model, e.path, e.sha256, examples,
                                   {k: v for k, v in settings.to_dict().items() if k != "algorithm"},
-                                  str(tmp_path / where / f"{e['name']}.safetensors"), examples_key=e["task"]))
+                                  str(tmp_path / where / f"{e.name}.safetensors"), examples_key=e.task))
     worker = G.GateWorker()
     for job in jobs:
         out = G.run_gate_job(job) if "fresh" in job.out_path else worker.run(job)
         assert out["job_seconds"] >= out["seconds"] > 0
     assert len(worker._encoded) == 2  # letters and digits, each tokenised once
     for e in reg.experts():
-        fresh = G.load_gates(tmp_path / "fresh" / f"{e['name']}.safetensors")
-        pooled = G.load_gates(tmp_path / "pooled" / f"{e['name']}.safetensors")
+        fresh = G.load_gates(tmp_path / "fresh" / f"{e.name}.safetensors")
+        pooled = G.load_gates(tmp_path / "pooled" / f"{e.name}.safetensors")
         assert fresh.keys() == pooled.keys()
         assert all(torch.equal(fresh[k], pooled[k]) for k in fresh)
     # the base model is left as it was loaded: no LoRA layer, no PEFT config behind

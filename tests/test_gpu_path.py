@@ -14,7 +14,12 @@ import json
 
 import pytest
 
-from tests.conftest import cli, ok
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from tests.conftest import ok as ok_here
 
 pytest.importorskip("psutil")
 
@@ -37,10 +42,25 @@ def on_cluster(gpu_cluster, monkeypatch):
     return gpu_cluster["address"]
 
 
+def cli(*args):
+    """The command in its own process, as a user runs it: Ray keeps the first auth token a
+    process used, so an in-process driver that joined another test's cluster before could
+    not join this one."""
+    p = subprocess.run([sys.executable, "-m", "recycle", *map(str, args)], env=dict(os.environ),
+                       capture_output=True, text=True, timeout=600)
+    return SimpleNamespace(exit_code=p.returncode, stdout=p.stdout, stderr=p.stderr)
+
+
+def ok(*args):
+    r = cli(*args)
+    assert r.exit_code == 0, r.stderr
+    return r
+
+
 @pytest.fixture
 def four_experts(registered, make_adapter, tmp_path):
     for i, task in enumerate(["t_alpha", "t_beta"]):
-        ok("add-expert", make_adapter(tmp_path / f"x{i}", seed=20 + i), "--task", task, "--base", "tiny-llama",
+        ok_here("add-expert", make_adapter(tmp_path / f"x{i}", seed=20 + i), "--task", task, "--base", "tiny-llama",
            "--name", f"x{i}")
     return registered
 
