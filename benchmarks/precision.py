@@ -1,5 +1,6 @@
 """bfloat16 against float32 on this CPU: one gate training step and one expert (LoRA)
-training step of SmolLM2-135M as recycle's workers take them, and the routing table's rows
+training step of SmolLM2-135M as recycle's workers take them, an evaluation's scoring of
+64 two-choice examples, the load alone, and the routing table's rows
 at N = 32 and 128 (benchmarks/routing.py), each with the peak RSS of the process that ran
 it (one process per measurement, as a Ray worker: the high-water mark reset at its start).
 
@@ -28,12 +29,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 DTYPES = ("float32", "bfloat16")
+KINDS = ("load", "gate", "expert", "eval")
 
 
 def one(kind: str, dtype: str, base: str, repeats: int, threads: int, batch_size: int, max_length: int) -> dict:
     """In this process: ``repeats`` steps of ``kind`` (gate | expert) after one warm-up, as
     recycle's workers take them (:func:`recycle.schedule.optimise` on ``answer_loss``);
-    median seconds and this process's peak RSS."""
+    median seconds and this process's peak RSS. ``eval``: the base model's scoring of the 64
+    examples (:func:`recycle.scoring.score_choices`, as an evaluation job scores, after a
+    warm-up on 8), the seconds of one pass; ``load``: the base model's load alone."""
     from recycle import cluster
 
     scope = cluster.reset_peak_memory()
@@ -50,7 +54,19 @@ def one(kind: str, dtype: str, base: str, repeats: int, threads: int, batch_size
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     data = examples(64, 0)
+    t0 = time.perf_counter()
     model, tok = load_base(resolve_base(base), dtype=dtype)
+    if kind in ("load", "eval"):
+        from recycle.scoring import score_choices
+
+        seconds = time.perf_counter() - t0
+        if kind == "eval":
+            score_choices(model, tok, data[:8], batch_size=batch_size, max_length=max_length)
+            t0 = time.perf_counter()
+            score_choices(model, tok, data, batch_size=batch_size, max_length=max_length)
+            seconds = time.perf_counter() - t0
+        return {"kind": kind, "dtype": dtype, "median_step_s": seconds, "steps_s": [seconds],
+                "peak_rss": cluster.peak_memory(scope)}
     n = model.config.num_hidden_layers
     top8 = list(range(max(0, n - 8), n))  # as the experts recycle trains (--layers top8)
     if kind == "expert":
@@ -113,7 +129,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--routing-reps", type=int, default=3)
-    ap.add_argument("--one", choices=("gate", "expert"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -127,7 +143,7 @@ def main() -> None:
     steps, rows = [], []
     common = ["--base", args.base, "--repeats", str(args.repeats), "--threads", str(args.threads),
               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-    for kind in ("gate", "expert"):
+    for kind in KINDS:
         for dtype in DTYPES:  # one process each: its own peak RSS
             r = run(["--one", kind, "--dtype", dtype, *common])
             print(f"{kind} step {dtype}: {r['median_step_s']:.3f} s, peak RSS {r['peak_rss']['peak_rss_mib']:.0f} MiB",
@@ -158,7 +174,7 @@ def markdown(r: dict) -> str:
              "whose peak RSS (VmHWM, reset at its start) is that of one worker. Trained parameters stay float32.", "",
              "| step | float32 (s) | bfloat16 (s) | bf16 / fp32 time | float32 peak RSS (MiB) | bfloat16 peak RSS (MiB) "
              "| bf16 / fp32 RSS |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for kind in ("gate", "expert"):
+    for kind in KINDS:
         a, b = by[(kind, "float32")], by[(kind, "bfloat16")]
         ra, rb = a["peak_rss"]["peak_rss_mib"], b["peak_rss"]["peak_rss_mib"]
         lines.append(f"| {kind} | {a['median_step_s']:.3f} | {b['median_step_s']:.3f} | "
