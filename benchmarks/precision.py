@@ -1,5 +1,6 @@
 """bfloat16 against float32 on this CPU: one gate training step and one expert (LoRA)
-training step of SmolLM2-135M as recycle's workers take them, and the routing table's rows
+training step of SmolLM2-135M as recycle's workers take them, an evaluation's scoring of
+64 two-choice examples, the load alone, and the routing table's rows
 at N = 32 and 128 (benchmarks/routing.py), each with the peak RSS of the process that ran
 it (one process per measurement, as a Ray worker: the high-water mark reset at its start).
 
@@ -28,12 +29,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 DTYPES = ("float32", "bfloat16")
+KINDS = ("load", "gate", "expert", "eval")
 
 
 def one(kind: str, dtype: str, base: str, repeats: int, threads: int, batch_size: int, max_length: int) -> dict:
     """In this process: ``repeats`` steps of ``kind`` (gate | expert) after one warm-up, as
     recycle's workers take them (:func:`recycle.schedule.optimise` on ``answer_loss``);
-    median seconds and this process's peak RSS."""
+    median seconds and this process's peak RSS. ``eval``: the base model's scoring of the 64
+    examples (:func:`recycle.scoring.score_choices`, as an evaluation job scores, after a
+    warm-up on 8), the seconds of one pass; ``load``: the base model's load alone."""
     from recycle import cluster
 
     scope = cluster.reset_peak_memory()
@@ -50,7 +54,19 @@ def one(kind: str, dtype: str, base: str, repeats: int, threads: int, batch_size
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     data = examples(64, 0)
+    t0 = time.perf_counter()
     model, tok = load_base(resolve_base(base), dtype=dtype)
+    if kind in ("load", "eval"):
+        from recycle.scoring import score_choices
+
+        seconds = time.perf_counter() - t0
+        if kind == "eval":
+            score_choices(model, tok, data[:8], batch_size=batch_size, max_length=max_length)
+            t0 = time.perf_counter()
+            score_choices(model, tok, data, batch_size=batch_size, max_length=max_length)
+            seconds = time.perf_counter() - t0
+        return {"kind": kind, "dtype": dtype, "median_step_s": seconds, "steps_s": [seconds],
+                "peak_rss": cluster.peak_memory(scope)}
     n = model.config.num_hidden_layers
     top8 = list(range(max(0, n - 8), n))  # as the experts recycle trains (--layers top8)
     if kind == "expert":
@@ -113,7 +129,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--routing-reps", type=int, default=3)
-    ap.add_argument("--one", choices=("gate", "expert"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -124,10 +140,11 @@ def main() -> None:
 
     command = "python benchmarks/precision.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.time()
+    load_at_start = round(os.getloadavg()[0], 2)
     steps, rows = [], []
     common = ["--base", args.base, "--repeats", str(args.repeats), "--threads", str(args.threads),
               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-    for kind in ("gate", "expert"):
+    for kind in KINDS:
         for dtype in DTYPES:  # one process each: its own peak RSS
             r = run(["--one", kind, "--dtype", dtype, *common])
             print(f"{kind} step {dtype}: {r['median_step_s']:.3f} s, peak RSS {r['peak_rss']['peak_rss_mib']:.0f} MiB",
@@ -139,9 +156,11 @@ def main() -> None:
             rows.append({"dtype": dtype, **row, "peak_rss": r["setup"]["peak_rss"]})
             print(f"routing {dtype} N={row['n_experts']}: base {row['base_s']:.3f} s, routed {row['routed_s']:.3f} s",
                   file=sys.stderr, flush=True)
-    result = {"command": command, "cpu": cpu_name(), "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+    loads = [load_at_start, round(os.getloadavg()[0], 2)]
+    result = {"command": command, "cpu": cpu_name(), "load_average_1min": loads,
               "wall_s": round(time.time() - started), "steps": steps, "routing": rows,
-              "note": "measured under load: other engineers' tests and the quality benchmark shared the 2 cores"}
+              "note": "under load: other engineers' work shared the 2 cores" if max(loads) > 2.5
+              else "a quiet machine"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "precision.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "precision.md").write_text(markdown(result))
@@ -151,18 +170,29 @@ def main() -> None:
 def markdown(r: dict) -> str:
     by = {(s["kind"], s["dtype"]): s for s in r["steps"]}
     lines = ["# bfloat16 against float32 on the CPU", "",
-             f"Command: `{r['command']}` ({r['wall_s']} s on {r['cpu']}; 1-min load average {r['load_average_1min_at_end']} "
-             "at the end: " + r["note"] + ").", "",
+             f"Command: `{r['command']}` ({r['wall_s']} s on {r['cpu']}; 1-min load average "
+             f"{r['load_average_1min'][0]} at the start, {r['load_average_1min'][1]} at the end: {r['note']}; "
+             "peak RSS does not depend on the load, the seconds do).", "",
              "Steps: SmolLM2-135M, LoRA r=8 on q,k,v,o,gate,up,down of the top 8 layers, as recycle's workers train "
              "(`optimise` on `answer_loss`), median of the timed steps after one warm-up; each in its own process, "
-             "whose peak RSS (VmHWM, reset at its start) is that of one worker. Trained parameters stay float32.", "",
+             "whose peak RSS (VmHWM, reset at its start) is that of one worker. Trained parameters stay float32. "
+             "`load`: the base model loaded alone (torch, transformers and the tokenizer in memory, the "
+             "checkpoint mapped, its pages read only when used); `eval`: the base model's scoring of 64 two-choice "
+             "examples as an evaluation job scores them (seconds of one pass). `above load`: each peak less its "
+             "dtype's `load` peak, i.e. what the weights read and the activations add.", "",
              "| step | float32 (s) | bfloat16 (s) | bf16 / fp32 time | float32 peak RSS (MiB) | bfloat16 peak RSS (MiB) "
-             "| bf16 / fp32 RSS |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for kind in ("gate", "expert"):
+             "| bf16 / fp32 RSS | bf16 / fp32 above load |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    la, lb = (by[("load", d)]["peak_rss"]["peak_rss_mib"] for d in DTYPES)
+    met = []
+    for kind in KINDS:
         a, b = by[(kind, "float32")], by[(kind, "bfloat16")]
         ra, rb = a["peak_rss"]["peak_rss_mib"], b["peak_rss"]["peak_rss_mib"]
+        above = f"{(rb - lb) / (ra - la):.2f}" if kind != "load" and ra > la else "-"
         lines.append(f"| {kind} | {a['median_step_s']:.3f} | {b['median_step_s']:.3f} | "
-                     f"{b['median_step_s'] / a['median_step_s']:.2f} | {ra:.0f} | {rb:.0f} | {rb / ra:.2f} |")
+                     f"{b['median_step_s'] / a['median_step_s']:.2f} | {ra:.0f} | {rb:.0f} | {rb / ra:.2f} | {above} |")
+        if kind != "load":
+            met.append(f"{kind} {rb / ra:.2f}x ({'met' if rb / ra <= 0.6 else 'not met'})")
+    lines += ["", "Target: a bfloat16 worker's peak RSS at most 0.6x float32's: " + ", ".join(met) + "."]
     lines += ["", "Routing (benchmarks/routing.py: SmolLM2-135M's shape, random init, phatgoose routing over the top 8 "
               "layers' 56 modules, k = 2, batch 16 x 64 tokens, min over reps):", "",
               "| dtype | N experts | dispatch | base (s) | routed (s) | routed / base | process peak RSS (MiB) |",

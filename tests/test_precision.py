@@ -67,6 +67,37 @@ def test_load_base_reads_straight_into_the_dtype(tiny_base):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_an_alias_loads_from_its_copy_in_the_dtype_equal_to_the_float32_weights_cast(tiny_base, dtype):
+    import torch
+    from safetensors.torch import load_file
+
+    from recycle.basemodels import alias_dtype_folder, config_hash, load_base, resolve_base
+
+    ref = resolve_base("tiny-llama")
+    model, _ = load_base(ref, dtype=dtype)
+    copy = alias_dtype_folder("tiny-llama", dtype)
+    assert copy == tiny_base.parent / f"tiny-llama.{dtype}"
+    assert model.config._name_or_path == str(copy)  # read from the copy, not the float32 folder
+    assert config_hash(copy) == ref.config_hash  # the same base: only the stored dtype differs
+    assert json.loads((copy / "config.json").read_text())["dtype"] == dtype
+    full = load_file(tiny_base / "model.safetensors")
+    cast = load_file(copy / "model.safetensors")
+    assert full.keys() == cast.keys() and {t.dtype for t in full.values()} == {torch.float32}
+    want = getattr(torch, dtype)
+    for name, t in full.items():
+        assert cast[name].dtype == want and torch.equal(cast[name], t.to(want)), name
+    loaded = dict(model.named_parameters())
+    for name, t in cast.items():
+        if name in loaded:
+            assert torch.equal(loaded[name].detach(), t), name
+    assert {f.name for f in tiny_base.iterdir()} == {f.name for f in copy.iterdir()}
+    assert alias_dtype_folder("tiny-llama", "float32") == tiny_base
+    before = (copy / "model.safetensors").stat().st_mtime_ns
+    load_base(ref, dtype=dtype)  # made once
+    assert (copy / "model.safetensors").stat().st_mtime_ns == before
+
+
 def test_bfloat16_expert_training_keeps_float32_lora(registered):
     from recycle.registry import Registry
     from recycle.settings import GateSettings, TrainSettings

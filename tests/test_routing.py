@@ -288,6 +288,18 @@ def test_dispatch_in_other_dtypes(dtype):
                 expected[t] += p * m.scaling * (m.B.double() @ (m.A.double() @ xd[t].double()))
         tol = 1e-10 if dtype == torch.float64 else 2e-2 * expected.abs().max().item()
         torch.testing.assert_close(got, expected, atol=tol, rtol=0)
+        if dtype == torch.bfloat16 and not dense_max:  # CSR in float32 on a float32 copy of the rows, no blocks
+            assert layer._padded_cache is None and layer._float32_cache[1].dtype == torch.float32
+            want = torch.zeros(50, 40)
+            assert add_csr(want, xd.float(), layer.A_rows.float(), layer.BT_rows.float(), layer.row_start,
+                           layer.rank_of, layer.common_rank, idx, w.to(dtype).float(), False)
+            assert torch.equal(layer.sparse_delta(xd, idx, w), want.to(dtype))  # one rounding, at the end
+            twice = idx.clone()
+            twice[7, 1] = twice[7, 0] = 2  # a token picking one expert twice: left to the padded blocks
+            m = experts[2][2]
+            row7 = (w[7, 0] + w[7, 1]).item() * m.scaling * (m.B.double() @ (m.A.double() @ xd[7].double()))
+            torch.testing.assert_close(layer.sparse_delta(xd, twice, w)[7].double(), row7, atol=tol, rtol=0)
+            assert layer._padded_cache is not None
 
 
 def test_set_router_never_relays_out_the_factors():

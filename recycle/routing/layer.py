@@ -31,6 +31,8 @@ from recycle.routing.context import Route, RoutingContext, module_kind
 from recycle.routing.experts import ExpertModule
 
 _CSR_DTYPES = (torch.float32, torch.float64)  # kernels.add_csr's
+# On CPU, the CSR kernel runs these in float32: x cast, factors copied to float32 once
+_CSR_CAST = (torch.bfloat16, torch.float16)
 
 
 class RoutedLoraLinear(nn.Module):
@@ -50,8 +52,10 @@ class RoutedLoraLinear(nn.Module):
     the scaling folded in), expert ``j`` at rows ``row_start[j] ... + rank_of[j]``, and
     ``lora_A_cat`` ``[d_in, R]`` where the dense kernel may run (else None). The padded
     ``[N, r_max, d]`` layout of the block and ``grouped_mm`` kernels (:attr:`lora_A`,
-    :attr:`lora_BT`) is made from these only where those kernels run (gradients, CUDA, or a
-    dtype the CSR kernel does not take) and kept while the rows are unchanged. Call
+    :attr:`lora_BT`) is made from these only where those kernels run (gradients, CUDA) and
+    kept while the rows are unchanged; bfloat16/float16 factors on CPU keep a float32 copy
+    of the rows instead, for the CSR kernel (which takes float32/64 only; the products then
+    run in float32 on the activations cast, one rounding when added). Call
     :meth:`set_router` first.
     """
 
@@ -118,6 +122,7 @@ class RoutedLoraLinear(nn.Module):
                 self.fill(j, m, name)
             self.finish()
         self._padded_cache: tuple | None = None
+        self._float32_cache: tuple | None = None
         size = w.element_size()
         self._use_grouped_mm = hasattr(F, "grouped_mm") and w.dtype in (torch.float32, torch.bfloat16, torch.float16) \
             and (base_layer.in_features * size) % 16 == 0 and (base_layer.out_features * size) % 16 == 0
@@ -204,6 +209,17 @@ class RoutedLoraLinear(nn.Module):
             self._padded_cache = (key, pa, pb)
         return self._padded_cache[1], self._padded_cache[2]
 
+    def _float32_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_rows, BT_rows)`` in float32, for the CSR kernel on bfloat16/float16 factors
+        (it takes float32/64 only); made on first use, kept while the rows are the same. A
+        copy, not a cast per call: a fresh float32 tensor each forward costs its page faults,
+        and the padded blocks it replaces copy the factors too."""
+        A, BT = self.A_rows, self.BT_rows
+        key = (A.data_ptr(), A._version, A.dtype, BT.data_ptr(), BT._version)
+        if self._float32_cache is None or self._float32_cache[0] != key:
+            self._float32_cache = (key, A.float(), BT.float())
+        return self._float32_cache[1], self._float32_cache[2]
+
     @property
     def lora_A(self) -> torch.Tensor:
         """The factors A in the padded layout ``[N, r_max, d_in]`` (see :meth:`_padded`)."""
@@ -280,10 +296,15 @@ class RoutedLoraLinear(nn.Module):
             return kernels.add_dense(out, x, self.lora_A_cat, self.BT_rows, self.row_owner, self.n_experts,
                               self.common_rank, idx,
                                      weight, filtered, inplace)
-        if inplace and self.csr and x.device.type == "cpu" and x.dtype in _CSR_DTYPES and out.dtype == x.dtype:
-            if kernels.add_csr(out, x, self.A_rows, self.BT_rows, self.row_start, self.rank_of, self.common_rank,
-                               idx, weight, filtered):
-                return out
+        if inplace and self.csr and x.device.type == "cpu" and x.dtype in _CSR_DTYPES + _CSR_CAST \
+                and out.dtype == x.dtype:
+            if x.dtype in _CSR_DTYPES:
+                acc, xs, ws, (A, BT) = out, x, weight, (self.A_rows, self.BT_rows)
+            else:  # bfloat16/float16: the products in float32, added to out once (one rounding)
+                acc, xs, ws = out.new_zeros(out.shape, dtype=torch.float32), x.float(), weight.float()
+                A, BT = self._float32_rows()
+            if kernels.add_csr(acc, xs, A, BT, self.row_start, self.rank_of, self.common_rank, idx, ws, filtered):
+                return out if acc is out else out.add_(acc)
         experts, weight = idx.reshape(-1), weight.reshape(-1)
         if filtered:  # only the assignments to LoRA experts are computed
             rows = ((experts >= 0) & (experts < self.n_experts)).nonzero().squeeze(1)
