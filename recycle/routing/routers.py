@@ -204,9 +204,44 @@ class ArrowRouter(TokenRouter):
     def __init__(self, layer, top_k: int = 2, weighting: str = "softmax", temperature: float = 1.0,
                  seed: int | None = 0, iters: int = 15):
         super().__init__(top_k, weighting, temperature)
-        protos = [self._top_right_singular(A, B, seed, iters) for A, B in layer.factors()]
-        keys = torch.stack(protos).to(layer.weight.device, layer.weight.dtype)
+        keys = self.top_right_singular(layer, seed, iters).to(layer.weight.device, layer.weight.dtype)
         self.register_buffer("keys", keys, persistent=False)  # [N, d_in]
+
+    @classmethod
+    def top_right_singular(cls, layer, seed, iters: int, eps: float = 1e-8) -> torch.Tensor:
+        """Every local expert's router vector ``[N, d_in]``: :meth:`_top_right_singular`'s power
+        iteration, run for all experts of one rank at once (batched matmuls over ``[n, r, d]``
+        stacks) instead of one expert at a time; the same start vector(s), steps and float32
+        arithmetic, so the same vectors to float rounding (``tests/test_methods.py``)."""
+        A_rows = layer.A_rows.float()
+        BT_rows = layer.BT_rows.float()
+        n, d_in = len(layer.ranks), A_rows.shape[1]
+        if seed is not None:
+            gen = torch.Generator(device=A_rows.device.type)
+            gen.manual_seed(int(seed))
+            v0 = torch.randn(d_in, dtype=torch.float32, device=A_rows.device, generator=gen).expand(n, d_in)
+        else:  # the global RNG, one draw per expert in order, as one expert at a time draws
+            v0 = torch.stack([torch.randn(d_in, dtype=torch.float32, device=A_rows.device) for _ in range(n)]) \
+                if n else A_rows.new_zeros(0, d_in)
+        out = A_rows.new_zeros(n, d_in)
+        ranks = torch.tensor(layer.ranks, dtype=torch.long)
+        starts = layer.row_start.to("cpu", torch.long)
+        for r in sorted(set(layer.ranks)):
+            idx = torch.nonzero(ranks == r).flatten()
+            rows = (starts[idx].unsqueeze(1) + torch.arange(r)).flatten().to(A_rows.device)
+            A = A_rows.index_select(0, rows).view(len(idx), r, d_in)  # [m, r, d_in]
+            BT = BT_rows.index_select(0, rows).view(len(idx), r, -1)  # s_j B_j^T: [m, r, d_out]
+            s = torch.tensor(layer.scalings, dtype=torch.float32)[idx].view(-1, 1, 1).to(A.device)
+            BT = BT / s
+            C = BT @ BT.transpose(1, 2)  # B^T B: [m, r, r]
+            v = v0[idx.to(v0.device)].unsqueeze(2)  # [m, d_in, 1]
+            v = v / (v.norm(dim=1, keepdim=True) + eps)
+            At = A.transpose(1, 2)
+            for _ in range(iters):
+                w = At @ (C @ (A @ v))
+                v = w / (w.norm(dim=1, keepdim=True) + eps)
+            out[idx.to(out.device)] = v.squeeze(2)
+        return out
 
     @staticmethod
     def _top_right_singular(A: torch.Tensor, B: torch.Tensor, seed, iters, eps: float = 1e-8) -> torch.Tensor:
