@@ -253,3 +253,25 @@ def test_arrow_vectors_batched_by_rank_equal_one_expert_at_a_time(seed):
     # the same keys as the router the method installs
     torch.manual_seed(11)
     torch.testing.assert_close(ArrowRouter(layer, top_k=2, seed=seed).keys, single, rtol=1e-5, atol=1e-6)
+
+
+def test_spectr_keys_batched_by_rank_equal_one_expert_at_a_time():
+    """SpectR's right-singular vectors, computed for all experts of a rank at once, are
+    those of each expert alone (mixed ranks and scalings, a rank-deficient expert included)."""
+    from recycle.routing import ExpertModule, RoutedLoraLinear, right_singular_vectors
+    from recycle.routing.routers import layer_right_singular_vectors
+
+    g = torch.Generator().manual_seed(8)
+    base = nn.Linear(40, 20)
+    specs = [(4, 2.0), (8, 0.5), (4, 1.0), (2, 4.0), (8, 2.0), (1, 1.0)]
+    experts = [(i, f"e{i}", ExpertModule(torch.randn(r, 40, generator=g), torch.randn(20, r, generator=g), s))
+               for i, (r, s) in enumerate(specs)]
+    deficient = torch.cat([torch.randn(20, 2, generator=g), torch.zeros(20, 2)], 1)  # a rank-4 B of rank 2
+    experts.append((6, "e6", ExpertModule(torch.randn(4, 40, generator=g), deficient, 1.0)))
+    layer = RoutedLoraLinear(base, "lin", experts, len(experts))
+    batched = layer_right_singular_vectors(layer)
+    single = [right_singular_vectors(A, B) for A, B in layer.factors()]
+    assert [v.shape[0] for v in batched] == [v.shape[0] for v in single] == [4, 8, 4, 2, 8, 1, 2]
+    for b, s in zip(batched, single):
+        # the same subspace: the projectors agree (singular vectors are defined up to sign)
+        torch.testing.assert_close(b.T @ b, s.T @ s, rtol=1e-9, atol=1e-9)
