@@ -8,6 +8,7 @@ file is refused with a precise message before any tensor is read.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -83,13 +84,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # LoRA factors are floating point
 
 
-def read_safetensors_header(path: Path) -> dict:
+def read_safetensors_header(path: Path, data: bytes | None = None) -> dict:
     """The header of a safetensors file, checked entry by entry against the file's real
     size before any tensor is read: known dtypes, integer shapes and offsets, tensors that
-    tile the data exactly (no gaps, no overlaps, nothing past the end or after it)."""
-    size = path.stat().st_size
+    tile the data exactly (no gaps, no overlaps, nothing past the end or after it).
+    ``data``: the file's bytes, already read (the header is then theirs)."""
+    size = len(data) if data is not None else path.stat().st_size
     try:
-        with open(path, "rb") as f:
+        with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise ValueError("file shorter than its 8-byte header length")
@@ -139,16 +141,31 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_tensors(path: Path) -> None:
+def check_tensors(path: Path, data: bytes | None = None) -> None:
     """Every tensor of a (header-checked) safetensors file read with ``safetensors`` and
-    found finite: NaN or infinite LoRA weights are refused here, not met in a prediction."""
+    found finite: NaN or infinite LoRA weights are refused here, not met in a prediction.
+    ``data``: the file's bytes, already read (checked instead of the file)."""
     import numpy as np
     from safetensors import SafetensorError, safe_open
 
     # numpy, not torch: a command that registers adapters need not import torch (seconds);
     # bfloat16, which numpy lacks, is read with torch
-    header = read_safetensors_header(path)
+    header = read_safetensors_header(path, data)
     try:
+        if data is not None:
+            if any(t["dtype"] == "BF16" for t in header.values()):
+                import torch
+                from safetensors.torch import load as load_bytes
+
+                finite = lambda t: not t.is_floating_point() or bool(torch.isfinite(t).all())  # noqa: E731
+            else:
+                from safetensors.numpy import load as load_bytes
+
+                finite = lambda t: t.dtype.kind != "f" or bool(np.isfinite(t).all())  # noqa: E731
+            for key, t in load_bytes(data).items():
+                if not finite(t):
+                    raise AdapterError(f"{path}: tensor {key} has NaN or infinite values")
+            return
         if any(t["dtype"] == "BF16" for t in header.values()):
             import torch
 
@@ -165,6 +182,32 @@ def check_tensors(path: Path) -> None:
                     raise AdapterError(f"{path}: tensor {key} has NaN or infinite values")
     except SafetensorError as e:
         raise AdapterError(f"{path}: safetensors file unreadable ({' '.join(str(e).split())[:150]})") from None
+
+
+def check_and_hash(info: AdapterInfo, base_shapes: dict[str, tuple[int, int]] | None) -> str:
+    """What :func:`inspect_adapter` checks with ``base_shapes`` and ``check_values``, for an
+    ``info`` it returned without them, reading the weights once: their sha256 is of the
+    very bytes whose header and values are checked (content changed since ``info`` was read
+    is checked as it now is: a header that differs from ``info``'s is refused)."""
+    folder = info.path
+    for module, ((_, d_in), (d_out, _)) in info.shapes.items():
+        if base_shapes is None:
+            break
+        if module not in base_shapes:
+            raise AdapterError(f"{folder}: target module {module} is absent from the base model")
+        out_f, in_f = base_shapes[module]
+        if (d_out, d_in) != (out_f, in_f):
+            raise AdapterError(f"{folder}: {module} is {d_in}->{d_out} in the adapter but {in_f}->{out_f} in the base model")
+    data = info.weights.read_bytes()
+    header = read_safetensors_header(info.weights, data)
+    now = {}
+    for key, t in header.items():
+        m = LORA_KEY.match(key)
+        now[(m["path"], m["which"]) if m and t["dtype"] in FLOAT_DTYPES else key] = tuple(t["shape"])
+    if now != {(module, w): shape for module, (a, b) in info.shapes.items() for w, shape in (("A", a), ("B", b))}:
+        raise AdapterError(f"{folder}: {WEIGHTS} changed while it was being registered; add it again")
+    check_tensors(info.weights, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _pattern_value(patterns: dict, module: str, default, where: str):

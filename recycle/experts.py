@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recycle.adapters import CONFIG, WEIGHTS, AdapterError, AdapterInfo, find_adapter_folders, inspect_adapter, sha256_file
+from recycle.adapters import (CONFIG, WEIGHTS, AdapterError, AdapterInfo, check_and_hash, find_adapter_folders,
+                               inspect_adapter, sha256_file)
 from recycle.basemodels import BaseRef, module_shapes, resolve_base
 from recycle.errors import RecycleError
 from recycle.names import check_name
@@ -74,16 +75,15 @@ def add_expert(
     folder = Path(path).expanduser()
     info = inspect_adapter(folder, check_values=False)  # structure, header, ranks, before touching the base
     ref = _check_base(info, base, group_base, cache)
-    shapes = cache.module_shapes(ref)
-    if shapes is not None:
-        info = inspect_adapter(folder, base_shapes=shapes)
+    # the base's shapes, then the weights read once: hashed, header and values checked (the
+    # same bytes; reading the file again for each would double a large library's I/O)
+    sha = check_and_hash(info, cache.module_shapes(ref))
     explicit_name = name is not None
     name = name if name is not None else (default_name or info.path.name)
     try:
         check_name("expert", name)
     except RecycleError as e:
         raise AdapterError(f"{info.path}: {e}" + ("" if name != info.path.name else "; give one with --name")) from None
-    sha = sha256_file(info.weights)
     return _record(registry, info, ref, sha, name, task, dataset, meta or {}, replace, explicit_name)
 
 

@@ -461,3 +461,21 @@ def test_deep_json_config_and_odd_configs(library, tmp_path):
         cfg[key] = value
         (odd / "adapter_config.json").write_text(json.dumps(cfg))
         assert words in one_line_error(cli("add-expert", odd, "--base", "tiny-llama"))
+
+
+def test_registration_hashes_the_bytes_it_checks(library, make_adapter, tmp_path):
+    """add-expert reads the weights once: the sha256 recorded is of the bytes whose header and
+    values were checked, and a file swapped for another between the look at its structure and
+    that read is refused, not recorded under the first one's shapes."""
+    import hashlib
+
+    from recycle.adapters import AdapterError, check_and_hash, inspect_adapter
+
+    a = copy(library["a"], tmp_path / "a")
+    info = inspect_adapter(a, check_values=False)
+    w = a / "adapter_model.safetensors"
+    assert check_and_hash(info, None) == hashlib.sha256(w.read_bytes()).hexdigest()
+    other = make_adapter(tmp_path / "other", r=2, targets=("q_proj",), seed=3)
+    w.write_bytes((other / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match="changed while it was being registered"):
+        check_and_hash(info, None)

@@ -231,3 +231,47 @@ def test_siblings_share_their_scores_and_a_products(llama, adapters, monkeypatch
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
     for path, calls_ in shared_rec.calls.items():
         assert torch.equal(calls_[0].idx, alone_rec.calls[path][0].idx), path
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_arrow_vectors_batched_by_rank_equal_one_expert_at_a_time(seed):
+    """Arrow's router vectors, computed for all experts of a rank at once, are those of the
+    power iteration run one expert at a time (mixed ranks and scalings; same start, signs)."""
+    from recycle.routing import ArrowRouter, ExpertModule, RoutedLoraLinear
+
+    g = torch.Generator().manual_seed(7)
+    base = nn.Linear(48, 24)
+    experts = [(i, f"e{i}", ExpertModule(torch.randn(r, 48, generator=g), torch.randn(24, r, generator=g), s))
+               for i, (r, s) in enumerate([(4, 2.0), (8, 0.5), (4, 1.0), (2, 4.0), (8, 2.0), (4, 0.25), (1, 1.0)])]
+    layer = RoutedLoraLinear(base, "lin", experts, len(experts))
+    torch.manual_seed(11)
+    batched = ArrowRouter.top_right_singular(layer, seed, 15)
+    torch.manual_seed(11)
+    single = torch.stack([ArrowRouter._top_right_singular(A, B, seed, 15) for A, B in layer.factors()])
+    assert batched.shape == (7, 48)
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
+    # the same keys as the router the method installs
+    torch.manual_seed(11)
+    torch.testing.assert_close(ArrowRouter(layer, top_k=2, seed=seed).keys, single, rtol=1e-5, atol=1e-6)
+
+
+def test_spectr_keys_batched_by_rank_equal_one_expert_at_a_time():
+    """SpectR's right-singular vectors, computed for all experts of a rank at once, are
+    those of each expert alone (mixed ranks and scalings, a rank-deficient expert included)."""
+    from recycle.routing import ExpertModule, RoutedLoraLinear, right_singular_vectors
+    from recycle.routing.routers import layer_right_singular_vectors
+
+    g = torch.Generator().manual_seed(8)
+    base = nn.Linear(40, 20)
+    specs = [(4, 2.0), (8, 0.5), (4, 1.0), (2, 4.0), (8, 2.0), (1, 1.0)]
+    experts = [(i, f"e{i}", ExpertModule(torch.randn(r, 40, generator=g), torch.randn(20, r, generator=g), s))
+               for i, (r, s) in enumerate(specs)]
+    deficient = torch.cat([torch.randn(20, 2, generator=g), torch.zeros(20, 2)], 1)  # a rank-4 B of rank 2
+    experts.append((6, "e6", ExpertModule(torch.randn(4, 40, generator=g), deficient, 1.0)))
+    layer = RoutedLoraLinear(base, "lin", experts, len(experts))
+    batched = layer_right_singular_vectors(layer)
+    single = [right_singular_vectors(A, B) for A, B in layer.factors()]
+    assert [v.shape[0] for v in batched] == [v.shape[0] for v in single] == [4, 8, 4, 2, 8, 1, 2]
+    for b, s in zip(batched, single):
+        # the same subspace: the projectors agree (singular vectors are defined up to sign)
+        torch.testing.assert_close(b.T @ b, s.T @ s, rtol=1e-9, atol=1e-9)
