@@ -381,6 +381,15 @@ class GateTrainSettings(Precision):
     examples: int = setting(100, "validation examples per member task", minimum=1)
     seed: int = setting(0, "seed of the folds and the sample")
     batch_size: int = setting(16, "examples per forward pass", minimum=1)
+    leave_out: str = setting("experts", "what a fold holds out: experts (members at random) or families (whole task "
+                             "families, so that pseudo-unseen tasks are as far from the seen ones as a new family)",
+                             choices=("experts", "families"))
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if d.get("leave_out") == "experts":  # the folds before families existed keep their key
+            del d["leave_out"]
+        return d
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from recycle.errors import RecycleError
 from recycle.methods import cosmo as C
 
 from tests.conftest import cli, ok, one_line_error, train_real_gates
@@ -56,6 +57,20 @@ def test_identifier_and_logistic_gate():
     assert w.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
     assert C.fold_split(["a", "b", "c", "d", "e"], 2, 0) == C.fold_split(["a", "b", "c", "d", "e"], 2, 0)
     assert sorted(sum(C.fold_split(["a", "b", "c", "d", "e"], 2, 0), [])) == ["a", "b", "c", "d", "e"]
+
+
+def test_folds_leave_whole_families_out():
+    groups = {"a": "f1", "b": "f1", "c": "f1", "d": "f2", "e": "f3", "f": "f3"}
+    folds = C.fold_split(list(groups), 2, 0, groups)
+    assert folds == C.fold_split(list(groups), 2, 0, groups)  # seeded
+    assert sorted(sum(folds, [])) == sorted(groups)
+    for fold in folds:  # a family is held out whole, in one fold
+        fams = {groups[n] for n in fold}
+        assert all(groups[n] not in fams for other in folds if other is not fold for n in other)
+    assert sorted(len(f) for f in folds) == [3, 3]  # largest first into the emptiest fold
+    assert len(C.fold_split(list(groups), 8, 0, groups)) == 3  # at most one fold a family
+    with pytest.raises(RecycleError, match="at least 2 task families"):
+        C.fold_split(["a", "b"], 2, 0, {"a": "f", "b": "f"})
 
 
 def close(a, b):
@@ -148,6 +163,11 @@ def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     plot = tmp_path / "gate.png"
     ok("report", str(res["run"]), "--plot", plot)
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    # whole families out (tasks without one: each its own), a setting of its own key
+    fam = json.loads(ok("train-cosmo-gate", "c", "--folds", "2", "--examples", "6", "--leave-out", "families",
+                        "--json").stdout)
+    assert fam["status"] == "trained" and sorted(fam["folds"]) == [["ea"], ["eb"]]
+    assert fam["settings"]["leave_out"] == "families" and "leave_out" not in out["settings"]
     state = Registry().composition("c")["state"]["gate"]
     with open(state["path"], "ab") as f:
         f.write(b"x")

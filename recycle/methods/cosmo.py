@@ -29,7 +29,9 @@ does not. Per example, over its answer choices:
   not its argmax (the seen and unseen classes of the paper do not overlap; here they do).
 
 The gate is trained by ``recycle train NAME`` (:func:`train_gate`) by leaving experts out:
-the members are split into folds; in fold f the held-out members' tasks act as unseen, the
+the members are split into folds (at random, or ``--leave-out families``: whole task families
+a fold, so that a pseudo-unseen task has no seen task of its kind, as a far task has none);
+in fold f the held-out members' tasks act as unseen, the
 identifier, the seen side and the unseen composition are rebuilt from the other members
 (a trained unseen composition in its untrained form), and features are computed on the
 validation splits of every member's task (never on a task without an expert here). The
@@ -383,7 +385,7 @@ class FoldJob(cluster.Job):
     tasks: list  # task of each example
     batch_size: int = 16
     max_length: int = 256
-    stats: bool = False  # also return every member's prototype statistics
+    stats: bool = False  # also return every member's prototype statistics and the base model's scores
 
 
 def run_fold_job(job: FoldJob) -> dict:
@@ -405,7 +407,7 @@ def run_fold_job(job: FoldJob) -> dict:
     posterior, d_min = identify(ident, sides.embed(job.examples))
     seen, chosen = sides.seen(job.examples, posterior, job.keep, ("top1", "posterior"))
     routed = sides.routed(job.examples, job.tasks, keep=job.keep).scores
-    base = sides.base(job.examples)
+    base = sides.base(job.examples) if job.stats else None  # the same in every fold: fold 0's is shared
     out = {"fold": job.fold, "keep": job.keep, "held": job.held, "tasks": job.tasks,
            "labels": [ex.label for ex in job.examples], "posterior": posterior.tolist(), "d_min": d_min.tolist(),
            "seen": seen, "chosen": chosen, "routed": routed, "base": base,
@@ -415,13 +417,29 @@ def run_fold_job(job: FoldJob) -> dict:
     return out
 
 
-def fold_split(names: list[str], folds: int, seed: int) -> list[list[str]]:
+def fold_split(names: list[str], folds: int, seed: int, groups: dict[str, str] | None = None) -> list[list[str]]:
+    """The members held out in each fold: ``names`` shuffled (``seed``) and dealt into
+    ``folds``; with ``groups`` (member -> its task's family), whole groups, shuffled, then
+    placed largest first into the fold holding the fewest members (at most one fold a group)."""
     import random
 
-    order = list(names)
+    if groups is None:
+        order = list(names)
+        random.Random(seed).shuffle(order)
+        folds = min(folds, len(order))
+        return [order[i::folds] for i in range(folds)]
+    by: dict[str, list[str]] = {}
+    for n in names:
+        by.setdefault(groups[n], []).append(n)
+    if len(by) < 2:
+        raise RecycleError(f"leaving families out needs members of at least 2 task families, not {len(by)}")
+    order = sorted(by)
     random.Random(seed).shuffle(order)
-    folds = min(folds, len(order))
-    return [order[i::folds] for i in range(folds)]
+    order.sort(key=lambda g: -len(by[g]))  # stable: equal sizes keep the shuffled order
+    out: list[list[str]] = [[] for _ in range(min(folds, len(order)))]
+    for g in order:
+        min(out, key=len).extend(by[g])
+    return out
 
 
 def search_threshold(rows: list[dict], seen_side: list, unseen_side: list, g: torch.Tensor) -> tuple:
@@ -564,7 +582,13 @@ def train_gate(
                 tasks.append(task)
     if not examples:
         raise RecycleError(f"{name}: the members' tasks have no validation examples with answer choices")
-    splits = fold_split(names, settings.folds, settings.seed)
+    groups = None
+    if settings.leave_out == "families":
+        from recycle.results import task_families
+
+        family = task_families(registry, list(dict.fromkeys(member_task.values())))
+        groups = {n: family.get(t) or f"task {t}" for n, t in member_task.items()}  # no family: its own
+    splits = fold_split(names, settings.folds, settings.seed, groups)
     jobs = [FoldJob(plan.to_dict(), f, [n for n in names if n not in held], held, examples, tasks,
                     batch_size=settings.batch_size, stats=(f == 0), dtype=settings.dtype)
             for f, held in enumerate(splits)]
@@ -579,6 +603,8 @@ def train_gate(
     if errors:
         raise RecycleError(f"COSMO gate training for {name} failed: {errors[0]}", exit_code=1)
     results.sort(key=lambda r: r["fold"])
+    for r in results[1:]:
+        r["base"] = results[0]["base"]
     fitted = fit_gate(results, member_task)
     stats = results[0]["stats"]
     ident = identifier(stats, names)
