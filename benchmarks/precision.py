@@ -6,6 +6,14 @@ it (one process per measurement, as a Ray worker: the high-water mark reset at i
 
     RECYCLE_CACHE=/tmp/rc-cache python benchmarks/precision.py
 
+At the sizes users run (1-8B), where the weights outweigh the fixed runtime (~470 MiB of
+torch, transformers and Ray in every worker), the same steps on a random model of a bigger
+shape, each dtype reading a checkpoint stored in its own dtype (benchmarks/make_base.py):
+
+    python benchmarks/precision.py --base /work/bigbase/smollm2-1.7b-float32 \
+        --base-bfloat16 /work/bigbase/smollm2-1.7b-bfloat16 --kinds load,eval,gate \
+        --repeats 1 --batch-size 4 --no-routing --name precision-1.7b
+
 Writes benchmarks/results/precision.json and precision.md. Not a test: timings depend on
 the machine and on whatever else runs on it. Accuracy is not measured here (the quality
 benchmark's ``recycle eval --dtype bfloat16`` is).
@@ -124,6 +132,10 @@ def routing(dtype: str, experts: str, reps: int, threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m")
+    ap.add_argument("--base-bfloat16", help="the bfloat16 steps' base (default: --base)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="steps to measure (of " + ",".join(KINDS) + ")")
+    ap.add_argument("--no-routing", action="store_true", help="skip the routing rows")
+    ap.add_argument("--name", default="precision", help="results file name in benchmarks/results/")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -142,28 +154,32 @@ def main() -> None:
     started = time.time()
     load_at_start = round(os.getloadavg()[0], 2)
     steps, rows = [], []
-    common = ["--base", args.base, "--repeats", str(args.repeats), "--threads", str(args.threads),
+    common = ["--repeats", str(args.repeats), "--threads", str(args.threads),
               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-    for kind in KINDS:
+    bases = {"float32": args.base, "bfloat16": args.base_bfloat16 or args.base}
+    kinds = [k for k in KINDS if k in args.kinds.split(",")]
+    if "load" not in kinds:
+        kinds.insert(0, "load")  # the "above load" column needs it
+    for kind in kinds:
         for dtype in DTYPES:  # one process each: its own peak RSS
-            r = run(["--one", kind, "--dtype", dtype, *common])
+            r = run(["--one", kind, "--dtype", dtype, "--base", bases[dtype], *common])
             print(f"{kind} step {dtype}: {r['median_step_s']:.3f} s, peak RSS {r['peak_rss']['peak_rss_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
             steps.append(r)
-    for dtype in DTYPES:
+    for dtype in () if args.no_routing else DTYPES:
         r = routing(dtype, "32,128", args.routing_reps, args.threads)
         for row in r["rows"]:
             rows.append({"dtype": dtype, **row, "peak_rss": r["setup"]["peak_rss"]})
             print(f"routing {dtype} N={row['n_experts']}: base {row['base_s']:.3f} s, routed {row['routed_s']:.3f} s",
                   file=sys.stderr, flush=True)
     loads = [load_at_start, round(os.getloadavg()[0], 2)]
-    result = {"command": command, "cpu": cpu_name(), "load_average_1min": loads,
+    result = {"command": command, "cpu": cpu_name(), "bases": bases, "kinds": kinds, "load_average_1min": loads,
               "wall_s": round(time.time() - started), "steps": steps, "routing": rows,
               "note": "under load: other engineers' work shared the 2 cores" if max(loads) > 2.5
               else "a quiet machine"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "precision.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "precision.md").write_text(markdown(result))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
 
 
@@ -173,7 +189,9 @@ def markdown(r: dict) -> str:
              f"Command: `{r['command']}` ({r['wall_s']} s on {r['cpu']}; 1-min load average "
              f"{r['load_average_1min'][0]} at the start, {r['load_average_1min'][1]} at the end: {r['note']}; "
              "peak RSS does not depend on the load, the seconds do).", "",
-             "Steps: SmolLM2-135M, LoRA r=8 on q,k,v,o,gate,up,down of the top 8 layers, as recycle's workers train "
+             f"Bases: float32 `{r.get('bases', {}).get('float32', 'smollm2-135m')}`, bfloat16 "
+             f"`{r.get('bases', {}).get('bfloat16', 'smollm2-135m')}`.", "",
+             "Steps: LoRA r=8 on q,k,v,o,gate,up,down of the top 8 layers, as recycle's workers train "
              "(`optimise` on `answer_loss`), median of the timed steps after one warm-up; each in its own process, "
              "whose peak RSS (VmHWM, reset at its start) is that of one worker. Trained parameters stay float32. "
              "`load`: the base model loaded alone (torch, transformers and the tokenizer in memory, the "
@@ -184,7 +202,7 @@ def markdown(r: dict) -> str:
              "| bf16 / fp32 RSS | bf16 / fp32 above load |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     la, lb = (by[("load", d)]["peak_rss"]["peak_rss_mib"] for d in DTYPES)
     met = []
-    for kind in KINDS:
+    for kind in r.get("kinds", KINDS):
         a, b = by[(kind, "float32")], by[(kind, "bfloat16")]
         ra, rb = a["peak_rss"]["peak_rss_mib"], b["peak_rss"]["peak_rss_mib"]
         above = f"{(rb - lb) / (ra - la):.2f}" if kind != "load" and ra > la else "-"
@@ -193,6 +211,8 @@ def markdown(r: dict) -> str:
         if kind != "load":
             met.append(f"{kind} {rb / ra:.2f}x ({'met' if rb / ra <= 0.6 else 'not met'})")
     lines += ["", "Target: a bfloat16 worker's peak RSS at most 0.6x float32's: " + ", ".join(met) + "."]
+    if not r["routing"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "Routing (benchmarks/routing.py: SmolLM2-135M's shape, random init, phatgoose routing over the top 8 "
               "layers' 56 modules, k = 2, batch 16 x 64 tokens, min over reps):", "",
               "| dtype | N experts | dispatch | base (s) | routed (s) | routed / base | process peak RSS (MiB) |",

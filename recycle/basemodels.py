@@ -405,5 +405,65 @@ def load_base(ref: BaseRef, dtype=None):
         raise RecycleError(f"cannot load base model {ref.name}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if dtype in (torch.bfloat16, torch.float16):
+        float32_head(model)
     model.eval()
     return model, tok
+
+
+HEAD_CHUNK_BYTES = 16 << 20  # float32 weight rows upcast at a time by the float32 head
+
+
+def _float32_head_forward(self, x):
+    """The output projection in float32 from low-precision weights, ``HEAD_CHUNK_BYTES`` of
+    upcast rows at a time (no float32 copy of the head is kept)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = x.float()
+    w, b = self.weight, self.bias
+    step = max(1, HEAD_CHUNK_BYTES // (4 * w.shape[1]))
+    parts = range(0, w.shape[0], step)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return torch.cat([F.linear(x, w[i:i + step].float(), None if b is None else b[i:i + step].float())
+                          for i in parts], -1)
+    out = torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32, device=x.device)
+    for i in parts:
+        out[..., i:i + step] = F.linear(x, w[i:i + step].float(), None if b is None else b[i:i + step].float())
+    return out
+
+
+FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+
+
+def float32_head(model) -> bool:
+    """Compute a bfloat16/float16 model's last step in float32: the final norm's output is
+    kept float32 (RMSNorm computes in float32 and rounds at the end; here it is not rounded)
+    and the output projection runs in float32 on it, so the answer log-probs recycle ranks
+    choices by carry no bfloat16 rounding of the logits (a logit of 20 is a multiple of 0.125
+    in bfloat16), which decided close ranks either way (benchmarks/results/precision-quality.md).
+    The weights stay in the model's dtype; state dicts are unchanged. Returns whether it
+    applied (a model without a linear output layer, or a final norm that refuses float32
+    inputs, keeps its own; the head alone then still runs in float32)."""
+    import types
+
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or getattr(head, "_recycle_float32", False):
+        return False
+    head.forward = types.MethodType(_float32_head_forward, head)
+    head._recycle_float32 = True
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    norm = next((getattr(decoder, n) for n in FINAL_NORMS if isinstance(getattr(decoder, n, None), torch.nn.Module)),
+                None)
+    if norm is not None:
+        try:
+            d = head.weight.shape[1]
+            with torch.no_grad():
+                ok = norm(torch.zeros(1, d, dtype=torch.float32, device=head.weight.device)).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            ok = False
+        if ok:
+            norm.register_forward_pre_hook(lambda m, args: (args[0].float(), *args[1:]))
+    return True

@@ -278,10 +278,12 @@ def resolve_dtype(dtype: str, gpus: float | None = None) -> str:
     """``--dtype`` made concrete before anything is keyed (every dtype but ``auto`` is
     returned as it is). ``auto``: bfloat16 where each task gets a GPU (``gpus`` > 0; None:
     the connected cluster has GPUs, or, not connected, this machine's torch sees a GPU
-    that computes in bfloat16), else float32: on this project's CPU bfloat16 steps were
-    faster under load but its peak RSS was not lower (the float32 checkpoint is read while
-    the bfloat16 copy is built) and its accuracy is not measured yet
-    (benchmarks/results/precision.md); float32 until it is shown not to cost accuracy."""
+    that computes in bfloat16); on a CPU, bfloat16 where the CPU has bfloat16 instructions
+    (:func:`cpu_has_bf16`: AVX512-BF16 or AMX), else float32. Measured on such a CPU (AMD
+    EPYC, AVX512-BF16; benchmarks/results/precision-quality.md, with the float32 head of
+    :func:`recycle.basemodels.float32_head`): every method's held-out accuracy within 0.5
+    points of float32 (paired), about 0.6x the time; without those instructions bfloat16
+    is emulated and slower. A cluster resolves it on the machine that keys the work."""
     if dtype != "auto":
         return dtype
     if gpus is None:
@@ -293,7 +295,26 @@ def resolve_dtype(dtype: str, gpus: float | None = None) -> str:
             import torch
 
             gpus = 1 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 0
-    return "bfloat16" if gpus > 0 else "float32"
+    if gpus > 0:
+        return "bfloat16"
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this machine's CPU computes bfloat16 natively (Linux ``/proc/cpuinfo`` flags
+    ``avx512_bf16`` or ``amx_bf16``; ``RECYCLE_CPU_BF16=0/1`` overrides)."""
+    forced = os.environ.get("RECYCLE_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def torch_dtype(name: str):

@@ -274,11 +274,12 @@ class Precision(Settings):
     """The dtype a command's models compute in (``--dtype``), a group of its own for the
     commands that store nothing (``predict``, ``serve``) and inherited by every group that
     loads a model, so it is declared here once. ``auto`` is resolved before anything is
-    keyed (:func:`recycle.cluster.resolve_dtype`): bfloat16 where the tasks get a GPU,
-    float32 on a CPU. A float32 setting is left out of :meth:`to_dict` (so of every hash
+    keyed (:func:`recycle.cluster.resolve_dtype`): bfloat16 where the tasks get a GPU or
+    the CPU has bfloat16 instructions, else float32. A float32 setting is left out of :meth:`to_dict` (so of every hash
     and key): what was stored before dtypes existed was float32 and keeps its key."""
 
-    dtype: str = setting("float32", "dtype the base model computes in (auto: bfloat16 on a GPU, float32 on a CPU); "
+    dtype: str = setting("float32", "dtype the base model computes in (auto: bfloat16 on a GPU or a CPU with bfloat16 "
+                         "instructions, else float32); "
                          "trained parameters stay float32", choices=DTYPES)
 
     def to_dict(self) -> dict:

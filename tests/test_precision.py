@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 from safetensors import safe_open
@@ -48,11 +49,18 @@ def test_result_key_float32_is_the_old_key(registered):
 
 
 def test_auto_and_bad_dtypes():
-    from recycle.cluster import resolve_dtype
+    from recycle.cluster import cpu_has_bf16, resolve_dtype
     from recycle.settings import GateSettings
 
     assert resolve_dtype("auto", 1) == resolve_dtype("auto", 0.25) == "bfloat16"
-    assert resolve_dtype("auto", 0) == "float32"
+    assert resolve_dtype("auto", 0) == ("bfloat16" if cpu_has_bf16() else "float32")
+    os.environ["RECYCLE_CPU_BF16"] = "0"  # a CPU without bfloat16 instructions
+    try:
+        assert resolve_dtype("auto", 0) == "float32" and resolve_dtype("auto", 1) == "bfloat16"
+        os.environ["RECYCLE_CPU_BF16"] = "1"
+        assert resolve_dtype("auto", 0) == "bfloat16"
+    finally:
+        del os.environ["RECYCLE_CPU_BF16"]
     assert resolve_dtype("float16", 1) == "float16"
     r = cli("train-gates", "--all", "--dtype", "bf16")
     assert "--dtype must be auto or float32 or bfloat16 or float16" in one_line_error(r)
@@ -163,3 +171,36 @@ def test_pipeline_dtype_default_and_override(tmp_path, registered):
     f.write_text('name = "p"\nbase = "tiny-llama"\ndtype = "half"\n')
     with pytest.raises(Exception, match="dtype must be auto or float32"):
         P.load(f)
+
+
+def test_bfloat16_models_compute_their_last_step_in_float32():
+    """The final norm's output and the output projection stay float32 in a bfloat16 model (the
+    logits that rank answers carry no bfloat16 rounding); weights, state dict and gradients
+    through the head are as before."""
+    import torch
+
+    from recycle.basemodels import float32_head, load_base, resolve_base
+
+    ref = resolve_base("tiny-llama")
+    m32, _ = load_base(ref, "float32")
+    m16, _ = load_base(ref, "bfloat16")
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        want = m32(input_ids=ids).logits
+        got = m16(input_ids=ids, output_hidden_states=True)
+    assert got.logits.dtype == torch.float32 and got.hidden_states[-1].dtype == torch.float32
+    assert m16.lm_head.weight.dtype == torch.bfloat16 and m16.lm_head.weight is m16.model.embed_tokens.weight
+    assert {k: v.dtype for k, v in m16.state_dict().items()} == {k: torch.bfloat16 for k in m32.state_dict()}
+    torch.testing.assert_close(got.logits, want, atol=0.05, rtol=0)
+    assert not float32_head(m16)  # once
+    x = torch.randn(2, 3, m16.config.hidden_size, requires_grad=True)
+    m16.lm_head(x).sum().backward()  # chunked, and differentiable where training needs it
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    import recycle.basemodels as B
+
+    old, B.HEAD_CHUNK_BYTES = B.HEAD_CHUNK_BYTES, 4 * m16.config.hidden_size * 7  # 7 rows a chunk
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(m16(input_ids=ids).logits, got.logits, atol=1e-6, rtol=0)
+    finally:
+        B.HEAD_CHUNK_BYTES = old
