@@ -275,3 +275,40 @@ def test_spectr_keys_batched_by_rank_equal_one_expert_at_a_time():
     for b, s in zip(batched, single):
         # the same subspace: the projectors agree (singular vectors are defined up to sign)
         torch.testing.assert_close(b.T @ b, s.T @ s, rtol=1e-9, atol=1e-9)
+
+
+def test_spectr_scores_through_the_stored_rows_equal_the_singular_vectors():
+    """SpectR scores ‖M_i A_i x‖ from the layer's own A rows (mixed ranks and scalings, a
+    rank-deficient B) equal ‖V_iᵀ x‖ with the right-singular vectors; an ill-conditioned A
+    falls back to stored vectors, with the same scores."""
+    from recycle.routing import ExpertModule, RoutedLoraLinear, SpectrRouter, right_singular_vectors
+
+    g = torch.Generator().manual_seed(9)
+    base = nn.Linear(40, 20)
+    specs = [(4, 2.0), (8, 0.5), (4, 1.0), (2, 4.0), (8, 2.0), (1, 1.0)]
+    experts = [(i, f"e{i}", ExpertModule(torch.randn(r, 40, generator=g), torch.randn(20, r, generator=g), s))
+               for i, (r, s) in enumerate(specs)]
+    deficient = torch.cat([torch.randn(20, 2, generator=g), torch.zeros(20, 2)], 1)
+    experts.append((6, "e6", ExpertModule(torch.randn(4, 40, generator=g), deficient, 1.0)))
+    x = torch.randn(9, 40, generator=g)
+
+    def explicit(layer):
+        return torch.stack([(x.double() @ right_singular_vectors(A, B).T).norm(dim=-1) for A, B in layer.factors()], 1)
+
+    layer = RoutedLoraLinear(base, "lin", experts, len(experts))
+    router = SpectrRouter(layer)
+    assert router.groups is not None and not hasattr(router, "keys")
+    torch.testing.assert_close(router.scores(x)[0].double(), explicit(layer), atol=1e-4, rtol=1e-4)
+    same = [(i, f"e{i}", ExpertModule(torch.randn(8, 40, generator=g), torch.randn(20, 8, generator=g), 2.0))
+            for i in range(5)]  # one rank: the batched path over rows in expert order
+    layer = RoutedLoraLinear(base, "lin", same, 5)
+    router = SpectrRouter(layer)
+    assert router.uniform
+    torch.testing.assert_close(router.scores(x)[0].double(), explicit(layer), atol=1e-4, rtol=1e-4)
+    bad_a = torch.randn(4, 40, generator=g)
+    bad_a[3] = bad_a[2] + 1e-7 * torch.randn(40, generator=g)  # nearly rank 3
+    layer = RoutedLoraLinear(base, "lin", [*same[:2], (2, "e2", ExpertModule(bad_a, torch.randn(20, 4, generator=g),
+                                                                             1.0))], 3)
+    router = SpectrRouter(layer)
+    assert router.groups is None and router.keys.shape[0] == 40
+    torch.testing.assert_close(router.scores(x)[0].double(), explicit(layer), atol=1e-4, rtol=1e-4)

@@ -306,27 +306,88 @@ def layer_right_singular_vectors(layer) -> list[torch.Tensor]:
     return out
 
 
+def spectr_factors(layer, max_cond: float = 1e4) -> list[tuple] | None:
+    """SpectR's scores through the layer's stored ``A`` rows: per rank group ``(experts, rows,
+    M [m, r, r])`` with ``‖V_iᵀ x‖ = ‖M_i A_i x‖``. With ``Aᵀ = Q_A R_A`` and ``B A = Q_B K
+    Q_Aᵀ`` (``K = R_B R_Aᵀ = U S Wᵀ``, as :func:`layer_right_singular_vectors`), ``V_iᵀ = Wᵀ
+    Q_Aᵀ = Wᵀ R_A⁻ᵀ A``, so ``M = Wᵀ R_A⁻ᵀ`` (rows of zero singular values zeroed): r×r numbers
+    per expert instead of a ``[Σ r_i, d_in]`` copy of the keys. None where some ``A_i`` is
+    too ill-conditioned (``cond(R_A) > max_cond``) for float32 products through ``R_A⁻ᵀ``."""
+    n = len(layer.ranks)
+    ranks = torch.tensor(layer.ranks, dtype=torch.long)
+    starts = layer.row_start.to("cpu", torch.long)
+    scalings = torch.tensor(layer.scalings, dtype=torch.float64)
+    dt = torch.promote_types(layer.weight.dtype, torch.float32)
+    groups = []
+    for r in sorted(set(layer.ranks)):
+        idx = torch.nonzero(ranks == r).flatten()
+        rows = (starts[idx].unsqueeze(1) + torch.arange(r)).flatten()
+        dev_rows = rows.to(layer.A_rows.device)
+        A = layer.A_rows.index_select(0, dev_rows).double().view(len(idx), r, -1)  # [m, r, d_in]
+        B = (layer.BT_rows.index_select(0, dev_rows).double().view(len(idx), r, -1)
+             / scalings[idx].view(-1, 1, 1).to(A.device)).transpose(1, 2)  # [m, d_out, r]
+        RB = torch.linalg.qr(B, mode="r").R
+        RA = torch.linalg.qr(A.transpose(1, 2), mode="r").R  # [m, r, r]
+        if not bool((torch.linalg.cond(RA) <= max_cond).all()):
+            return None
+        _, S, Wh = torch.linalg.svd(RB @ RA.transpose(1, 2))
+        keep = S > S.max(1, keepdim=True).values * 1e-9
+        Mt = torch.linalg.solve_triangular(RA, Wh.transpose(1, 2), upper=True)  # R_A⁻¹ W = Mᵀ
+        M = Mt.transpose(1, 2) * keep.unsqueeze(-1)
+        groups.append((idx.to(layer.A_rows.device), dev_rows, M.to(dt).contiguous()))
+    if sum(len(g[0]) for g in groups) != n:  # pragma: no cover - every expert has a rank
+        return None
+    return groups
+
+
 class SpectrRouter(TokenRouter):
     """``score_i = ‖V_iᵀ x‖`` for every expert at the layer (SpectR: see :mod:`recycle.methods.spectr`).
 
-    The experts' ``V_iᵀ`` are stacked side by side, without padding (ranks may differ), into one
-    ``[d_in, Σ_i r_i]`` matrix: one matmul gives every expert's projection, whose squares are
-    summed per expert (``owner``: the expert of each column)."""
+    Computed as ``‖M_i A_i x‖`` (:func:`spectr_factors`): one matmul with the layer's own
+    stacked ``A`` rows gives every ``A_i x``, then a batched r×r product per expert; nothing
+    the size of the experts is stored beside them (at N = 1,000, ``[Σ r_i, d_in]`` keys were
+    a second copy of every ``A``). Where an ``A_i`` is ill-conditioned the router keeps the
+    right-singular vectors themselves, stacked side by side into one ``[d_in, Σ_i r_i]``
+    matrix, whose products' squares are summed per expert (``owner``)."""
 
     name = "spectr"
 
     def __init__(self, layer, top_k: int = 2, weighting: str = "uniform", temperature: float = 1.0):
         super().__init__(top_k, weighting, temperature)
-        vs = layer_right_singular_vectors(layer)
-        dt = torch.promote_types(layer.weight.dtype, torch.float32)
-        owner = torch.repeat_interleave(torch.arange(len(vs)), torch.tensor([v.shape[0] for v in vs]))
-        self.n = len(vs)
-        self.register_buffer("keys", torch.cat(vs).T.contiguous().to(layer.weight.device, dt), persistent=False)
-        self.register_buffer("owner", owner.to(layer.weight.device), persistent=False)
+        self.n = len(layer.ranks)
+        self.__dict__["_layer"] = layer  # not a submodule: the layer owns this router
+        self.groups = spectr_factors(layer)
+        self.uniform = self.groups is not None and len(self.groups) == 1  # one rank: rows in expert order
+        if self.groups is None:
+            vs = layer_right_singular_vectors(layer)
+            dt = torch.promote_types(layer.weight.dtype, torch.float32)
+            owner = torch.repeat_interleave(torch.arange(len(vs)), torch.tensor([v.shape[0] for v in vs]))
+            self.register_buffer("keys", torch.cat(vs).T.contiguous().to(layer.weight.device, dt), persistent=False)
+            self.register_buffer("owner", owner.to(layer.weight.device), persistent=False)
+
+    def _rows(self) -> torch.Tensor:
+        layer = self._layer
+        if layer.A_rows.dtype in (torch.float32, torch.float64):
+            return layer.A_rows
+        return layer._float32_rows()[0]  # the float32 copy the CSR kernel keeps (made once)
 
     def scores(self, x: torch.Tensor):
-        z = x.to(self.keys.dtype) @ self.keys  # [T, Σ r_i]
-        sq = z.new_zeros(x.shape[0], self.n).index_add_(1, self.owner, z.square_())
+        if self.groups is None:
+            z = x.to(self.keys.dtype) @ self.keys  # [T, Σ r_i]
+            sq = z.new_zeros(x.shape[0], self.n).index_add_(1, self.owner, z.square_())
+            return sq.sqrt_(), None
+        A = self._rows()
+        z = x.to(A.dtype) @ A.T  # [T, Σ r_i]: every A_i x
+        t = x.shape[0]
+        if self.uniform:
+            _, _, M = self.groups[0]
+            y = torch.bmm(z.view(t, self.n, -1).transpose(0, 1), M.transpose(1, 2).to(z.dtype))  # [n, T, r]
+            return y.square_().sum(-1).T.sqrt_(), None
+        sq = z.new_zeros(t, self.n)
+        for idx, rows, M in self.groups:
+            zr = z.index_select(1, rows).view(t, len(idx), -1).transpose(0, 1)  # [m, T, r]
+            y = torch.bmm(zr, M.transpose(1, 2).to(z.dtype))
+            sq.index_copy_(1, idx, y.square_().sum(-1).T)
         return sq.sqrt_(), None
 
 
