@@ -128,6 +128,34 @@ def test_a_fold_never_uses_its_held_out_experts(registered):
     assert set(out["stats"]) == {"ea", "eb"}  # each expert's own prototype, for the final gate only
 
 
+def test_folds_sharing_passes_equal_fold_by_fold(registered, ray_local):
+    """fold_results (the shared pass once, a routed pass per fold, every (example, expert)
+    pair once on Ray) gives each fold what run_fold_job computes for it alone."""
+    from recycle import compose
+    from recycle.registry import Registry
+    from recycle.settings import GateTrainSettings
+    from recycle.tasks import load_examples
+
+    train_real_gates(["ea", "eb"])
+    ok("compose", "c", "--method", "cosmo", "--all")
+    reg = Registry()
+    plan = compose.plan(reg, composition="c")
+    exs = load_examples(reg, "t_alpha", "validation") + load_examples(reg, "t_beta", "validation")
+    tasks = ["t_alpha"] * (len(exs) // 2) + ["t_beta"] * (len(exs) - len(exs) // 2)
+    splits = [["ea"], ["eb"]]
+    shared = C.fold_results(plan, exs, tasks, splits, GateTrainSettings(batch_size=4))
+    assert set(shared[0]["stats"]) == {"ea", "eb"}
+    for f, held in enumerate(splits):
+        keep = [n for n in ("ea", "eb") if n not in held]
+        alone = C.run_fold_job(C.FoldJob(plan.to_dict(), f, keep, held, exs, tasks, batch_size=4, stats=True))
+        got = shared[f]
+        assert got["keep"] == keep and got["held"] == held and got["chosen"] == alone["chosen"]
+        for k in ("posterior", "d_min", "routed", "base"):
+            close(got[k], alone[k])
+        for mode in ("top1", "posterior"):
+            close(got["seen"][mode], alone["seen"][mode])
+
+
 def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     from recycle.registry import Registry
 

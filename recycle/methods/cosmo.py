@@ -36,7 +36,9 @@ identifier, the seen side and the unseen composition are rebuilt from the other 
 (a trained unseen composition in its untrained form), and features are computed on the
 validation splits of every member's task (never on a task without an expert here). The
 logistic regressions are fitted on all folds' examples, and θ, T are chosen on them to
-maximise H. The per-fold work runs as Ray tasks.
+maximise H. The folds' work runs as Ray tasks that share passes (:func:`fold_results`):
+the embeddings, the base model's scores and the prototypes once, a routed pass per fold, and
+each (example, expert) pair the seen sides need once, whichever folds need it.
 
 Scores of a COSMO composition are ``log P`` per choice; its evaluations also store per
 example ``p_seen``, the identified expert, ``q`` and every side's scores (so the ablations of
@@ -267,25 +269,32 @@ class Sides:
         """The seen side's answer distributions (as log-probs) in each of ``modes`` (top1:
         the identified expert; posterior: the top experts mixed by the posterior), and the
         identified experts."""
-        import torch
+        return seen_sides(posterior, names, lambda pick: self.experts(examples, pick, names), modes)
 
-        order = torch.argsort(posterior, -1, descending=True)
-        top1 = [names[int(i)] for i in order[:, 0]]
-        first = [probs(s) for s in self.experts(examples, top1, names)]
-        out = {}
-        if "top1" in modes:
-            out["top1"] = [p.log().tolist() for p in first]
-        if "posterior" in modes:
-            weight = [posterior[i, order[i, 0]].item() for i in range(len(examples))]
-            mixed = [w * p for w, p in zip(weight, first)]
-            for r in range(1, min(POSTERIOR_TOP, len(names))):
-                pick = [names[int(i)] for i in order[:, r]]
-                for i, sc in enumerate(self.experts(examples, pick, names)):
-                    w = posterior[i, order[i, r]].item()
-                    mixed[i] = mixed[i] + w * probs(sc)
-                    weight[i] += w
-            out["posterior"] = [(m / w).log().tolist() for m, w in zip(mixed, weight)]
-        return out, top1
+
+def seen_sides(posterior: torch.Tensor, names: list[str], score, modes=("top1",)) -> tuple[dict, list[str]]:
+    """:meth:`Sides.seen` given ``score(pick)``: every example's answer scores under the
+    expert ``pick[i]`` (one expert per example)."""
+    import torch
+
+    order = torch.argsort(posterior, -1, descending=True)
+    top1 = [names[int(i)] for i in order[:, 0]]
+    first = [probs(s) for s in score(top1)]
+    out = {}
+    if "top1" in modes:
+        out["top1"] = [p.log().tolist() for p in first]
+    if "posterior" in modes:
+        n = posterior.shape[0]
+        weight = [posterior[i, order[i, 0]].item() for i in range(n)]
+        mixed = [w * p for w, p in zip(weight, first)]
+        for r in range(1, min(POSTERIOR_TOP, len(names))):
+            pick = [names[int(i)] for i in order[:, r]]
+            for i, sc in enumerate(score(pick)):
+                w = posterior[i, order[i, r]].item()
+                mixed[i] = mixed[i] + w * probs(sc)
+                weight[i] += w
+        out["posterior"] = [(m / w).log().tolist() for m, w in zip(mixed, weight)]
+    return out, top1
 
 
 class CosmoScorer:
@@ -414,6 +423,124 @@ def run_fold_job(job: FoldJob) -> dict:
            "seconds": time.time() - t0}
     if job.stats:
         out["stats"] = {n: {"n": s["n"], "mean": s["mean"], "scatter": s["scatter"]} for n, s in stats.items()}
+    return out
+
+
+@dataclass
+class SideJob(cluster.Job):
+    """One pass of the folds' work (:func:`fold_results`): ``shared`` (the prompts'
+    embeddings, the base model's scores, every member's prototype statistics: the same in
+    every fold), ``routed`` (fold ``fold``'s routed side over ``keep``) or ``experts`` (each
+    example scored by the expert ``assignment[i]``: the seen sides' (example, expert) pairs
+    of all folds, each once)."""
+
+    plan: dict
+    kind: str
+    examples: list  # recycle.data.Example
+    tasks: list | None = None
+    keep: list | None = None
+    fold: int = -1
+    assignment: list | None = None
+    batch_size: int = 16
+    max_length: int = 256
+
+
+def run_side_job(job: SideJob) -> dict:
+    import torch
+
+    from recycle.basemodels import load_base, resolve_base
+
+    torch.set_num_threads(max(1, int(job.threads)))
+    t0 = time.time()
+    plan = Plan.from_dict(job.plan)
+    model, tok = load_base(resolve_base(plan.base), dtype=job.dtype)
+    model.to(cluster.device(job.device))
+    sides = Sides(plan, model, tok, job.batch_size, job.max_length)
+    out: dict = {"kind": job.kind, "fold": job.fold}
+    if job.kind == "shared":
+        stats = sides.member_stats()
+        out["stats"] = {n: {"n": v["n"], "mean": v["mean"], "scatter": v["scatter"]} for n, v in stats.items()}
+        out["h"] = sides.embed(job.examples)
+        out["base"] = sides.base(job.examples)
+    elif job.kind == "routed":
+        out["routed"] = sides.routed(job.examples, job.tasks, keep=job.keep).scores
+    else:
+        names = [m.name for m in plan.members]
+        out["scores"] = sides.experts(job.examples, job.assignment, names)
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def run_cosmo_job(job) -> dict:
+    """A COSMO training task: a :class:`SideJob` or (one whole fold) a :class:`FoldJob`."""
+    return run_side_job(job) if isinstance(job, SideJob) else run_fold_job(job)
+
+
+def fold_results(plan: Plan, examples: list, tasks: list, splits: list[list[str]], settings: GateTrainSettings,
+                 *, cpus: float = 1.0, gpus: float | None = None, address: str | None = None,
+                 report: Reporter | None = None) -> list[dict]:
+    """What :func:`run_fold_job` returns for each fold (``splits[f]``: the members it holds
+    out), computed without repeating a pass: the embeddings, base scores and prototype
+    statistics once (the same in every fold), one routed pass per fold, and every (example,
+    expert) pair the folds' seen sides need scored once, however many folds need it (an
+    example's identified expert is the same in every fold that keeps it). Two waves of Ray
+    tasks: the shared pass beside the routed ones, then the pairs."""
+    import torch
+
+    report = report or Reporter()
+    names = [m.name for m in plan.members]
+    pd = plan.to_dict()
+    kw = {"batch_size": settings.batch_size, "dtype": settings.dtype}
+    keeps = [[n for n in names if n not in held] for held in splits]
+    done: dict = {}
+    errors: list[str] = []
+    memory: list[dict] = []
+
+    def got(job, r):
+        done[(r["kind"], r["fold"])] = r
+        memory.append(r.get("memory") or {})
+        report.ok(f"{job.kind}{'' if job.fold < 0 else f' fold {job.fold}'}: {r['seconds']:.0f} s")
+
+    def wave(jobs, what):
+        cluster.run(run_side_job, jobs, cluster.Resources(cpus, gpus), "folds", got,
+                    on_error=lambda j, e: (errors.append(e), report.fail(f"{j.kind} {j.fold}: {e}")),
+                    address=address, report=report, what=what)
+        if errors:
+            raise RecycleError(f"COSMO gate training failed: {errors[0]}", exit_code=1)
+
+    first = [SideJob(pd, "shared", examples, **kw)]
+    first += [SideJob(pd, "routed", examples, tasks, keep=k, fold=f, **kw) for f, k in enumerate(keeps)]
+    wave(first, f"COSMO folds: the shared pass and {len(keeps)} routed passes over {len(examples)} examples")
+    shared = done[("shared", -1)]
+    stats, h = shared["stats"], shared["h"]
+    posts = [identify(identifier(stats, k), h) for k in keeps]
+    # every (example, expert) pair a fold's seen side asks for, each scored once
+    pairs: set = set()
+    for (post, _), keep in zip(posts, keeps):
+        order = torch.argsort(post, -1, descending=True)[:, :min(POSTERIOR_TOP, len(keep))]
+        pairs.update((i, keep[int(j)]) for i, row in enumerate(order.tolist()) for j in row)
+    pairs_sorted = sorted(pairs, key=lambda p: (p[1], p[0]))  # by expert: each job installs few
+    chunks = max(1, min(len(keeps), len(pairs_sorted) // 64))
+    step = -(-len(pairs_sorted) // chunks)
+    parts = [pairs_sorted[i:i + step] for i in range(0, len(pairs_sorted), step)]
+    wave([SideJob(pd, "experts", [examples[i] for i, _ in part], assignment=[e for _, e in part], fold=c, **kw)
+          for c, part in enumerate(parts)],
+         f"COSMO folds: {len(pairs_sorted)} (example, expert) pairs of the seen sides "
+         f"({len(pairs_sorted) / max(1, len(examples)):.1f} an example, against "
+         f"{len(keeps) * min(POSTERIOR_TOP, len(names))} fold by fold)")
+    score = {}
+    for c, part in enumerate(parts):
+        score.update(zip(part, done[("experts", c)]["scores"]))
+    peak = max(memory, key=lambda m: m.get("peak_rss_mib", 0)) if memory else {}
+    out = []
+    for f, ((post, d_min), keep) in enumerate(zip(posts, keeps)):
+        seen, chosen = seen_sides(post, keep, lambda pick: [score[(i, e)] for i, e in enumerate(pick)],
+                                  ("top1", "posterior"))
+        out.append({"fold": f, "keep": keep, "held": splits[f], "tasks": tasks,
+                    "labels": [ex.label for ex in examples], "posterior": post.tolist(), "d_min": d_min.tolist(),
+                    "seen": seen, "chosen": chosen, "routed": done[("routed", f)]["routed"],
+                    "base": shared["base"], "seconds": done[("routed", f)]["seconds"], "memory": peak})
+    out[0]["stats"] = stats
     return out
 
 
@@ -589,22 +716,11 @@ def train_gate(
         family = task_families(registry, list(dict.fromkeys(member_task.values())))
         groups = {n: family.get(t) or f"task {t}" for n, t in member_task.items()}  # no family: its own
     splits = fold_split(names, settings.folds, settings.seed, groups)
-    jobs = [FoldJob(plan.to_dict(), f, [n for n in names if n not in held], held, examples, tasks,
-                    batch_size=settings.batch_size, stats=(f == 0), dtype=settings.dtype)
-            for f, held in enumerate(splits)]
-    results: list[dict] = []
-    errors: list[str] = []
-    cluster.run(METHOD.train_job, jobs, cluster.Resources(cpus, gpus), "folds",
-                lambda j, r: (results.append(r), report.ok(f"fold {j.fold} (held out {', '.join(j.held)}): "
-                                                           f"{r['seconds']:.0f} s")),
-                on_error=lambda j, e: (errors.append(e), report.fail(f"fold {j.fold}: {e}")), address=address,
-                report=report, what=f"training the COSMO gate of {name} ({len(jobs)} folds, {len(examples)} "
-                                    f"validation examples of {len(set(tasks))} member tasks)")
-    if errors:
-        raise RecycleError(f"COSMO gate training for {name} failed: {errors[0]}", exit_code=1)
-    results.sort(key=lambda r: r["fold"])
-    for r in results[1:]:
-        r["base"] = results[0]["base"]
+    t0 = time.time()
+    results = fold_results(plan, examples, tasks, splits, settings, cpus=cpus, gpus=gpus, address=address,
+                           report=report)
+    report.ok(f"{name}: {len(splits)} folds over {len(examples)} validation examples of {len(set(tasks))} member "
+              f"tasks: {time.time() - t0:.0f} s")
     fitted = fit_gate(results, member_task)
     stats = results[0]["stats"]
     ident = identifier(stats, names)
@@ -643,7 +759,7 @@ class Cosmo(Method):
     TrainSettings = GateTrainSettings
     state_key, state_what = "gate", "COSMO gate"
     trains = "train-cosmo-gate"
-    train_job = staticmethod(run_fold_job)
+    train_job = staticmethod(run_cosmo_job)
 
     def plan_members(self, registry, experts):
         members = super().plan_members(registry, experts)
