@@ -111,7 +111,7 @@ def main() -> None:
     t0 = time.time()
     for t in FAR:
         add_task(registry, catalogue_spec(t))
-    experts = [e["name"] for e in registry.experts() if e.get("task") in HELD_IN]
+    experts = [e.name for e in registry.experts() if e.task in HELD_IN]
     with cluster.connect(None):
         compose.create(registry, "cosmo", "cosmo", experts, {}, replace=True)
         gate = train_gate(registry, "cosmo", GateTrainSettings(folds=args.folds, examples=args.examples),

@@ -293,7 +293,8 @@ def stage_forward(ctx) -> dict:
     from recycle.methods.method import install
     from recycle.registry import Registry
 
-    torch.set_num_threads(ctx["workers"])
+    threads = ctx["args"].threads or ctx["workers"]
+    torch.set_num_threads(threads)
     reg = Registry(ctx["db"])
     plan = compose.plan(reg, composition="pg")
     model, tok = load_base(resolve_base(plan.base))
@@ -343,7 +344,7 @@ def stage_forward(ctx) -> dict:
     b, r, s = statistics.median(base_t), statistics.median(routed_t), statistics.median(score_t)
     return {"tokens": 1024, "top_k": 2, "routed_modules": routed, "install_seconds": round(install_s, 1),
             "base_seconds": round(b, 3), "routed_seconds": round(r, 3), "ratio": round(r / b, 2),
-            "scores_seconds": round(s, 3), "scores_share_of_routed": round(s / r, 2), "threads": ctx["workers"]}
+            "scores_seconds": round(s, 3), "scores_share_of_routed": round(s / r, 2), "threads": threads}
 
 
 def stage_eval(ctx) -> dict:
@@ -490,7 +491,8 @@ def markdown(results: dict, command: list[str]) -> str:
     row("base model alone: `predict base` (fresh process), peak RSS", "",
         lambda r: f"{r['compose']['base']['rss_mib']} MiB")
     row("routed forward, k = 2, 1,024 tokens / base", "≤ 1.5×",
-        lambda r: f"{r['forward']['routed_seconds']} / {r['forward']['base_seconds']} s = {r['forward']['ratio']}×",
+        lambda r: f"{r['forward']['routed_seconds']} / {r['forward']['base_seconds']} s = {r['forward']['ratio']}× "
+                  f"({r['forward'].get('threads', 2)} thread(s))",
         lambda r: r["forward"]["load_average"])
     row("of which scoring (one matmul per module / sibling group)", "not dominant",
         lambda r: f"{r['forward']['scores_seconds']} s ({100 * r['forward']['scores_share_of_routed']:.0f}%)")
@@ -516,6 +518,7 @@ def main() -> None:
     ap.add_argument("--gate-subset", type=int, default=100)
     ap.add_argument("--methods", default="", help="compose stage: only these methods (comma-separated)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="forward stage: torch threads (default: every core)")
     ap.add_argument("--requests", type=int, default=20)
     args = ap.parse_args()
     stages = [s for s in args.stages.split(",") if s]  # none: only the report from scale.json
