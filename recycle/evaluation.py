@@ -141,11 +141,15 @@ def routing_cost(stats: dict) -> dict:
 
 
 def lowest_adapted_layer(plan: Plan) -> int | None:
-    """The lowest decoder layer any member of ``plan`` adapts (0 when unknown)."""
+    """The lowest decoder layer any member of ``plan`` adapts, or of a part it runs (COSMO's
+    unseen side: ``data["parts"]``); 0 when unknown."""
     from recycle.adapters import LORA_KEY, read_safetensors_header
 
     lowest = None
-    for m in plan.members:
+    members = list(plan.members)
+    for part in ((plan.data or {}).get("parts") or {}).values():
+        members += Plan.from_dict(part).members
+    for m in members:
         for key in read_safetensors_header(Path(m.path) / "adapter_model.safetensors"):
             found = LORA_KEY.match(key)
             layer = layer_of(found["path"] + ".") if found else None

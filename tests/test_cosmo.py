@@ -205,6 +205,33 @@ def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     assert "no COSMO gate to train" in one_line_error(cli("train-cosmo-gate", "pg"))
 
 
+def test_cosmo_shares_the_trunk_of_its_task_group_exactly(registered, make_adapter, ray_local):
+    """With experts on the top two layers, COSMO's seen, routed and base passes replay layers
+    0-1 recorded once for the task group: the same scores and gate outputs as alone."""
+    from recycle import evaluation as E
+    from recycle.registry import Registry
+
+    for old in ("ea", "eb"):
+        ok("experts", "remove", old, "--yes")
+    for name, task, seed in (("ta", "t_alpha", 21), ("tb", "t_beta", 22)):
+        folder = make_adapter(registered["root"] / name, seed=seed, targets=("q_proj", "v_proj", "up_proj"),
+                              layers_to_transform=[2, 3])
+        ok("add-expert", folder, "--task", task, "--base", "tiny-llama", "--name", name)
+    train_real_gates(["ta", "tb"])
+    ok("compose", "c", "--method", "cosmo", "--all")
+    ok("train-cosmo-gate", "c", "--folds", "2", "--examples", "6")
+    jobs, _ = E.plan_eval(Registry(), E.EvalRequest(methods=("base", "phatgoose"), compositions=("c",),
+                                                    tasks="t_alpha"))
+    shared = E.run_eval_group(E.EvalGroup("t_alpha", jobs))
+    alone = E.run_eval_group(E.EvalGroup("t_alpha", jobs, share=False))
+    assert not [r for r in shared["results"] + alone["results"] if "error" in r], shared["results"]
+    assert shared["trunk"] == 2 and alone["trunk"] is None
+    assert sorted(bool((r["result"].get("extra") or {}).get("p_seen")) for r in shared["results"]) == [False, False, True]
+    for a, b in zip(shared["results"], alone["results"]):
+        assert a["result"]["scores"] == b["result"]["scores"]
+        assert (a["result"].get("extra") or {}).get("p_seen") == (b["result"].get("extra") or {}).get("p_seen")
+
+
 def test_unseen_must_name_another_stored_composition(registered):
     """Checked when stored, not when used: no such composition, itself, a path, a method's
     name, a COSMO composition, other members."""

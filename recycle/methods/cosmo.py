@@ -194,9 +194,10 @@ def _sub_plan(part: dict, keep: list[str] | None = None) -> Plan:
 class Sides:
     """Every side's scores for a list of examples, computed in turn on one base model."""
 
-    def __init__(self, plan: Plan, model, tokenizer, batch_size: int, max_length: int):
+    def __init__(self, plan: Plan, model, tokenizer, batch_size: int, max_length: int, trunk=None):
         self.plan, self.model, self.tok = plan, model, tokenizer
         self.kw = {"batch_size": batch_size, "max_length": max_length}
+        self.trunk = trunk  # the layers below every member's, shared by the sides' scoring passes
 
     def embed(self, examples) -> torch.Tensor:
         from recycle.scoring import embed_prompts
@@ -248,22 +249,23 @@ class Sides:
             def on_rows(rows):
                 h.set_examples([assignment[i] for i in rows])
 
-            return score_choices(self.model, self.tok, examples, on_rows=on_rows, **self.kw)
+            return score_choices(self.model, self.tok, examples, on_rows=on_rows, trunk=self.trunk, **self.kw)
 
     def routed(self, examples, tasks, keep: list[str] | None = None, record: bool = False):
         from recycle import methods
 
         part = _sub_plan(self.plan.data["parts"]["unseen"], keep)
         scorer = methods.get(part.method).scorer(part, self.model, self.tok)
+        kw = {"trunk": self.trunk} if self.trunk is not None and methods.get(part.method).shares_trunk else {}
         try:
-            return scorer.score(examples, tasks, record=record, **self.kw)
+            return scorer.score(examples, tasks, record=record, **self.kw, **kw)
         finally:
             scorer.close()
 
     def base(self, examples) -> list:
         from recycle.scoring import score_choices
 
-        return score_choices(self.model, self.tok, examples, **self.kw)
+        return score_choices(self.model, self.tok, examples, trunk=self.trunk, **self.kw)
 
     def seen(self, examples, posterior: torch.Tensor, names: list[str], modes=("top1",)) -> tuple[dict, list[str]]:
         """The seen side's answer distributions (as log-probs) in each of ``modes`` (top1:
@@ -316,8 +318,9 @@ class CosmoScorer:
     def close(self) -> None:
         pass
 
-    def score(self, examples, tasks, *, batch_size: int = 16, max_length: int = 256, record: bool = False) -> Scored:
-        sides = Sides(self.plan, self.model, self.tok, batch_size, max_length)
+    def score(self, examples, tasks, *, batch_size: int = 16, max_length: int = 256, record: bool = False,
+              trunk=None) -> Scored:
+        sides = Sides(self.plan, self.model, self.tok, batch_size, max_length, trunk)
         names = self.ident["names"]
         posterior, d_min = identify(self.ident, sides.embed(examples))
         seen, chosen = sides.seen(examples, posterior, names, (self.s.seen,))
@@ -755,7 +758,7 @@ class Cosmo(Method):
     Settings = CosmoSettings
     needs = "task"
     in_default_eval = False
-    shares_trunk = False  # its scorer runs several sides, each on the whole model
+    shares_trunk = True  # its seen, routed and base sides score the same examples: one trunk for all
     TrainSettings = GateTrainSettings
     state_key, state_what = "gate", "COSMO gate"
     trains = "train-cosmo-gate"
