@@ -350,3 +350,19 @@ def test_gates_with_an_every_layer_expert_say_why_nothing_is_reused(toy, capsys)
     assert _record_gates(registry, row, settings, summary["gates"], Reporter()) == "trained"
     said = capsys.readouterr()
     assert "nothing reused: the adapter covers layer 0" in said.out + said.err
+
+
+def test_experts_are_submitted_longest_first(toy, monkeypatch):
+    """A long job (the multitask reference) goes to the cluster first, so it does not run
+    alone at the end while the other workers idle; outcomes keep the caller's order."""
+    from recycle import cluster
+    from recycle.registry import Registry
+    from recycle.training import TrainSettings, plan_expert, train_experts
+
+    registry = Registry(os.environ["RECYCLE_DB"])
+    jobs = [plan_expert(registry, ["toy"], "tiny-llama", TrainSettings(steps=s, batch_size=4, max_length=48), name=n)
+            for n, s in (("short", 2), ("long", 30), ("mid", 5))]
+    submitted = []
+    monkeypatch.setattr(cluster, "run", lambda fn, js, *a, **k: submitted.extend(j.name for j in js))
+    out = train_experts(registry, jobs)
+    assert submitted == ["long", "mid", "short"] and [o["name"] for o in out] == ["short", "long", "mid"]
