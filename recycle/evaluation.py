@@ -146,11 +146,11 @@ def lowest_adapted_layer(plan: Plan) -> int | None:
     from recycle.adapters import LORA_KEY, read_safetensors_header
 
     lowest = None
-    members = list(plan.members)
+    paths = dict.fromkeys(m.path for m in plan.members)
     for part in ((plan.data or {}).get("parts") or {}).values():
-        members += Plan.from_dict(part).members
-    for m in members:
-        for key in read_safetensors_header(Path(m.path) / "adapter_model.safetensors"):
+        paths.update(dict.fromkeys(m.path for m in Plan.from_dict(part).members))  # each header read once
+    for path in paths:
+        for key in read_safetensors_header(Path(path) / "adapter_model.safetensors"):
             found = LORA_KEY.match(key)
             layer = layer_of(found["path"] + ".") if found else None
             if layer is None:

@@ -397,12 +397,13 @@ class FoldJob(cluster.Job):
     tasks: list  # task of each example
     batch_size: int = 16
     max_length: int = 256
-    stats: bool = False  # also return every member's prototype statistics and the base model's scores
+    stats: bool = False  # also return every member's prototype statistics
 
 
 def run_fold_job(job: FoldJob) -> dict:
-    """One fold: every side's scores and the identifier over the kept members, for every
-    validation example of every member task (worker side)."""
+    """One fold alone: every side's scores and the identifier over the kept members, for
+    every validation example of every member task. The definition :func:`fold_results`
+    computes for all folds at once without repeating a pass (and is tested against)."""
     import torch
 
     from recycle.basemodels import load_base, resolve_base
@@ -419,7 +420,7 @@ def run_fold_job(job: FoldJob) -> dict:
     posterior, d_min = identify(ident, sides.embed(job.examples))
     seen, chosen = sides.seen(job.examples, posterior, job.keep, ("top1", "posterior"))
     routed = sides.routed(job.examples, job.tasks, keep=job.keep).scores
-    base = sides.base(job.examples) if job.stats else None  # the same in every fold: fold 0's is shared
+    base = sides.base(job.examples)
     out = {"fold": job.fold, "keep": job.keep, "held": job.held, "tasks": job.tasks,
            "labels": [ex.label for ex in job.examples], "posterior": posterior.tolist(), "d_min": d_min.tolist(),
            "seen": seen, "chosen": chosen, "routed": routed, "base": base,
@@ -474,11 +475,6 @@ def run_side_job(job: SideJob) -> dict:
     return out
 
 
-def run_cosmo_job(job) -> dict:
-    """A COSMO training task: a :class:`SideJob` or (one whole fold) a :class:`FoldJob`."""
-    return run_side_job(job) if isinstance(job, SideJob) else run_fold_job(job)
-
-
 def fold_results(plan: Plan, examples: list, tasks: list, splits: list[list[str]], settings: GateTrainSettings,
                  *, cpus: float = 1.0, gpus: float | None = None, address: str | None = None,
                  report: Reporter | None = None) -> list[dict]:
@@ -505,7 +501,7 @@ def fold_results(plan: Plan, examples: list, tasks: list, splits: list[list[str]
         report.ok(f"{job.kind}{'' if job.fold < 0 else f' fold {job.fold}'}: {r['seconds']:.0f} s")
 
     def wave(jobs, what):
-        cluster.run(run_side_job, jobs, cluster.Resources(cpus, gpus), "folds", got,
+        cluster.run(METHOD.train_job, jobs, cluster.Resources(cpus, gpus), "folds", got,
                     on_error=lambda j, e: (errors.append(e), report.fail(f"{j.kind} {j.fold}: {e}")),
                     address=address, report=report, what=what)
         if errors:
@@ -762,7 +758,7 @@ class Cosmo(Method):
     TrainSettings = GateTrainSettings
     state_key, state_what = "gate", "COSMO gate"
     trains = "train-cosmo-gate"
-    train_job = staticmethod(run_cosmo_job)
+    train_job = staticmethod(run_side_job)
 
     def plan_members(self, registry, experts):
         members = super().plan_members(registry, experts)

@@ -369,7 +369,9 @@ class SpectrRouter(TokenRouter):
         layer = self._layer
         if layer.A_rows.dtype in (torch.float32, torch.float64):
             return layer.A_rows
-        return layer._float32_rows()[0]  # the float32 copy the CSR kernel keeps (made once)
+        if layer.A_rows.device.type == "cpu":
+            return layer._float32_rows()[0]  # the float32 copy the CPU's CSR kernel keeps anyway
+        return layer.A_rows.float()  # elsewhere a transient upcast, not a kept copy of A and B
 
     def scores(self, x: torch.Tensor):
         if self.groups is None:
