@@ -44,6 +44,7 @@ class EvalRequest:
     compositions: tuple[str, ...] = ()
     tasks: str = "held-out"  # held-out, held-in, all, or comma-separated names
     n: int | None = None
+    n_held_in: int | None = None  # held-in tasks' sample size where it differs from n
     seed: int = 0
     top_k: int | None = None  # for token-routed methods given by name (default: the method's)
     batch_size: int = 16
@@ -57,6 +58,8 @@ class EvalRequest:
     def __post_init__(self):
         if self.n is not None and self.n < 1:
             raise RecycleError(f"-n must be at least 1, not {self.n}")
+        if self.n_held_in is not None and self.n_held_in < 1:
+            raise RecycleError(f"--n-held-in must be at least 1, not {self.n_held_in}")
         if not self.cpus_per_task > 0:
             raise RecycleError(f"--cpus-per-task must be positive, not {self.cpus_per_task}")
         if self.batch_size < 1:
@@ -74,7 +77,8 @@ class EvalRequest:
     def record(self) -> dict:
         """The run's settings as stored with it."""
         return {"methods": list(self.methods), "compositions": list(self.compositions), "tasks": self.tasks,
-                "n": self.n, "seed": self.seed, "top_k": self.top_k,
+                "n": self.n, **({"n_held_in": self.n_held_in} if self.n_held_in is not None else {}),
+                "seed": self.seed, "top_k": self.top_k,
                 **({"dtype": self.dtype} if self.dtype != "float32" else {})}
 
 
@@ -290,13 +294,14 @@ def plan_eval(registry: Registry, request: EvalRequest) -> tuple[list[EvalJob], 
             if reason:
                 skipped.append({"label": p.label, "task": task, "reason": reason})
                 continue
+            n = request.n_held_in if held == "in" and request.n_held_in is not None else request.n
             if task not in examples_cache:
-                examples_cache[task] = load_examples(registry, task, "test", n=request.n, seed=request.seed)
+                examples_cache[task] = load_examples(registry, task, "test", n=n, seed=request.seed)
                 if not examples_cache[task]:
                     raise RecycleError(f"task {task}: empty test split")
             exs = examples_cache[task]
             jobs.append(EvalJob(p.label, p.to_dict(), task, held, exs, batch_size=request.batch_size,
-                                key=result_key(p, registry, task, request.n, request.seed, request.dtype),
+                                key=result_key(p, registry, task, n, request.seed, request.dtype),
                                 content_key=p.content_key, member_hashes=p.member_hashes, n=len(exs),
                                 seed=request.seed))
     return jobs, skipped

@@ -399,6 +399,8 @@ class EvalSettings(Precision):
 
     tasks: str = setting("held-out", "held-out, held-in, all, or comma-separated task names")
     n: int | None = setting(None, "test examples per task (seeded sample; default all)", minimum=1)
+    n_held_in: int | None = setting(None, "test examples per held-in task (default: as -n): a large library's "
+                                    "held-in tasks can take a smaller sample than the held-out ones", minimum=1)
     seed: int = setting(0, "seed of the example sample")
     top_k: int | None = setting(None, "experts per token for token-routed methods (default 2)", minimum=1)
     batch_size: int = setting(16, "examples per forward pass", minimum=1)

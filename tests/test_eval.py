@@ -215,6 +215,25 @@ def test_empty_and_repeated_lists(registered):
     assert request.methods == ("base", "uniform") and request.compositions == ("c",)
 
 
+def test_held_in_tasks_can_take_a_smaller_sample(registered):
+    """--n-held-in: held-in tasks are sampled to their own size (keyed by it, recorded with the
+    run), held-out tasks keep -n; left out, both take -n."""
+    from recycle import evaluation as E
+    from recycle.registry import Registry
+
+    reg = Registry()
+    jobs, _ = E.plan_eval(reg, E.EvalRequest(methods=("base",), tasks="all", n=6, n_held_in=3))
+    sizes = {(j.task, j.held): len(j.examples) for j in jobs}
+    assert sizes == {("t_alpha", "in"): 3, ("t_beta", "out"): 6}
+    same, _ = E.plan_eval(reg, E.EvalRequest(methods=("base",), tasks="all", n=6))
+    assert {(j.task, len(j.examples)) for j in same} == {("t_alpha", 6), ("t_beta", 6)}
+    keys = {j.task: j.key for j in jobs}
+    assert keys["t_beta"] == {j.task: j.key for j in same}["t_beta"] and keys["t_alpha"] != same[0].key
+    assert E.EvalRequest(n=6, n_held_in=3).record()["n_held_in"] == 3
+    assert "n_held_in" not in E.EvalRequest(n=6).record()
+    assert "--n-held-in must be at least 1" in one_line_error(runner.invoke(app, ["eval", "--n-held-in", "0"]))
+
+
 def test_dead_and_interrupted_runs_agree(world):
     import sqlite3
 
