@@ -208,9 +208,11 @@ def run_router_job(job: RouterJob) -> dict:
 
         optimise(params, loss_fn, batches, s.steps, lr=s.lr, warmup_steps=int(round(s.warmup * s.steps)),
                  decay=False, device=device, what="router training")
+        # the first and the last tenth of the steps, each a mean over as many batches: one batch's
+        # loss against a mean of several compared two different mixes of tasks, not the router's change
         tail = max(1, s.steps // 10)
-        summary = {"steps": s.steps, "loss_start": losses[0], "loss_end": sum(losses[-tail:]) / tail,
-                   "balance_start": balance[0], "balance_end": sum(balance[-tail:]) / tail,
+        summary = {"steps": s.steps, "loss_start": sum(losses[:tail]) / tail, "loss_end": sum(losses[-tail:]) / tail,
+                   "balance_start": sum(balance[:tail]) / tail, "balance_end": sum(balance[-tail:]) / tail,
                    "examples": len(examples), "seconds": time.perf_counter() - t0}
         save_tensors(job.out_path, handle.router_state(), {**job.metadata, **summary})
     finally:
