@@ -35,6 +35,17 @@ def test_compose_list_show_remove_replace(registered):
     one_line_error(cli("compose", "show", "u"))
 
 
+def test_compose_without_a_method_builds_the_recommended_one(registered):
+    from recycle import methods
+
+    train_real_gates(["ea", "eb"])
+    out = ok("compose", "mine", "--all")
+    assert "recycle train mine" in out.stderr  # the recommended method (COSMO) trains its gate
+    row = json.loads(ok("compose", "show", "mine", "--json").stdout)
+    assert row["method"] == methods.RECOMMENDED and methods.RECOMMENDED in methods.METHODS
+    assert sorted(m["name"] for m in row["members"]) == ["ea", "eb"]
+
+
 def test_bad_compose_settings(registered):
     assert "unknown method" in one_line_error(cli("compose", "x", "--method", "magic", "--all"))
     assert "--top-k" in one_line_error(cli("compose", "x", "--method", "arrow", "--all", "--top-k", "0"))

@@ -47,7 +47,8 @@ def _create_help() -> str:
         "nothing; --replace overwrites a different one of the same name.\n\n"
         "Methods and their settings (defaults in brackets):\n\n"
         + "\n\n".join(f"  {line}" for line in lines)
-        + "\n\nExamples:\n\n  recycle compose pg --method phatgoose --all --top-k 2\n\n"
+        + "\n\nExamples:\n\n  recycle compose mine --all     (the recommended method, "
+        + methods.RECOMMENDED + ")\n\n  recycle compose pg --method phatgoose --all --top-k 2\n\n"
         "  recycle compose one --method 'single vader_tweets'"
     )
 
@@ -59,12 +60,14 @@ def _create_help() -> str:
 def create_cmd(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Name of the composition.")],
-    method: Annotated[str, typer.Option(help="One of the methods below, or 'single NAME'.")],
+    method: Annotated[Optional[str], typer.Option(
+        help=f"One of the methods below, or 'single NAME' (default: {methods.RECOMMENDED}, the recommended one).")] = None,
     experts: Annotated[Optional[str], typer.Option(help="Comma-separated expert names.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every single-task expert in the registry.")] = False,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a composition of this name.")] = False,
     db: DbOption = None,
 ):
+    method = method if method is not None else methods.RECOMMENDED
     m, carried = methods.parse(method)
     settings = parse_cli_settings(m.Settings, m.name, ctx.args)
     if bool(experts) == all_ and not carried and m.members != "multitask":
@@ -72,6 +75,8 @@ def create_cmd(
     row = comp.create(open_registry(db), name, method, split(experts) or None, settings, replace=replace)
     info(f"composition {row['name']}: {row['method']} over {len(row['members'])} experts {row['settings']} "
          f"({row['status']})")
+    if type(m).train is not methods.Method.train and row["status"] != "unchanged":
+        info(f"{m.name} trains its own parameters on the members' data: recycle train {row['name']}")
 
 
 @compose_app.command("list")

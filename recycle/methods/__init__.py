@@ -25,6 +25,10 @@ for _mod in _MODULES:
     _m = importlib.import_module(f"recycle.methods.{_mod}").METHOD
     METHODS[_m.name] = _m
 
+# what `recycle compose NAME --all` builds when no --method is given: chosen on the library
+# benchmark's held-out tasks (README, "A library of 36 experts": which method to pick)
+RECOMMENDED = "cosmo"
+
 DEFAULT_EVAL = tuple(n for n, m in METHODS.items() if m.in_default_eval)
 TOKEN_ROUTED = tuple(n for n, m in METHODS.items() if m.token_routed)
 
