@@ -99,6 +99,26 @@ def main() -> None:
         below = [f"{t} ({100 * (sum(x) - sum(y)) / len(x):+.1f})" for t, (x, y) in ps.items()
                  if mcnemar(x, y)["p"] < 0.05 and sum(x) < sum(y)]
         lines.append(f"| {m} | {', '.join(below) or 'none'} |")
+    # balanced accuracy (the mean over a task's classes of the share of that class answered
+    # right): a method that answers one label for everything scores 1 / classes, whatever the
+    # test split's balance; several held-out splits here are far from balanced
+    lines += ["", "Balanced accuracy (mean recall over a task's classes; a constant answer scores 1 / classes), "
+              "averaged over tasks:", "", "| method | held-in | near | far | held-out |", "|---|---:|---:|---:|---:|"]
+    for m in labels:
+        per = {}
+        for r in rows:
+            if r["label"] != m or r.get("labels") is None or r.get("predictions") is None:
+                continue
+            classes = sorted(set(r["labels"]))
+            recall = [sum(1 for p, y in zip(r["predictions"], r["labels"]) if y == c and p == c)
+                      / sum(1 for y in r["labels"] if y == c) for c in classes]
+            per[r["task"]] = sum(recall) / len(recall)
+        def avg(ts):
+            v = [per[t] for t in ts if t in per]
+            return f"{sum(v) / len(v):.3f}" if v else ""
+        held_in = [r["task"] for r in rows if r["label"] == m and r["held"] == "in"]
+        lines.append(f"| {m} | {avg(held_in)} | {avg([t for t in kinds if kinds[t] == 'near'])} | "
+                     f"{avg([t for t in kinds if kinds[t] == 'far'])} | {avg(list(kinds))} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "library-compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
