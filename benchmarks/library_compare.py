@@ -48,6 +48,42 @@ def pairs(rows, a, b, tasks):
     return out
 
 
+def balanced_bootstrap(rows, a, b, tasks, reps: int, seed: int = 0) -> dict | None:
+    """Paired bootstrap of the macro balanced-accuracy difference, examples resampled within each task."""
+    import numpy as np
+
+    by = {(r["label"], r["task"]): r for r in rows}
+    rng = np.random.default_rng(seed)
+    observed, boots, n = 0.0, np.zeros(reps), 0
+    for t in tasks:
+        ra, rb = by.get((a, t)), by.get((b, t))
+        if not ra or not rb or ra.get("predictions") is None or rb.get("predictions") is None:
+            continue
+        y = np.asarray(ra["labels"])
+        pa, pb = np.asarray(ra["predictions"]), np.asarray(rb["predictions"])
+        classes = np.unique(y)
+
+        def bal(idx):
+            yy, xa, xb = y[idx], pa[idx], pb[idx]  # [reps, m]
+            ra_, rb_ = [], []
+            for c in classes:
+                is_c = yy == c
+                count = np.maximum(is_c.sum(-1), 1)
+                ra_.append(((xa == c) & is_c).sum(-1) / count)
+                rb_.append(((xb == c) & is_c).sum(-1) / count)
+            return np.mean(ra_, 0) - np.mean(rb_, 0)
+
+        m = len(y)
+        observed += float(bal(np.arange(m)[None, :])[0])
+        boots += bal(rng.integers(0, m, size=(reps, m)))
+        n += 1
+    if not n:
+        return None
+    boots = np.sort(boots / n)
+    return {"diff": observed / n, "ci_low": float(boots[int(0.025 * reps)]),
+            "ci_high": float(boots[min(reps - 1, int(0.975 * reps))])}
+
+
 def fmt(d: dict) -> str:
     return f"{100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
 
@@ -119,6 +155,14 @@ def main() -> None:
         held_in = [r["task"] for r in rows if r["label"] == m and r["held"] == "in"]
         lines.append(f"| {m} | {avg(held_in)} | {avg([t for t in kinds if kinds[t] == 'near'])} | "
                      f"{avg([t for t in kinds if kinds[t] == 'far'])} | {avg(list(kinds))} |")
+    lines += ["", "Balanced accuracy, paired: A − B in points over the held-out tasks, bootstrap 95% interval "
+              "(the same resampled examples of each task for A and B, balanced accuracy per task, mean over tasks):",
+              "", "| A | B | near | far | held-out |", "|---|---|---|---|---|"]
+    for a in [c for c in CANDIDATES if c in labels]:
+        for b in [p for p in PEERS if p in labels and p != a]:
+            cells = [balanced_bootstrap(rows, a, b, [t for t in kinds if kind is None or kinds[t] == kind], args.reps)
+                     for kind in ("near", "far", None)]
+            lines.append(f"| {a} | {b} | " + " | ".join(fmt(c) if c else "" for c in cells) + " |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "library-compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
