@@ -20,6 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 from moepp import RESULTS  # noqa: E402
 
@@ -48,10 +50,15 @@ def pairs(rows, a, b, tasks):
     return out
 
 
+def balanced(labels, predictions, classes):
+    """Balanced accuracy over the last axis (numpy arrays): the mean over ``classes`` of the
+    share of that class's examples answered right (a class absent from a resample counts 0)."""
+    recall = [((predictions == c) & (labels == c)).sum(-1) / np.maximum((labels == c).sum(-1), 1) for c in classes]
+    return np.mean(recall, 0)
+
+
 def balanced_bootstrap(rows, a, b, tasks, reps: int, seed: int = 0) -> dict | None:
     """Paired bootstrap of the macro balanced-accuracy difference, examples resampled within each task."""
-    import numpy as np
-
     by = {(r["label"], r["task"]): r for r in rows}
     rng = np.random.default_rng(seed)
     observed, boots, n = 0.0, np.zeros(reps), 0
@@ -59,23 +66,11 @@ def balanced_bootstrap(rows, a, b, tasks, reps: int, seed: int = 0) -> dict | No
         ra, rb = by.get((a, t)), by.get((b, t))
         if not ra or not rb or ra.get("predictions") is None or rb.get("predictions") is None:
             continue
-        y = np.asarray(ra["labels"])
-        pa, pb = np.asarray(ra["predictions"]), np.asarray(rb["predictions"])
+        y, pa, pb = (np.asarray(v) for v in (ra["labels"], ra["predictions"], rb["predictions"]))
         classes = np.unique(y)
-
-        def bal(idx):
-            yy, xa, xb = y[idx], pa[idx], pb[idx]  # [reps, m]
-            ra_, rb_ = [], []
-            for c in classes:
-                is_c = yy == c
-                count = np.maximum(is_c.sum(-1), 1)
-                ra_.append(((xa == c) & is_c).sum(-1) / count)
-                rb_.append(((xb == c) & is_c).sum(-1) / count)
-            return np.mean(ra_, 0) - np.mean(rb_, 0)
-
-        m = len(y)
-        observed += float(bal(np.arange(m)[None, :])[0])
-        boots += bal(rng.integers(0, m, size=(reps, m)))
+        observed += balanced(y, pa, classes) - balanced(y, pb, classes)
+        idx = rng.integers(0, len(y), size=(reps, len(y)))  # the same resampled examples for A and B
+        boots += balanced(y[idx], pa[idx], classes) - balanced(y[idx], pb[idx], classes)
         n += 1
     if not n:
         return None
@@ -145,10 +140,8 @@ def main() -> None:
         for r in rows:
             if r["label"] != m or r.get("labels") is None or r.get("predictions") is None:
                 continue
-            classes = sorted(set(r["labels"]))
-            recall = [sum(1 for p, y in zip(r["predictions"], r["labels"]) if y == c and p == c)
-                      / sum(1 for y in r["labels"] if y == c) for c in classes]
-            per[r["task"]] = sum(recall) / len(recall)
+            y = np.asarray(r["labels"])
+            per[r["task"]] = float(balanced(y, np.asarray(r["predictions"]), np.unique(y)))
         def avg(ts):
             v = [per[t] for t in ts if t in per]
             return f"{sum(v) / len(v):.3f}" if v else ""

@@ -320,7 +320,7 @@ def stage_forward(ctx) -> dict:
         handle.remove()
         base_t.append(timed())
         handle = install(methods.get(plan.method), plan, model, tok)
-        timed()  # the first forward after install builds the routed layers' lazy state: steady state is timed
+        timed()  # untimed: every timed routed forward follows another, as the first one does
     # the share of a routed forward spent scoring: the routers' score matmuls alone
     from recycle.routing.routers import GateRouter
 

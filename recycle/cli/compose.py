@@ -75,8 +75,8 @@ def create_cmd(
     row = comp.create(open_registry(db), name, method, split(experts) or None, settings, replace=replace)
     info(f"composition {row['name']}: {row['method']} over {len(row['members'])} experts {row['settings']} "
          f"({row['status']})")
-    if type(m).train is not methods.Method.train and row["status"] != "unchanged":
-        info(f"{m.name} trains its own parameters on the members' data: recycle train {row['name']}")
+    if m.TrainSettings is not None and row["status"] != "unchanged":
+        info(f"{m.name} trains its {m.state_what} on the members' data: recycle train {row['name']}")
 
 
 @compose_app.command("list")
