@@ -20,7 +20,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moepp import RESULTS  # noqa: E402
@@ -28,7 +27,7 @@ from moepp import RESULTS  # noqa: E402
 from recycle.evaluation import correct_of  # noqa: E402
 from recycle.registry import Registry  # noqa: E402
 from recycle.results import add_near_far, task_families  # noqa: E402
-from recycle.stats import mcnemar, paired_bootstrap  # noqa: E402
+from recycle.stats import balanced_accuracy, mcnemar, paired_bootstrap, paired_bootstrap_balanced  # noqa: E402
 
 CANDIDATES = ["retrieval", "cosmo", "phatgoose", "moepp", "spectr"]
 PEERS = ["arrow", "multitask", "phatgoose"]
@@ -50,33 +49,13 @@ def pairs(rows, a, b, tasks):
     return out
 
 
-def balanced(labels, predictions, classes):
-    """Balanced accuracy over the last axis (numpy arrays): the mean over ``classes`` of the
-    share of that class's examples answered right (a class absent from a resample counts 0)."""
-    recall = [((predictions == c) & (labels == c)).sum(-1) / np.maximum((labels == c).sum(-1), 1) for c in classes]
-    return np.mean(recall, 0)
-
-
 def balanced_bootstrap(rows, a, b, tasks, reps: int, seed: int = 0) -> dict | None:
     """Paired bootstrap of the macro balanced-accuracy difference, examples resampled within each task."""
     by = {(r["label"], r["task"]): r for r in rows}
-    rng = np.random.default_rng(seed)
-    observed, boots, n = 0.0, np.zeros(reps), 0
-    for t in tasks:
-        ra, rb = by.get((a, t)), by.get((b, t))
-        if not ra or not rb or ra.get("predictions") is None or rb.get("predictions") is None:
-            continue
-        y, pa, pb = (np.asarray(v) for v in (ra["labels"], ra["predictions"], rb["predictions"]))
-        classes = np.unique(y)
-        observed += balanced(y, pa, classes) - balanced(y, pb, classes)
-        idx = rng.integers(0, len(y), size=(reps, len(y)))  # the same resampled examples for A and B
-        boots += balanced(y[idx], pa[idx], classes) - balanced(y[idx], pb[idx], classes)
-        n += 1
-    if not n:
-        return None
-    boots = np.sort(boots / n)
-    return {"diff": observed / n, "ci_low": float(boots[int(0.025 * reps)]),
-            "ci_high": float(boots[min(reps - 1, int(0.975 * reps))])}
+    groups = [(by[(a, t)]["labels"], by[(a, t)]["predictions"], by[(b, t)]["predictions"]) for t in tasks
+              if (a, t) in by and (b, t) in by and by[(a, t)].get("predictions") is not None
+              and by[(b, t)].get("predictions") is not None]
+    return paired_bootstrap_balanced(groups, reps=reps, seed=seed) if groups else None
 
 
 def fmt(d: dict) -> str:
@@ -140,8 +119,7 @@ def main() -> None:
         for r in rows:
             if r["label"] != m or r.get("labels") is None or r.get("predictions") is None:
                 continue
-            y = np.asarray(r["labels"])
-            per[r["task"]] = float(balanced(y, np.asarray(r["predictions"]), np.unique(y)))
+            per[r["task"]] = balanced_accuracy(r["labels"], r["predictions"])
         def avg(ts):
             v = [per[t] for t in ts if t in per]
             return f"{sum(v) / len(v):.3f}" if v else ""

@@ -31,7 +31,7 @@ from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods import Plan
 from recycle.registry import Registry
-from recycle.stats import mcnemar, paired_bootstrap, suh, wilson
+from recycle.stats import balanced_accuracy, mcnemar, paired_bootstrap, paired_bootstrap_balanced, suh, wilson
 
 EVAL_FORMAT = "rank-classification/1"
 
@@ -378,14 +378,31 @@ def evaluate(registry: Registry, request: EvalRequest, report: Reporter | None =
 # ---- reading results ------------------------------------------------------------------
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Methods x tasks accuracy table plus held-out average and S/U/H."""
+METRICS = ("accuracy", "balanced")
+
+
+def metric_of(row: dict, metric: str = "accuracy") -> float | None:
+    """A stored result's score: its accuracy, or its balanced accuracy (mean recall over the
+    classes of its test sample, from the stored labels and predictions; None where the
+    result was stored without them)."""
+    if metric == "accuracy":
+        return row["accuracy"]
+    if metric != "balanced":
+        raise RecycleError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if not row.get("labels") or row.get("predictions") is None:
+        return None
+    return balanced_accuracy(row["labels"], row["predictions"])
+
+
+def summarise(rows: list[dict], metric: str = "accuracy") -> dict:
+    """Methods x tasks table of ``metric`` (accuracy, or balanced accuracy) plus held-in and
+    held-out averages and S/U/H."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     held = {r["task"]: r["held"] for r in rows}
     tasks = sorted(held, key=lambda t: (held[t] != "in", t))  # held-in first, then held-out
     table = {}
     for label in labels:
-        acc = {r["task"]: r["accuracy"] for r in rows if r["label"] == label}
+        acc = {r["task"]: v for r in rows if r["label"] == label and (v := metric_of(r, metric)) is not None}
         ins = [acc[t] for t in tasks if t in acc and held[t] == "in"]
         outs = [acc[t] for t in tasks if t in acc and held[t] == "out"]
         entry = {"tasks": acc,
@@ -396,7 +413,7 @@ def summarise(rows: list[dict]) -> dict:
         if n_in and n_out and len(ins) == n_in and len(outs) == n_out:
             entry.update(suh(ins, outs))
         table[label] = entry
-    out = {"tasks": tasks, "held": held, "methods": table}
+    out = {"metric": metric, "tasks": tasks, "held": held, "methods": table}
     gates = gate_quality(rows)
     if gates:
         out["gates"] = gates
@@ -558,10 +575,13 @@ def correct_of(row: dict) -> list[bool] | None:
     return [p == y for p, y in zip(row["predictions"], row["labels"])]
 
 
-def compare(rows: list[dict], a: str, b: str, reps: int = 10_000) -> dict:
+def compare(rows: list[dict], a: str, b: str, reps: int = 10_000, metric: str = "accuracy") -> dict:
     """Paired comparison of methods (labels) ``a`` and ``b`` on the same examples of each task
-    in a run: per task the exact McNemar test; over the held-in and over the held-out tasks
-    (and all of them) a paired bootstrap of the macro-accuracy difference, a minus b."""
+    in a run: per task the exact McNemar test (accuracy) or a paired bootstrap (balanced
+    accuracy); over the held-in and over the held-out tasks (and all of them) a paired
+    bootstrap of the macro difference of ``metric``, a minus b."""
+    if metric not in METRICS:
+        raise RecycleError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     by = {(r["label"], r["task"]): r for r in rows}
     labels = {r["label"] for r in rows}
     for x in (a, b):
@@ -578,27 +598,41 @@ def compare(rows: list[dict], a: str, b: str, reps: int = 10_000) -> dict:
         if ra["n"] != rb["n"] or ra["seed"] != rb["seed"] or ra["labels"] != rb["labels"]:
             raise RecycleError(f"{a} and {b} were not scored on the same examples of {task}")
         test = mcnemar(ca, cb)
-        per_task.append({"task": task, "held": ra["held"], "a": ra["accuracy"], "b": rb["accuracy"],
-                         "diff": ra["accuracy"] - rb["accuracy"], **test})
-        groups[ra["held"]].append((ca, cb))
+        va, vb = metric_of(ra, metric), metric_of(rb, metric)
+        if metric == "balanced":
+            group = (ra["labels"], ra["predictions"], rb["predictions"])
+            test["p"] = paired_bootstrap_balanced([group], reps=reps)["p"]
+        else:
+            group = (ca, cb)
+        per_task.append({"task": task, "held": ra["held"], "a": va, "b": vb, "diff": va - vb, **test})
+        groups[ra["held"]].append(group)
     if not per_task:
         raise RecycleError(f"no task has per-example results of both {a} and {b} (re-evaluate with --force)")
+    boot = paired_bootstrap_balanced if metric == "balanced" else paired_bootstrap
     pooled = {}
     for name, gs in (("held-in", groups["in"]), ("held-out", groups["out"]), ("all", groups["in"] + groups["out"])):
         if gs:
-            pooled[name] = {"tasks": len(gs), **paired_bootstrap(gs, reps=reps)}
-    return {"a": a, "b": b, "tasks": per_task, "pooled": pooled}
+            pooled[name] = {"tasks": len(gs), **boot(gs, reps=reps)}
+    return {"a": a, "b": b, "metric": metric, "tasks": per_task, "pooled": pooled}
 
 
-def markdown_table(summary: dict, rows: list[dict]) -> str:
+def _markdown(summary: dict) -> list[str]:
     head, body = table(summary)
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+
+
+def markdown_table(summary: dict, rows: list[dict], balanced: dict | None = None) -> str:
+    """The accuracy table (and, given its summary, the balanced-accuracy table) as markdown."""
     n = sorted({r["n"] for r in rows})
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines = _markdown(summary)
     half = max((r["ci_high"] - r["ci_low"]) / 2 for r in rows) if rows else 0
     lines.append("")
     lines.append(f"Accuracy by rank classification; n = {', '.join(map(str, n))} test examples per task "
                  f"(widest 95% Wilson half-interval ±{half * 100:.1f} points).")
+    if balanced and balanced["methods"]:
+        lines += ["", "Balanced accuracy (per task the mean over its classes of the share of that class answered "
+                  "right: a constant answer scores 1 / classes, whatever the split's balance):", ""]
+        lines += _markdown(balanced)
     for label, g in (summary.get("gates") or {}).items():
         lines.append(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, expected calibration error {g['ece']:.3f} "
                      f"over {g['n']} examples.")
@@ -624,17 +658,21 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
     summary = summarise(rows)
     from recycle.results import add_near_far, task_families
 
-    add_near_far(summary, task_families(registry, summary["tasks"]))
+    families = task_families(registry, summary["tasks"])
+    add_near_far(summary, families)
+    balanced = add_near_far(summarise(rows, "balanced"), families)
+    balanced.pop("gates", None)
     per_example = ("predictions", "routing", "scores", "labels")
     data = {
         **(about or {}),
         "run": run_id,
         "summary": summary,
+        "balanced": balanced,
         "results": [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items() if k not in per_example}
                     for r in rows],
     }
     write_json(target.with_suffix(".json"), data)
-    write_text(target.with_suffix(".md"), markdown_table(summary, rows))
+    write_text(target.with_suffix(".md"), markdown_table(summary, rows, balanced))
     out = {"json": str(target.with_suffix(".json")), "markdown": str(target.with_suffix(".md"))}
     mats = routing_matrices(rows, plot_method)
     if mats or summary.get("gates"):

@@ -45,29 +45,71 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     return {"a_only": a_only, "b_only": b_only, "p": min(1.0, 2 * tail)}
 
 
-def paired_bootstrap(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]], reps: int = 10_000,
-                     seed: int = 0) -> dict:
-    """Difference of macro accuracy (mean over groups, e.g. tasks, of A's accuracy minus B's)
-    with a 95% percentile interval and a two-sided p-value, resampling examples within each
-    group (paired: the same resampled examples for A and B)."""
+def balanced_accuracy(labels, predictions):
+    """Balanced accuracy: the mean over the classes present in ``labels`` of the share of that
+    class's examples predicted right. A constant answer scores 1 / classes whatever the
+    split's balance, where plain accuracy rewards answering the majority class. Works on
+    the last axis of numpy arrays too (one value per row: a bootstrap's resamples), each
+    row averaging over the classes it holds."""
+    import numpy as np
+
+    y, p = np.asarray(labels), np.asarray(predictions)
+    if y.shape != p.shape or not y.shape[-1]:
+        raise ValueError("balanced accuracy needs paired, non-empty labels and predictions")
+    hits, counts = [], []
+    for c in np.unique(y):
+        is_c = y == c
+        hits.append((is_c & (p == c)).sum(-1))
+        counts.append(is_c.sum(-1))
+    hits, counts = np.asarray(hits, dtype=float), np.asarray(counts, dtype=float)
+    present = counts > 0
+    recall = np.where(present, hits / np.maximum(counts, 1), 0.0)
+    out = recall.sum(0) / present.sum(0)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def _bootstrap(groups, statistic, reps: int, seed: int) -> dict:
+    """Paired bootstrap of the mean over groups of ``statistic(*arrays)`` (an A − B
+    difference), resampling the examples within each group: the same resampled examples
+    for every array of a group. ``statistic`` maps arrays of shape (n,) to a number and
+    arrays of shape (reps, n) to one number per row."""
     import numpy as np
 
     if not groups:
         raise ValueError("no groups to compare")
     rng = np.random.default_rng(seed)
     observed, boots = 0.0, np.zeros(reps)
-    for a, b in groups:
-        if len(a) != len(b) or not len(a):
+    for arrays in groups:
+        arrays = [np.asarray(a) for a in arrays]
+        n = len(arrays[0])
+        if not n or any(len(a) != n for a in arrays):
             raise ValueError("paired results need the same, non-empty examples")
-        d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-        observed += d.mean()
-        boots += d[rng.integers(0, len(d), size=(reps, len(d)))].mean(1)
+        observed += statistic(*arrays)
+        idx = rng.integers(0, n, size=(reps, n))
+        boots += statistic(*(a[idx] for a in arrays))
     observed, boots = observed / len(groups), np.sort(boots / len(groups))
     lo, hi = boots[int(0.025 * reps)], boots[min(reps - 1, int(0.975 * reps))]
     # two-sided, counted conservatively ((k + 1) / (reps + 1)): never 0, at least 1 / (reps + 1)
     tail = min(int((boots <= 0).sum()), int((boots >= 0).sum()))
     p = 2 * (tail + 1) / (reps + 1)
     return {"diff": float(observed), "ci_low": float(lo), "ci_high": float(hi), "p": float(min(1.0, p))}
+
+
+def paired_bootstrap(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]], reps: int = 10_000,
+                     seed: int = 0) -> dict:
+    """Difference of macro accuracy (mean over groups, e.g. tasks, of A's accuracy minus B's)
+    with a 95% percentile interval and a two-sided p-value, resampling examples within each
+    group (paired: the same resampled examples for A and B)."""
+    return _bootstrap([(a, b) for a, b in groups],
+                      lambda a, b: (a.astype(float) - b.astype(float)).mean(-1), reps, seed)
+
+
+def paired_bootstrap_balanced(groups: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                              reps: int = 10_000, seed: int = 0) -> dict:
+    """As :func:`paired_bootstrap` for balanced accuracy: each group is (labels, A's
+    predictions, B's predictions); the difference of macro balanced accuracy, each resample's
+    balanced accuracy over the classes it holds."""
+    return _bootstrap(list(groups), lambda y, a, b: balanced_accuracy(y, a) - balanced_accuracy(y, b), reps, seed)
 
 
 def expected_calibration_error(confidence: Sequence[float], outcome: Sequence[bool], bins: int = 10) -> dict:

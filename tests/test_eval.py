@@ -175,6 +175,48 @@ def test_every_choice_score_is_stored_and_methods_compare_paired(registered, ray
     assert better["diff"] == 0.5 and better["ci_low"] > 0.3 and better["p"] < 0.01
 
 
+def test_balanced_accuracy_does_not_reward_the_majority_answer(registered, ray_local):
+    """Balanced accuracy (mean recall over a task's classes) by hand, in its paired bootstrap,
+    and through ``eval show --metric balanced`` (table and --compare) on a real run."""
+    import numpy as np
+
+    from recycle import evaluation as E
+    from recycle.registry import Registry
+    from recycle.stats import balanced_accuracy, paired_bootstrap, paired_bootstrap_balanced
+
+    # 30 of class 0, 10 of class 1: always answering 0 is right 75% of the time but scores 0.5
+    y = [0] * 30 + [1] * 10
+    assert balanced_accuracy(y, [0] * 40) == 0.5
+    assert balanced_accuracy(y, [0] * 30 + [1] * 5 + [0] * 5) == pytest.approx((1 + 0.5) / 2)
+    assert balanced_accuracy([2, 2, 0], [2, 0, 0]) == pytest.approx((1 + 0.5) / 2)  # labels need not be 0..k
+    # per row of a resample, over the classes that row holds
+    assert list(balanced_accuracy(np.array([[0, 0, 1], [0, 0, 0]]), np.array([[0, 1, 1], [0, 0, 1]]))) == \
+        pytest.approx([(0.5 + 1) / 2, 2 / 3])
+    with pytest.raises(ValueError):
+        balanced_accuracy([0, 1], [0])
+    # a method that learnt the other class too: plain accuracy calls the two level, balanced does not
+    learnt = [0] * 20 + [1] * 10 + [1] * 10
+    assert paired_bootstrap([([p == t for p, t in zip(learnt, y)], [True] * 30 + [False] * 10)], reps=300)["diff"] \
+        == pytest.approx(0)
+    b = paired_bootstrap_balanced([(y, learnt, [0] * 40)], reps=300)
+    assert b["diff"] == pytest.approx((20 / 30 + 1) / 2 - 0.5) and b["ci_low"] > 0
+    assert paired_bootstrap_balanced([(y, y, y)], reps=100)["p"] == 1.0
+
+    outcome = E.evaluate(Registry(), E.EvalRequest(methods=("base", "uniform"), tasks="all"))
+    rows = Registry().run_results(outcome.run_id)
+    summary = E.summarise(rows, "balanced")
+    for r in rows:
+        assert summary["methods"][r["label"]]["tasks"][r["task"]] == pytest.approx(
+            balanced_accuracy(r["labels"], r["predictions"]))
+    cmp = E.compare(rows, "uniform", "base", metric="balanced", reps=200)
+    assert cmp["metric"] == "balanced" and all(0 <= t["p"] <= 1 for t in cmp["tasks"])
+    shown = runner.invoke(app, ["eval", "show", str(outcome.run_id), "--metric", "balanced"])
+    assert shown.exit_code == 0 and "balanced accuracy" in shown.stdout
+    shown = runner.invoke(app, ["eval", "show", str(outcome.run_id), "--compare", "uniform,base", "--metric", "balanced"])
+    assert shown.exit_code == 0 and "mean balanced accuracy difference" in shown.stdout and "bootstrap p" in shown.stdout
+    assert "--metric 'f1'" in one_line_error(runner.invoke(app, ["eval", "show", str(outcome.run_id), "--metric", "f1"]))
+
+
 def test_a_task_group_shares_the_layers_below_the_experts_exactly(registered, make_adapter):
     """Every method of a task on one worker, with experts on the top two layers only: layers
     0-1 run once (recorded by the first method) and are replayed for the others, giving the

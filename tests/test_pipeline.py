@@ -88,7 +88,12 @@ def test_tiny_pipeline_runs_and_resumes(tmp_path):
     out = json.loads((tmp_path / "out" / "tiny.json").read_text())
     assert out["summary"]["held"] == {"t_one": "in", "t_two": "in", "t_out": "out"}
     assert "H" in out["summary"]["methods"]["phatgoose"]
-    assert "| method |" in (tmp_path / "out" / "tiny.md").read_text()
+    md = (tmp_path / "out" / "tiny.md").read_text()
+    assert "| method |" in md and "Balanced accuracy" in md
+    # the export carries balanced accuracy beside accuracy: same tasks, values in [0, 1]
+    bal = out["balanced"]
+    assert bal["metric"] == "balanced" and set(bal["methods"]) == set(out["summary"]["methods"])
+    assert all(0 <= v <= 1 for m in bal["methods"].values() for v in m["tasks"].values())
     assert (tmp_path / "out" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
     # it ends with the evaluation's table on stdout (S/U/H: the run mixes held-in and held-out
     # tasks), the progress on stderr

@@ -75,10 +75,10 @@ def eval_cmd(
         raise typer.Exit(1)
 
 
-def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool) -> None:
+def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool, metric: str = "accuracy") -> None:
     from recycle.results import add_near_far, task_families
 
-    summary = E.summarise(rows)
+    summary = E.summarise(rows, metric)
     add_near_far(summary, task_families(registry, summary["tasks"]))
     if json_:
         per_example = ("predictions", "scores", "labels")
@@ -93,7 +93,8 @@ def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool) ->
         w.writerows(body)
         sys.stdout.write(buf.getvalue())
         return
-    table = Table(*head, title=f"evaluation run {run_id} (accuracy; n per task: "
+    what = "balanced accuracy" if metric == "balanced" else "accuracy"
+    table = Table(*head, title=f"evaluation run {run_id} ({what}; n per task: "
                   + ", ".join(sorted({str(r['n']) for r in rows})) + ")")
     for line in body:
         table.add_row(*line)
@@ -128,6 +129,10 @@ def show_cmd(
     examples: Annotated[Optional[str], typer.Option(help="TASK: every example of this task, one row per method "
                                                          "(choices, scores, prediction, label, routing).",
                                                     show_default=False)] = None,
+    metric: Annotated[str, typer.Option(help="accuracy, or balanced (per task the mean over its classes of the "
+                                             "share of that class answered right: a constant answer scores "
+                                             "1 / classes however unbalanced the test split); for the table "
+                                             "and for --compare.")] = "accuracy",
     json_: JsonOption = False,
     csv_: Annotated[bool, typer.Option("--csv")] = False,
     db: DbOption = None,
@@ -135,8 +140,10 @@ def show_cmd(
     """Show one run's results table, or compare two of its methods, or its examples of a task.
 
     Examples: recycle eval show 3 --json ; recycle eval show 3 --compare phatgoose,arrow ;
-    recycle eval show 3 --examples rt_sentiment
+    recycle eval show 3 --compare cosmo,arrow --metric balanced ; recycle eval show 3 --examples rt_sentiment
     """
+    if metric not in E.METRICS:
+        raise RecycleError(f"--metric {metric!r}: choose from {', '.join(E.METRICS)}")
     registry = open_registry(db, create=False)
     registry.run(run)
     if examples:
@@ -144,26 +151,30 @@ def show_cmd(
         return
     rows = registry.run_results(run)
     if not compare:
-        _output(registry, run, rows, json_, csv_)
+        _output(registry, run, rows, json_, csv_, metric)
         if not (json_ or csv_) and rows:
             info(E.memory_line(rows))
         return
     pair = split(compare)
     if len(pair) != 2:
         raise RecycleError(f"--compare takes two methods, A,B (got {compare!r})")
-    result = E.compare(rows, *pair)
+    result = E.compare(rows, *pair, metric=metric)
     if json_:
         print_json(result)
         return
     a, b = pair
-    table = Table("task", "held", a, b, f"{a} - {b}", f"only {a} right", f"only {b} right", "McNemar p",
-                  title=f"run {run}: {a} vs {b}, paired on the same examples")
+    balanced = metric == "balanced"
+    table = Table("task", "held", a, b, f"{a} - {b}", f"only {a} right", f"only {b} right",
+                  "bootstrap p" if balanced else "McNemar p",
+                  title=f"run {run}: {a} vs {b}, paired on the same examples"
+                  + (" (balanced accuracy)" if balanced else ""))
     for t in result["tasks"]:
         table.add_row(t["task"], t["held"], E.fmt(t["a"]), E.fmt(t["b"]), f"{t['diff']:+.3f}", str(t["a_only"]),
                       str(t["b_only"]), f"{t['p']:.3g}")
     console.print(table, markup=False)
     for name, p in result["pooled"].items():
-        console.print(f"{name} ({p['tasks']} tasks): mean accuracy difference {p['diff']:+.4f}, 95% CI "
+        console.print(f"{name} ({p['tasks']} tasks): mean {'balanced ' if balanced else ''}accuracy difference "
+                      f"{p['diff']:+.4f}, 95% CI "
                       f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], paired bootstrap p = {p['p']:.3g}",
                       markup=False, highlight=False)
 
