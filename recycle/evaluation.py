@@ -54,6 +54,7 @@ class EvalRequest:
     address: str | None = None
     share: bool = True  # one worker per task: one model load, the layers below the experts computed once
     dtype: str = "float32"  # --dtype; "auto" is resolved by evaluate() before anything is keyed
+    split: str = "test"  # or "validation": choosing settings without the test examples
 
     def __post_init__(self):
         if self.n is not None and self.n < 1:
@@ -64,6 +65,8 @@ class EvalRequest:
             raise RecycleError(f"--cpus-per-task must be positive, not {self.cpus_per_task}")
         if self.batch_size < 1:
             raise RecycleError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.split not in ("test", "validation"):
+            raise RecycleError(f"--split must be test or validation, not {self.split!r}")
         if self.top_k is not None and self.top_k < 1:
             raise RecycleError(f"--top-k must be at least 1, not {self.top_k}")
         # a method or composition named twice runs once (order kept)
@@ -79,7 +82,8 @@ class EvalRequest:
         return {"methods": list(self.methods), "compositions": list(self.compositions), "tasks": self.tasks,
                 "n": self.n, **({"n_held_in": self.n_held_in} if self.n_held_in is not None else {}),
                 "seed": self.seed, "top_k": self.top_k,
-                **({"dtype": self.dtype} if self.dtype != "float32" else {})}
+                **({"dtype": self.dtype} if self.dtype != "float32" else {}),
+                **({"split": self.split} if self.split != "test" else {})}
 
 
 @dataclass
@@ -262,12 +266,14 @@ def choose_tasks(registry: Registry, spec: str) -> list[tuple[str, str]]:
     return [(t, "in" if t in held_in else "out") for t in chosen]
 
 
-def result_key(plan: Plan, registry: Registry, task: str, n: int | None, seed: int, dtype: str = "float32") -> str:
+def result_key(plan: Plan, registry: Registry, task: str, n: int | None, seed: int, dtype: str = "float32",
+               split: str = "test") -> str:
     """Equal keys, equal results: the plan's content key, base, the task spec's hash (a
-    changed spec means new examples), n, seed, and the dtype unless float32 (results stored
-    before dtypes existed were float32 and keep their keys)."""
+    changed spec means new examples), n, seed, the dtype unless float32 (results stored
+    before dtypes existed were float32 and keep their keys) and the split unless test (idem)."""
     spec = registry.task(task)["spec_sha256"]
-    parts = [EVAL_FORMAT, plan.content_key, plan.base, task, spec, n, seed] + ([dtype] if dtype != "float32" else [])
+    parts = [EVAL_FORMAT, plan.content_key, plan.base, task, spec, n, seed] + ([dtype] if dtype != "float32" else []) \
+        + ([{"split": split}] if split != "test" else [])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -296,12 +302,12 @@ def plan_eval(registry: Registry, request: EvalRequest) -> tuple[list[EvalJob], 
                 continue
             n = request.n_held_in if held == "in" and request.n_held_in is not None else request.n
             if task not in examples_cache:
-                examples_cache[task] = load_examples(registry, task, "test", n=n, seed=request.seed)
+                examples_cache[task] = load_examples(registry, task, request.split, n=n, seed=request.seed)
                 if not examples_cache[task]:
-                    raise RecycleError(f"task {task}: empty test split")
+                    raise RecycleError(f"task {task}: empty {request.split} split")
             exs = examples_cache[task]
             jobs.append(EvalJob(p.label, p.to_dict(), task, held, exs, batch_size=request.batch_size,
-                                key=result_key(p, registry, task, n, request.seed, request.dtype),
+                                key=result_key(p, registry, task, n, request.seed, request.dtype, request.split),
                                 content_key=p.content_key, member_hashes=p.member_hashes, n=len(exs),
                                 seed=request.seed))
     return jobs, skipped

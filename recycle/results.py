@@ -6,6 +6,7 @@ A row: ``run``, ``method`` (the label in the run's table), ``task``, ``held``,
 ``prediction`` and ``label`` (choice indices), ``correct`` and ``routing``.
 
 - ``recycle eval`` results: ``example_id`` is the example's index in its task's test split
+  (validation split for a run with ``--split validation``)
   (stable whatever ``-n``), ``prompt_id`` a hash of its prompt text; the choices come from
   the task as registered, re-read for the run's seeded sample (checked against the stored
   labels: a task whose data changed since leaves them empty).
@@ -56,14 +57,14 @@ def _job_routing(row: dict) -> dict:
     return out
 
 
-def _sample(registry: Registry, row: dict):
+def _sample(registry: Registry, row: dict, split: str = "test"):
     """(example ids, prompt ids, choices) of a ``recycle eval`` result, from the task as
     registered; None where the task is gone or its examples no longer match."""
     from recycle.tasks import load_examples
 
     try:
-        full = load_examples(registry, row["task"], "test")
-        sample = load_examples(registry, row["task"], "test", n=row["n"], seed=row["seed"] or 0)
+        full = load_examples(registry, row["task"], split)
+        sample = load_examples(registry, row["task"], split, n=row["n"], seed=row["seed"] or 0)
     except RecycleError:
         return None
     if len(sample) != row["n"] or (row.get("labels") is not None and [e.label for e in sample] != row["labels"]):
@@ -78,7 +79,8 @@ def _sample(registry: Registry, row: dict):
 def example_rows(registry: Registry, run_id: int, task: str | None = None) -> list[dict]:
     """One row per (example, method) of a run (of one task if given); see the module
     docstring."""
-    registry.run(run_id)
+    settings = registry.run(run_id).get("settings") or {}
+    split = settings.get("split", "test") if isinstance(settings, dict) else "test"
     results = [r for r in registry.run_results(run_id) if task is None or r["task"] == task]
     if task is not None and not results:
         tasks = sorted({r["task"] for r in registry.run_results(run_id)})
@@ -94,7 +96,7 @@ def example_rows(registry: Registry, run_id: int, task: str | None = None) -> li
             ids, pids, choices = extra["doc_ids"], extra["prompt_ids"], extra["choices"]
         else:
             if r["task"] not in samples:
-                samples[r["task"]] = _sample(registry, r) or ([None] * r["n"],) * 3
+                samples[r["task"]] = _sample(registry, r, split) or ([None] * r["n"],) * 3
             ids, pids, choices = samples[r["task"]]
         job = _job_routing(r)
         for i, (scores, pred, label) in enumerate(zip(r["scores"], r["predictions"], r["labels"])):

@@ -404,9 +404,14 @@ class EvalSettings(Precision):
     seed: int = setting(0, "seed of the example sample")
     top_k: int | None = setting(None, "experts per token for token-routed methods (default 2)", minimum=1)
     batch_size: int = setting(16, "examples per forward pass", minimum=1)
+    split: str = setting("test", "which split of each task: test, or validation (to choose settings without "
+                         "touching the test examples; COSMO's gate is trained on the members' validation "
+                         "examples, so its held-in validation scores are not clean)", choices=("test", "validation"))
 
     def to_dict(self) -> dict:
         d = super().to_dict()
         if d.get("n_held_in") is None:  # one sample size for all tasks: the key it had before the option
             del d["n_held_in"]
+        if d.get("split") == "test":  # the test split: the key it had before the option
+            del d["split"]
         return d

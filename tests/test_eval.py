@@ -290,3 +290,30 @@ def test_dead_and_interrupted_runs_agree(world):
     assert reg.run(run)["status"] == "died"
     shown = cli("eval", "runs", "--json")
     assert json.loads(shown.stdout)[0]["status"] == "died"
+
+
+def test_the_validation_split_chooses_settings_apart_from_the_test_examples(registered, ray_local):
+    """``--split validation`` scores each task's validation examples: its own result keys
+    (nothing reused from, or for, the test split), the split in the run's record and table,
+    and the exported example ids index the validation split."""
+    from recycle.registry import Registry
+    from recycle.tasks import load_examples
+
+    test = runner.invoke(app, ["eval", "--methods", "base", "--tasks", "all", "--json"])
+    val = runner.invoke(app, ["eval", "--methods", "base", "--tasks", "all", "--split", "validation", "--json"])
+    assert test.exit_code == 0 and val.exit_code == 0, val.output
+    reg = Registry()
+    t_run, v_run = json.loads(test.stdout)["run"], json.loads(val.stdout)["run"]
+    assert reg.run(v_run)["settings"]["split"] == "validation" and "split" not in reg.run(t_run)["settings"]
+    t_rows, v_rows = reg.run_results(t_run), reg.run_results(v_run)
+    assert {r["key"] for r in t_rows}.isdisjoint(r["key"] for r in v_rows)
+    assert all(r["reused_from"] is None for r in v_rows)
+    prompts = {t: [e.prompt for e in load_examples(reg, t, "validation")] for t in ("t_alpha", "t_beta")}
+    exported = [json.loads(line) for line in runner.invoke(app, ["eval", "export", str(v_run)]).stdout.splitlines()]
+    assert exported and all(r["example_id"] is not None for r in exported)
+    from recycle.results import prompt_id
+
+    assert all(prompt_id(prompts[r["task"]][r["example_id"]]) == r["prompt_id"] for r in exported)
+    assert "validation split" in runner.invoke(app, ["eval", "show", str(v_run)]).stdout
+    bad = runner.invoke(app, ["eval", "--methods", "base", "--split", "train"])
+    assert bad.exit_code == 2 and "train" in bad.output

@@ -94,6 +94,9 @@ def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool, me
         sys.stdout.write(buf.getvalue())
         return
     what = "balanced accuracy" if metric == "balanced" else "accuracy"
+    run_settings = registry.run(run_id).get("settings") or {}
+    if isinstance(run_settings, dict) and run_settings.get("split", "test") != "test":
+        what += f", {run_settings['split']} split"
     table = Table(*head, title=f"evaluation run {run_id} ({what}; n per task: "
                   + ", ".join(sorted({str(r['n']) for r in rows})) + ")")
     for line in body:
