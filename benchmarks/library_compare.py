@@ -29,7 +29,7 @@ from recycle.registry import Registry  # noqa: E402
 from recycle.results import add_near_far, task_families  # noqa: E402
 from recycle.stats import balanced_accuracy, mcnemar, paired_bootstrap, paired_bootstrap_balanced  # noqa: E402
 
-CANDIDATES = ["retrieval", "cosmo", "phatgoose", "moepp", "spectr"]
+CANDIDATES = ["retrieval", "cosmo", "cosmo-families", "phatgoose", "moepp", "moepp-nores", "moepp-beta1", "spectr"]
 PEERS = ["arrow", "multitask", "phatgoose"]
 
 
@@ -109,6 +109,21 @@ def main() -> None:
         below = [f"{t} ({100 * (sum(x) - sum(y)) / len(x):+.1f})" for t, (x, y) in ps.items()
                  if mcnemar(x, y)["p"] < 0.05 and sum(x) < sum(y)]
         lines.append(f"| {m} | {', '.join(below) or 'none'} |")
+    # the same in balanced accuracy: per far task the paired bootstrap of the balanced-accuracy
+    # difference to the base model, below it where the whole 95% interval is below zero
+    lines += ["", "Far tasks where a method is below the base model in balanced accuracy (paired bootstrap 95% "
+              "interval below zero; the difference and its interval in points):", "",
+              "| method | far tasks below the base model | its largest drop on a far task |", "|---|---|---|"]
+    for m in labels:
+        if m == "base":
+            continue
+        diffs = {t: balanced_bootstrap(rows, m, "base", [t], args.reps) for t in far}
+        diffs = {t: d for t, d in diffs.items() if d}
+        if not diffs:
+            continue
+        below = [f"{t} ({fmt(d)})" for t, d in diffs.items() if d["ci_high"] < 0]
+        worst = min(diffs, key=lambda t: diffs[t]["diff"])
+        lines.append(f"| {m} | {', '.join(below) or 'none'} | {worst} {fmt(diffs[worst])} |")
     # balanced accuracy (the mean over a task's classes of the share of that class answered
     # right): a method that answers one label for everything scores 1 / classes, whatever the
     # test split's balance; several held-out splits here are far from balanced
