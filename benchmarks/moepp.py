@@ -185,14 +185,14 @@ def main() -> None:
         report.say(f"phatgoose: held-out {rows['phatgoose']['held_out']:.3f}")
         for tau in taus:
             label = label_of(tau)
-            composition(label, tau=tau)
+            composition(label, tau=tau, residual=True)  # the paper's MoE++, as this table measured it
             rows[label] = {"settings": f"tau {tau:g}{note}", **evaluate(registry, label, args.n, composition=True)}
             report.say(f"{label}: held-out {rows[label]['held_out']:.3f}, LoRA products/token "
                        f"{rows[label]['lora_products']:.3f}")
         tau = max(taus, key=lambda t: rows[label_of(t)]["held_out"])
         best = label_of(tau)
         ablations = ((f"{best}-noresidual", {"tau": tau, "residual": False}, "no gating residual"),
-                     (f"{best}-zeroonly", {"tau": tau, "copy": 0, "constant": 0}, "zero experts only"))
+                     (f"{best}-zeroonly", {"tau": tau, "copy": 0, "constant": 0, "residual": True}, "zero experts only"))
         for label, settings, text in ablations if args.ablations else ():
             composition(label, **settings)
             rows[label] = {"settings": f"tau {tau:g}, {text}{note}",

@@ -273,7 +273,9 @@ def stage_compose(ctx) -> dict:
     for name, method in COMPOSE.items():
         if ctx["args"].methods and method not in ctx["args"].methods.split(","):
             continue
-        c = run(["compose", name, "--method", method, "--all", "--replace"], env)
+        # MoE++ as measured: with the gating residual (its E x E matrices per module, the larger case)
+        c = run(["compose", name, "--method", method, "--all", "--replace"] + (["--residual"] if method == "moepp" else []),
+                env)
         p = rss_child(["predict", name, "--prompt", PROMPT, "--choices", " positive, negative"], env)
         extra = p["rss_mib"] - base["rss_mib"]
         out[method] = {"compose_seconds": c["seconds"], "predict_seconds": p["seconds"], "rss_mib": p["rss_mib"],

@@ -137,10 +137,13 @@ def test_library_pipeline_is_the_rule_applied_to_the_catalogue():
     held_fams = {by[t] for t in split["held_in"]}
     assert all(by[t] in held_fams for t in split["near"]) and not any(by[t] in held_fams for t in split["far"])
     assert raw["train"] == tomllib.loads((ROOT / "pipelines" / "benchmark.toml").read_text())["train"]
-    every, peer = raw["evaluations"]
+    validation, every, peer = raw["evaluations"]
     assert every["tasks"] == "all" and set(every["methods"]) | set(every["compositions"]) >= {
-        "base", "uniform", "arrow", "spectr", "avg-activation", "retrieval", "phatgoose", "moepp", "cosmo",
-        "oracle", "multitask"}
+        "base", "uniform", "arrow", "spectr", "avg-activation", "retrieval", "phatgoose", "moepp", "moepp-nores",
+        "cosmo", "oracle", "multitask"}
+    # the MoE++ default was chosen on the held-in tasks' validation splits, never on test examples
+    assert (validation["tasks"], validation["split"]) == ("held-in", "validation")
+    assert set(validation["compositions"]) >= {"moepp", "moepp-nores"}
     # PEFT's own Arrow beside recycle's on the held-out tasks, at the same sample and seed
     assert peer["tasks"] == "held-out" and set(peer["methods"]) == {"arrow", "peft-arrow"}
     assert (peer["n"], peer["seed"]) == (every["n"], every["seed"])

@@ -167,7 +167,7 @@ def phatgoose_then_moepp(llama, adapters):
     folders = {n: adapters[n] for n in names}
     with build_routed_model(llama, folders, "phatgoose", top_k=2, gates=gates):
         expected = logits(llama, batch)
-    return batch, expected, lambda: build_routed_model(llama, folders, "moepp", top_k=2, gates=gates)
+    return batch, expected, lambda: build_routed_model(llama, folders, "moepp", top_k=2, residual=True, gates=gates)
 
 
 def test_zero_initialised_composition_equals_phatgoose_on_a_model(llama, adapters):
