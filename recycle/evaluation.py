@@ -627,21 +627,21 @@ def _markdown(summary: dict) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
 
 
-def markdown_table(summary: dict, rows: list[dict], balanced: dict | None = None) -> str:
+def markdown_table(summary: dict, rows: list[dict], balanced: dict | None = None, split: str = "test") -> str:
     """The accuracy table (and, given its summary, the balanced-accuracy table) as markdown."""
     n = sorted({r["n"] for r in rows})
     lines = _markdown(summary)
     half = max((r["ci_high"] - r["ci_low"]) / 2 for r in rows) if rows else 0
     lines.append("")
-    lines.append(f"Accuracy by rank classification; n = {', '.join(map(str, n))} test examples per task "
+    lines.append(f"Accuracy by rank classification; n = {', '.join(map(str, n))} {split} examples per task "
                  f"(widest 95% Wilson half-interval ±{half * 100:.1f} points).")
+    for label, g in (summary.get("gates") or {}).items():
+        lines.append(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, expected calibration error {g['ece']:.3f} "
+                     f"over {g['n']} examples.")
     if balanced and balanced["methods"]:
         lines += ["", "Balanced accuracy (per task the mean over its classes of the share of that class answered "
                   "right: a constant answer scores 1 / classes, whatever the split's balance):", ""]
         lines += _markdown(balanced)
-    for label, g in (summary.get("gates") or {}).items():
-        lines.append(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, expected calibration error {g['ece']:.3f} "
-                     f"over {g['n']} examples.")
     return "\n".join(lines) + "\n"
 
 
@@ -678,7 +678,9 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
                     for r in rows],
     }
     write_json(target.with_suffix(".json"), data)
-    write_text(target.with_suffix(".md"), markdown_table(summary, rows, balanced))
+    settings = registry.run(run_id).get("settings") or {}
+    split = settings.get("split", "test") if isinstance(settings, dict) else "test"
+    write_text(target.with_suffix(".md"), markdown_table(summary, rows, balanced, split))
     out = {"json": str(target.with_suffix(".json")), "markdown": str(target.with_suffix(".md"))}
     mats = routing_matrices(rows, plot_method)
     if mats or summary.get("gates"):
