@@ -662,7 +662,7 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
         output_target(target.with_suffix(suffix), make_parents=True)
     rows = registry.run_results(run_id)
     summary = summarise(rows)
-    from recycle.results import add_near_far, task_families
+    from recycle.results import add_near_far, run_split, task_families
 
     families = task_families(registry, summary["tasks"])
     add_near_far(summary, families)
@@ -678,9 +678,7 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
                     for r in rows],
     }
     write_json(target.with_suffix(".json"), data)
-    settings = registry.run(run_id).get("settings") or {}
-    split = settings.get("split", "test") if isinstance(settings, dict) else "test"
-    write_text(target.with_suffix(".md"), markdown_table(summary, rows, balanced, split))
+    write_text(target.with_suffix(".md"), markdown_table(summary, rows, balanced, run_split(registry, run_id)))
     out = {"json": str(target.with_suffix(".json")), "markdown": str(target.with_suffix(".md"))}
     mats = routing_matrices(rows, plot_method)
     if mats or summary.get("gates"):

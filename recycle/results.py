@@ -57,6 +57,12 @@ def _job_routing(row: dict) -> dict:
     return out
 
 
+def run_split(registry: Registry, run_id: int) -> str:
+    """The split a run scored: its record's ``split`` (``eval --split validation``), else test."""
+    settings = registry.run(run_id).get("settings") or {}
+    return settings.get("split", "test") if isinstance(settings, dict) else "test"
+
+
 def _sample(registry: Registry, row: dict, split: str = "test"):
     """(example ids, prompt ids, choices) of a ``recycle eval`` result, from the task as
     registered; None where the task is gone or its examples no longer match."""
@@ -79,8 +85,7 @@ def _sample(registry: Registry, row: dict, split: str = "test"):
 def example_rows(registry: Registry, run_id: int, task: str | None = None) -> list[dict]:
     """One row per (example, method) of a run (of one task if given); see the module
     docstring."""
-    settings = registry.run(run_id).get("settings") or {}
-    split = settings.get("split", "test") if isinstance(settings, dict) else "test"
+    split = run_split(registry, run_id)
     results = [r for r in registry.run_results(run_id) if task is None or r["task"] == task]
     if task is not None and not results:
         tasks = sorted({r["task"] for r in registry.run_results(run_id)})

@@ -76,7 +76,7 @@ def eval_cmd(
 
 
 def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool, metric: str = "accuracy") -> None:
-    from recycle.results import add_near_far, task_families
+    from recycle.results import add_near_far, run_split, task_families
 
     summary = E.summarise(rows, metric)
     add_near_far(summary, task_families(registry, summary["tasks"]))
@@ -94,9 +94,9 @@ def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool, me
         sys.stdout.write(buf.getvalue())
         return
     what = "balanced accuracy" if metric == "balanced" else "accuracy"
-    run_settings = registry.run(run_id).get("settings") or {}
-    if isinstance(run_settings, dict) and run_settings.get("split", "test") != "test":
-        what += f", {run_settings['split']} split"
+    scored = run_split(registry, run_id)
+    if scored != "test":
+        what += f", {scored} split"
     table = Table(*head, title=f"evaluation run {run_id} ({what}; n per task: "
                   + ", ".join(sorted({str(r['n']) for r in rows})) + ")")
     for line in body:
