@@ -26,12 +26,19 @@ from typing import Annotated, Any, Optional
 from recycle.errors import RecycleError
 
 
-def setting(default, help: str, *, minimum=None, positive: bool = False, below=None, maximum=None, choices=None):
+_ALWAYS = object()  # a setting kept in to_dict whatever its value
+
+
+def setting(default, help: str, *, minimum=None, positive: bool = False, below=None, maximum=None, choices=None,
+            omit=_ALWAYS):
     """A settings field with its help text (shown by ``--help``) and its bounds, checked by
     :class:`Settings` when it is built: ``minimum`` and ``maximum`` (inclusive), ``positive``
-    (> 0), ``below`` (exclusive), ``choices``. Numbers must be finite."""
+    (> 0), ``below`` (exclusive), ``choices``. Numbers must be finite. ``omit``: a value at
+    which the setting is left out of :meth:`Settings.to_dict` (and so of hashes and result
+    keys): for an option added later, the behaviour before it, so that what was stored before
+    it keeps its key."""
     return field(default=default, metadata={"help": help, "minimum": minimum, "positive": positive,
-                                            "below": below, "maximum": maximum, "choices": choices})
+                                            "below": below, "maximum": maximum, "choices": choices, "omit": omit})
 
 
 def flag_of(name: str) -> str:
@@ -83,7 +90,12 @@ class Settings:
             check_value(flag_of(f.name), getattr(self, f.name), f.metadata)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for f in fields(self):
+            omit = f.metadata.get("omit", _ALWAYS)
+            if omit is not _ALWAYS and d[f.name] == omit:
+                del d[f.name]
+        return d
 
     @property
     def hash(self) -> str:
@@ -280,13 +292,7 @@ class Precision(Settings):
 
     dtype: str = setting("float32", "dtype the base model computes in (auto: bfloat16 on a GPU or a CPU with bfloat16 "
                          "instructions, else float32); "
-                         "trained parameters stay float32", choices=DTYPES)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d.get("dtype") == "float32":
-            del d["dtype"]
-        return d
+                         "trained parameters stay float32", choices=DTYPES, omit="float32")
 
     def with_dtype(self, dtype: str):
         from dataclasses import replace
@@ -384,13 +390,7 @@ class GateTrainSettings(Precision):
     batch_size: int = setting(16, "examples per forward pass", minimum=1)
     leave_out: str = setting("experts", "what a fold holds out: experts (members at random) or families (whole task "
                              "families, so that pseudo-unseen tasks are as far from the seen ones as a new family)",
-                             choices=("experts", "families"))
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        if d.get("leave_out") == "experts":  # the folds before families existed keep their key
-            del d["leave_out"]
-        return d
+                             choices=("experts", "families"), omit="experts")
 
 
 @dataclass(frozen=True)
@@ -400,18 +400,12 @@ class EvalSettings(Precision):
     tasks: str = setting("held-out", "held-out, held-in, all, or comma-separated task names")
     n: int | None = setting(None, "test examples per task (seeded sample; default all)", minimum=1)
     n_held_in: int | None = setting(None, "test examples per held-in task (default: as -n): a large library's "
-                                    "held-in tasks can take a smaller sample than the held-out ones", minimum=1)
+                                    "held-in tasks can take a smaller sample than the held-out ones", minimum=1,
+                                    omit=None)
     seed: int = setting(0, "seed of the example sample")
     top_k: int | None = setting(None, "experts per token for token-routed methods (default 2)", minimum=1)
     batch_size: int = setting(16, "examples per forward pass", minimum=1)
     split: str = setting("test", "which split of each task: test, or validation (to choose settings without "
                          "touching the test examples; COSMO's gate is trained on the members' validation "
-                         "examples, so its held-in validation scores are not clean)", choices=("test", "validation"))
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        if d.get("n_held_in") is None:  # one sample size for all tasks: the key it had before the option
-            del d["n_held_in"]
-        if d.get("split") == "test":  # the test split: the key it had before the option
-            del d["split"]
-        return d
+                         "examples, so its held-in validation scores are not clean)", choices=("test", "validation"),
+                         omit="test")
