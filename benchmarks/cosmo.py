@@ -163,7 +163,8 @@ def main() -> None:
                      f"{f(v.get('H'))} | {f(v['far'])} | " + " | ".join(f(v['tasks'].get(t)) for t in FAR) + " |")
     g = data["test_gate"] or {}
     m = gate["metrics"]
-    lines += ["", f"Gate on the test tasks: seen/unseen AUC {f(g.get('auc'))}, ECE {f(g.get('ece'))}. On the "
+    lines += ["", f"Gate on the test tasks: seen/unseen AUC {f(g.get('auc'))}, ECE {f(g.get('ece'))} (of its P(seen); of the "
+                  f"combination's seen weight 1 − p_U {f(g.get('weight_ece'))}). On the "
                   f"{len(gate['folds'])} leave-experts-out folds: AUC {f(m['top1']['auc'])}, fold H {f(m['top1']['H'])} "
                   f"with the identified expert as the seen side, {f(m['posterior']['H'])} with the top-3 mixed by the "
                   f"posterior; {m['far_examples']} pseudo-unseen examples where routing and base disagreed trained "

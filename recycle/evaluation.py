@@ -427,23 +427,39 @@ def summarise(rows: list[dict], metric: str = "accuracy") -> dict:
 
 
 def gate_quality(rows: list[dict]) -> dict:
-    """For results with a per-example seen probability (COSMO's ``p_seen``), the gate's
-    seen/unseen AUC, its expected calibration error and its reliability diagram, over every
-    example of the run (truth: the task is held-in)."""
+    """For COSMO's results (a per-example seen probability), the gate's seen/unseen AUC, its
+    expected calibration error and its reliability diagram, over every example of the run
+    (truth: the task is held-in).
+
+    COSMO stores two: ``g``, its gate's P(seen | x) (the logistic regression its folds fit and
+    report AUC and ECE of), and ``p_seen`` = 1 − p_U, the weight the combination gives the seen
+    side: ``σ((g − θ) / T)``, sharpened by the T chosen to maximise H, so a decision weight
+    rather than a probability. The gate's numbers are those of ``g`` (the folds' quantity);
+    ``weight_ece`` is the ECE of ``p_seen``."""
     from recycle.stats import auc, expected_calibration_error
 
     out = {}
     for label in dict.fromkeys(r["label"] for r in rows):
-        conf, truth = [], []
-        for r in rows:
-            ps = (r.get("extra") or {}).get("p_seen")
-            if r["label"] == label and ps:
-                conf += ps
-                truth += [r["held"] == "in"] * len(ps)
-        if conf and any(truth) and not all(truth):
+        mine = [r for r in rows if r["label"] == label and (r.get("extra") or {}).get("g")]
+        if not mine:
+            continue
+        conf, weight, truth = [], [], []
+        for r in mine:
+            conf += r["extra"]["g"]
+            weight += r["extra"]["p_seen"]
+            truth += [r["held"] == "in"] * len(r["extra"]["p_seen"])
+        if any(truth) and not all(truth):
             ece = expected_calibration_error(conf, truth)
-            out[label] = {"auc": auc(conf, truth), "ece": ece["ece"], "bins": ece["bins"], "n": len(conf)}
+            out[label] = {"auc": auc(conf, truth), "ece": ece["ece"], "bins": ece["bins"], "n": len(conf),
+                          "weight_ece": expected_calibration_error(weight, truth)["ece"]}
     return out
+
+
+def gate_line(label: str, g: dict) -> str:
+    """One line on a run's seen/unseen gate (see :func:`gate_quality`)."""
+    return (f"{label}: seen/unseen gate AUC {g['auc']:.3f}, expected calibration error {g['ece']:.3f} (of its "
+            f"P(seen); of the combination's seen weight 1 − p_U, sharpened by θ and T, {g['weight_ece']:.3f}) "
+            f"over {g['n']} examples")
 
 
 def memory_line(rows: list[dict]) -> str:
@@ -636,8 +652,7 @@ def markdown_table(summary: dict, rows: list[dict], balanced: dict | None = None
     lines.append(f"Accuracy by rank classification; n = {', '.join(map(str, n))} {split} examples per task "
                  f"(widest 95% Wilson half-interval ±{half * 100:.1f} points).")
     for label, g in (summary.get("gates") or {}).items():
-        lines.append(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, expected calibration error {g['ece']:.3f} "
-                     f"over {g['n']} examples.")
+        lines.append(gate_line(label, g) + ".")
     if balanced and balanced["methods"]:
         lines += ["", "Balanced accuracy (per task the mean over its classes of the share of that class answered "
                   "right: a constant answer scores 1 / classes, whatever the split's balance):", ""]

@@ -186,6 +186,14 @@ def test_train_gate_on_ray_saves_and_serves(registered, ray_local, tmp_path):
     assert {r["label"] for r in res["results"]} == {"c"}
     gate = res["summary"]["gates"]["c"]
     assert 0 <= gate["auc"] <= 1 and 0 <= gate["ece"] <= 1 and gate["n"] == 18
+    # the gate's numbers are of its P(seen) g (what its folds report), not of the sharpened weight 1 − p_U
+    from recycle.stats import expected_calibration_error
+    truth = [r["held"] == "in" for r in res["results"] for _ in range(r["n"])]
+    g = [v for r in res["results"] for v in r["extra"]["g"]]
+    w = [v for r in res["results"] for v in r["extra"]["p_seen"]]
+    assert gate["ece"] == pytest.approx(expected_calibration_error(g, truth)["ece"])
+    assert gate["weight_ece"] == pytest.approx(expected_calibration_error(w, truth)["ece"])
+    assert g != w and "expected calibration error" in ok("eval", "show", str(res["run"])).stdout
     for r in res["results"]:
         assert len(r["extra"]["p_seen"]) == r["n"] and set(r["extra"]["seen_expert"]) <= {"ea", "eb"}
     plot = tmp_path / "gate.png"

@@ -103,8 +103,7 @@ def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool, me
         table.add_row(*line)
     console.print(table, markup=False)
     for label, g in (summary.get("gates") or {}).items():
-        console.print(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, expected calibration error {g['ece']:.3f} "
-                      f"({g['n']} examples)", markup=False, highlight=False)
+        console.print(E.gate_line(label, g), markup=False, highlight=False)
     info(f"registry: {registry.path}; details: recycle eval show {run_id}; routing plot: recycle report {run_id} --plot routing.png")
 
 
@@ -269,7 +268,7 @@ def report_cmd(
             table.add_row(t, *[f"{v:.2f}" for v in row])
         console.print(table, markup=False)
     for label, g in gates.items():
-        console.print(f"{label}: seen/unseen gate AUC {g['auc']:.3f}, ECE {g['ece']:.3f}", markup=False)
+        console.print(E.gate_line(label, g), markup=False, highlight=False)
     if plot:
         E.plot_routing(shown, plot, gates)
         info(f"wrote {plot}")
