@@ -26,7 +26,7 @@ from moepp import RESULTS  # noqa: E402
 
 from recycle.evaluation import correct_of  # noqa: E402
 from recycle.registry import Registry  # noqa: E402
-from recycle.results import add_near_far, task_families  # noqa: E402
+from recycle.results import near_far  # noqa: E402
 from recycle.stats import balanced_accuracy, mcnemar, paired_bootstrap, paired_bootstrap_balanced  # noqa: E402
 
 CANDIDATES = ["retrieval", "cosmo", "cosmo-families", "phatgoose", "moepp", "moepp-nores", "moepp-nores-tau0.5", "spectr"]
@@ -35,7 +35,7 @@ PEERS = ["arrow", "multitask", "phatgoose"]
 
 def held_out_kinds(registry, rows) -> dict[str, str]:
     held = {r["task"]: r["held"] for r in rows}
-    summary = add_near_far({"held": held, "methods": {}}, task_families(registry, held))
+    summary = near_far(registry, {"held": held, "methods": {}})
     return summary.get("near_far", {t: "far" for t, h in held.items() if h == "out"})
 
 

@@ -677,11 +677,10 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
         output_target(target.with_suffix(suffix), make_parents=True)
     rows = registry.run_results(run_id)
     summary = summarise(rows)
-    from recycle.results import add_near_far, run_split, task_families
+    from recycle.results import near_far, run_split
 
-    families = task_families(registry, summary["tasks"])
-    add_near_far(summary, families)
-    balanced = add_near_far(summarise(rows, "balanced"), families)
+    near_far(registry, summary)
+    balanced = near_far(registry, summarise(rows, "balanced"))
     balanced.pop("gates", None)
     per_example = ("predictions", "routing", "scores", "labels")
     data = {

@@ -124,14 +124,15 @@ def task_families(registry: Registry, tasks) -> dict[str, str | None]:
     return out
 
 
-def add_near_far(summary: dict, families: dict[str, str | None]) -> dict:
-    """Split a summary's held-out tasks into near (a held-in task of the run shares its
-    family) and far (none does; a task without a family is far), and add each method's
-    ``held_out_near_avg`` and ``held_out_far_avg``. Unchanged where no task has a family."""
+def add_near_far(summary: dict, families: dict[str, str | None], seen: set | None = None) -> dict:
+    """Split a summary's held-out tasks into near (a held-in task shares its family: one of
+    the run's, or of the families in ``seen``) and far (none does; a task without a family is
+    far), and add each method's ``held_out_near_avg`` and ``held_out_far_avg``. Unchanged
+    where no task has a family."""
     held = summary["held"]
     if not any(families.get(t) for t in held):
         return summary
-    seen = {families.get(t) for t in held if held[t] == "in"} - {None}
+    seen = ({families.get(t) for t in held if held[t] == "in"} | set(seen or ())) - {None}
     kinds = {t: ("near" if families.get(t) in seen else "far") for t in held if held[t] == "out"}
     summary["near_far"] = kinds
     summary["families"] = {t: families.get(t) for t in held}
@@ -140,6 +141,15 @@ def add_near_far(summary: dict, families: dict[str, str | None]) -> dict:
             accs = [a for t, a in entry["tasks"].items() if kinds.get(t) == kind]
             entry[f"held_out_{kind}_avg"] = sum(accs) / len(accs) if accs else None
     return summary
+
+
+def near_far(registry: Registry, summary: dict) -> dict:
+    """:func:`add_near_far` with the families of every held-in task of the registry (those
+    with a single-task expert, as an evaluation calls a task held-in) beside the run's own,
+    so a run of held-out tasks alone still tells near from far."""
+    held_in = {e.task for e in registry.experts() if e.task and not e.multitask}
+    families = task_families(registry, list(summary["held"]))
+    return add_near_far(summary, families, set(task_families(registry, sorted(held_in)).values()))
 
 
 def _cell(v):

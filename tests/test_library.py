@@ -221,6 +221,30 @@ def test_eval_show_reports_near_and_far_from_registered_families(tmp_path):
     assert task_families(reg, ["b"]) == {"b": "y"}
 
 
+def test_a_run_of_held_out_tasks_alone_tells_near_from_far(tmp_path, make_adapter):
+    """Near means a held-in task shares the family: held-in as the registry says (a task with
+    an expert), so a run that scored only held-out tasks still splits them (it called all far)."""
+    import json
+
+    from recycle.experts import add_expert
+    from recycle.registry import Registry
+    from recycle.results import near_far
+    from recycle.tasks import add_task
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(40)))
+    reg = Registry()
+    for name, fam in (("a", "x"), ("a2", "x"), ("g", "geo")):
+        add_task(reg, parse_spec({"name": name, "template": "T: {text}\nA:", "choices": [" a", " b"],
+                                  "label_field": "label", "family": fam,
+                                  "source": {"builder": "json", "data_files": str(data)}}))
+    add_expert(reg, make_adapter(tmp_path / "ea"), task="a", base="tiny-llama")
+    methods = {"m": {"tasks": {"a2": 0.6, "g": 0.4}}}
+    summary = near_far(reg, {"held": {"a2": "out", "g": "out"}, "methods": methods})
+    assert summary["near_far"] == {"a2": "near", "g": "far"}
+    assert (methods["m"]["held_out_near_avg"], methods["m"]["held_out_far_avg"]) == (0.6, 0.4)
+
+
 # ---- PEFT's own Arrow against recycle's ------------------------------------------------
 
 def test_peft_arrow_equals_recycles_arrow_on_a_tiny_model(tiny_base, make_adapter, tmp_path):

@@ -76,10 +76,9 @@ def eval_cmd(
 
 
 def _output(registry, run_id: int, rows: list[dict], json_: bool, csv_: bool, metric: str = "accuracy") -> None:
-    from recycle.results import add_near_far, run_split, task_families
+    from recycle.results import near_far, run_split
 
-    summary = E.summarise(rows, metric)
-    add_near_far(summary, task_families(registry, summary["tasks"]))
+    summary = near_far(registry, E.summarise(rows, metric))
     if json_:
         per_example = ("predictions", "scores", "labels")
         print_json({"run": run_id, "summary": summary,
