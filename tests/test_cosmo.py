@@ -255,3 +255,23 @@ def test_unseen_must_name_another_stored_composition(registered):
     ok("compose", "ua", "--method", "uniform", "--experts", "ea")
     assert "members differ" in one_line_error(cli("compose", "c3", "--method", "cosmo", "--all", "--unseen", "ua"))
     assert sorted(c["name"] for c in json.loads(ok("compose", "list", "--json").stdout)) == ["c1", "u", "ua"]
+
+
+def test_the_unseen_side_is_arrow_by_default_and_stored_compositions_keep_theirs(registered):
+    """Arrow over the members unless told (method:phatgoose, or a stored composition); a
+    composition stored before the default changed (unseen = "") keeps PHATGOOSE, its key unchanged."""
+    from recycle import compose
+    from recycle.registry import Registry
+
+    train_real_gates(["ea", "eb"])  # PHATGOOSE's side needs them; Arrow's does not
+    ok("compose", "c", "--method", "cosmo", "--all")
+    ok("compose", "cp", "--method", "cosmo", "--all", "--unseen", "method:phatgoose")
+    assert "choose from method:arrow, method:phatgoose" in one_line_error(
+        cli("compose", "cx", "--method", "cosmo", "--all", "--unseen", "method:spectr"))
+    reg = Registry()
+    stored = reg.composition("c")
+    assert stored["settings"]["unseen"] == "method:arrow"
+    compose.create(reg, "old", "cosmo", [m["name"] for m in stored["members"]], {"unseen": ""})
+    parts = {n: compose.plan(reg, composition=n).data["parts"]["unseen"]["method"] for n in ("c", "cp", "old")}
+    assert parts == {"c": "arrow", "cp": "phatgoose", "old": "phatgoose"}
+    assert reg.composition("old")["settings"]["unseen"] == ""

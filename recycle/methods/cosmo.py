@@ -13,8 +13,11 @@ does not. Per example, over its answer choices:
   distance, the posterior ``softmax(−D_e/2)``. Only summary vectors leave an expert's data.
 - **Seen side** ``P_S``: the identified expert's answer distribution (``seen = "top1"``), or
   the top-3 experts' distributions mixed by the renormalised posterior (``"posterior"``).
-- **Unseen side** ``P_U``: a token-routed composition over the same members, PHATGOOSE top-2
-  by default or any stored composition (``--unseen NAME``), mixed with the base model's
+- **Unseen side** ``P_U``: a token-routed composition over the same members, Arrow top-2 by
+  default (``--unseen method:arrow``; PHATGOOSE top-2 with ``method:phatgoose``, the default
+  before issue 30 chose Arrow by its folds' H and the 36-expert library's held-out tasks; a
+  composition stored with ``unseen = ""`` keeps PHATGOOSE) or any stored composition
+  (``--unseen NAME``), mixed with the base model's
   distribution by ``q(x)``, a second logistic regression trained (on the folds' pseudo-unseen
   examples) to tell when routing beats the base model: ``P_U = q P_routed + (1 − q) P_base``
   (``far = False``: ``q = 1``).
@@ -68,12 +71,25 @@ TEMPERATURES = [0.01, 0.03, 0.1, 0.3, 1.0]
 
 @dataclass(frozen=True)
 class CosmoSettings(Settings):
-    unseen: str = setting("", "stored composition for unseen inputs (default: PHATGOOSE top-2 over the members)")
+    unseen: str = setting("method:arrow", "the unseen side: method:arrow (Arrow top-2 over the members), "
+                          "method:phatgoose (PHATGOOSE top-2; the default before, stored as '') or a stored "
+                          "composition's name")
     seen: str = setting("top1", "seen side: top1 (the identified expert) or posterior (top-3 experts mixed)",
                         choices=("top1", "posterior"))
     far: bool = setting(True, "mix the base model into the unseen side where routing does not help (--no-far: off)")
     smoothing: str = setting("adaptive", "adaptive (COSMO), constant or none", choices=("adaptive", "constant", "none"))
     gate: str = setting("soft", "soft (COSMO) or hard (all to the side the gate prefers)", choices=("soft", "hard"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if ":" in self.unseen and self.unseen not in ROUTED:
+            raise RecycleError(f"--unseen {self.unseen!r}: choose from {', '.join(ROUTED)} or a stored composition")
+
+
+# the unseen sides built over the members themselves; '' is what compositions stored before
+# the default became Arrow (issue 30) hold for PHATGOOSE
+ROUTED = {"method:arrow": "arrow", "method:phatgoose": "phatgoose"}
+ROUTED_STORED = {"": "phatgoose", **ROUTED}
 
 
 # ---- the pieces, as pure functions -----------------------------------------------------
@@ -770,7 +786,7 @@ class Cosmo(Method):
         """``--unseen`` names another stored composition, not a COSMO one, over the same base
         and the same members (what :meth:`gather` needs when the composition is used)."""
         unseen = settings.unseen
-        if not unseen:
+        if unseen in ROUTED_STORED:
             return
         if unseen == name:
             raise RecycleError(f"--unseen {unseen}: a composition cannot be its own unseen side")
@@ -791,15 +807,15 @@ class Cosmo(Method):
 
         own_examples(registry, plan, PROTOTYPE_EXAMPLES, seed)
         s = self.settings(plan.settings)
-        if s.unseen:
+        if s.unseen in ROUTED_STORED:
+            part = compose.plan(registry, method=ROUTED_STORED[s.unseen], experts=[m.name for m in plan.members],
+                                data_seed=seed)
+        else:
             part = compose.plan(registry, composition=s.unseen, data_seed=seed)
             if part.method == self.name:
                 raise RecycleError("--unseen: a COSMO composition cannot be the unseen side of another")
             if sorted(part.member_hashes.items()) != sorted(plan.member_hashes.items()):
                 raise RecycleError(f"--unseen {s.unseen}: its members differ from this composition's")
-        else:
-            part = compose.plan(registry, method="phatgoose", experts=[m.name for m in plan.members],
-                                data_seed=seed)
         plan.data["parts"] = {"unseen": part.to_dict()}
 
     def scorer(self, plan, model, tokenizer):
