@@ -29,7 +29,7 @@ from recycle.registry import Registry  # noqa: E402
 from recycle.results import near_far  # noqa: E402
 from recycle.stats import balanced_accuracy, mcnemar, paired_bootstrap, paired_bootstrap_balanced  # noqa: E402
 
-CANDIDATES = ["retrieval", "cosmo", "cosmo-families", "phatgoose", "moepp", "moepp-nores", "moepp-nores-tau0.5", "spectr"]
+CANDIDATES = ["retrieval", "cosmo-arrow", "cosmo", "cosmo-families", "phatgoose", "moepp", "moepp-nores", "moepp-nores-tau0.5", "spectr"]
 PEERS = ["arrow", "multitask", "phatgoose"]
 
 
