@@ -275,3 +275,20 @@ def test_the_unseen_side_is_arrow_by_default_and_stored_compositions_keep_theirs
     parts = {n: compose.plan(reg, composition=n).data["parts"]["unseen"]["method"] for n in ("c", "cp", "old")}
     assert parts == {"c": "arrow", "cp": "phatgoose", "old": "phatgoose"}
     assert reg.composition("old")["settings"]["unseen"] == ""
+
+
+def test_a_gate_trained_for_another_unseen_side_is_refused_not_used(registered):
+    """Storing the unseen side anew (other settings) leaves the COSMO composition's gate in
+    place but trained for what is gone: using it is refused in one line until it is retrained."""
+    prompt = ("predict", "c", "--prompt", "Alpha: t_alpha item 3\nAnswer:", "--choices", " a, b")
+    ok("compose", "a", "--method", "arrow", "--all")
+    ok("compose", "c", "--method", "cosmo", "--all", "--unseen", "a")
+    ok("train-cosmo-gate", "c", "--folds", "2", "--examples", "6")
+    before = json.loads(ok(*prompt).stdout)
+    ok("compose", "a", "--method", "arrow", "--all", "--top-k", "1", "--replace")
+    err = one_line_error(cli(*prompt))
+    assert "its gate was trained for another unseen side" in err and "recycle train c" in err
+    assert json.loads(ok("train-cosmo-gate", "c", "--folds", "2", "--examples", "6", "--json").stdout)["status"] == \
+        "trained"
+    after = json.loads(ok(*prompt).stdout)
+    assert after["answer"] in (" a", " b") and set(after) == set(before)

@@ -674,6 +674,19 @@ def fit_gate(results: list[dict], member_task: dict[str, str]) -> dict:
     return out
 
 
+def gate_key(plan: Plan, settings: dict) -> str:
+    """What a gate is trained for: the composition's content without its trained state (its
+    method, settings, members and unseen side, whose own content includes its members'
+    gates) and the gate's training settings."""
+    import dataclasses
+    import hashlib
+    import json
+
+    bare = dataclasses.replace(plan, state={})
+    return hashlib.sha256(json.dumps({"composition": bare.content_key, "settings": settings},
+                                     sort_keys=True).encode()).hexdigest()
+
+
 def train_gate(
     registry,
     name: str,
@@ -688,9 +701,6 @@ def train_gate(
     """Train the COSMO gate of stored composition ``name`` by leaving experts out (one Ray
     task per fold) and record it with the composition. Found done (and skipped) for the same
     composition and settings."""
-    import hashlib
-    import json
-
     from recycle import compose as comp
     from recycle.adapters import sha256_file
     from recycle.data import Example
@@ -707,8 +717,7 @@ def train_gate(
     settings = settings.with_dtype(cluster.resolve_dtype(settings.dtype, gpus))  # part of the key unless float32
     plan = comp.plan(registry, composition=name, data_seed=settings.seed)
     plan.state = {}
-    key = hashlib.sha256(json.dumps({"composition": plan.content_key, "settings": settings.to_dict()},
-                                    sort_keys=True).encode()).hexdigest()
+    key = gate_key(plan, settings.to_dict())
     old = None if force else METHOD.found_done(row, key)
     if old:
         report.say(f"skip {name}: gate trained with these settings ({key[:12]}); --force retrains")
@@ -819,8 +828,12 @@ class Cosmo(Method):
         plan.data["parts"] = {"unseen": part.to_dict()}
 
     def scorer(self, plan, model, tokenizer):
-        if not plan.state.get("gate"):
+        gate = plan.state.get("gate")
+        if not gate:
             raise RecycleError(f"composition {plan.label} has no gate yet: train it with recycle train {plan.label}")
+        if gate_key(plan, gate["settings"]) != gate["key"]:  # e.g. its unseen side was stored anew since
+            raise RecycleError(f"composition {plan.label}: its gate was trained for another unseen side or other "
+                               f"members' gates; retrain it with recycle train {plan.label}")
         return CosmoScorer(plan, model, tokenizer)
 
     def train(self, registry, name, settings, **kw):
