@@ -147,9 +147,11 @@ def near_far(registry: Registry, summary: dict) -> dict:
     """:func:`add_near_far` with the families of every held-in task of the registry (those
     with a single-task expert, as an evaluation calls a task held-in) beside the run's own,
     so a run of held-out tasks alone still tells near from far."""
-    held_in = {e.task for e in registry.experts() if e.task and not e.multitask}
-    families = task_families(registry, list(summary["held"]))
-    return add_near_far(summary, families, set(task_families(registry, sorted(held_in)).values()))
+    from recycle.evaluation import task_sets
+
+    held_in = task_sets(registry)[0]
+    families = task_families(registry, sorted(set(summary["held"]) | set(held_in)))
+    return add_near_far(summary, families, {families[t] for t in held_in})
 
 
 def _cell(v):
