@@ -31,6 +31,7 @@ from recycle.console import Reporter
 from recycle.errors import RecycleError
 from recycle.methods import Plan
 from recycle.registry import Registry
+from recycle.results import task_sets
 from recycle.stats import balanced_accuracy, mcnemar, paired_bootstrap, paired_bootstrap_balanced, suh, wilson
 
 EVAL_FORMAT = "rank-classification/1"
@@ -239,13 +240,6 @@ def run_eval_group(group: EvalGroup) -> dict:
 
 
 # ---- the driver ---------------------------------------------------------------------
-
-
-def task_sets(registry: Registry) -> tuple[list[str], list[str]]:
-    """(held-in, held-out) task names: held-in tasks have a single-task expert."""
-    tasks = [t["name"] for t in registry.tasks()]
-    with_expert = {e.task for e in registry.experts() if e.task and not e.multitask}
-    return [t for t in tasks if t in with_expert], [t for t in tasks if t not in with_expert]
 
 
 def choose_tasks(registry: Registry, spec: str) -> list[tuple[str, str]]:

@@ -256,7 +256,7 @@ def lm_evaluate(registry: Registry, request: LMEvalRequest, report: Reporter | N
     """Run the harness (see the module docstring); returns the run id, failures (one line
     each) and lm-eval's results merged over the tasks."""
     from recycle import compose as comp
-    from recycle.evaluation import task_sets
+    from recycle.results import task_sets
 
     report = report or Reporter()
     version = require_lm_eval()

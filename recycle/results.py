@@ -113,6 +113,13 @@ def example_rows(registry: Registry, run_id: int, task: str | None = None) -> li
     return out
 
 
+def task_sets(registry: Registry) -> tuple[list[str], list[str]]:
+    """(held-in, held-out) task names: held-in tasks have a single-task expert."""
+    tasks = [t["name"] for t in registry.tasks()]
+    with_expert = {e.task for e in registry.experts() if e.task and not e.multitask}
+    return [t for t in tasks if t in with_expert], [t for t in tasks if t not in with_expert]
+
+
 def task_families(registry: Registry, tasks) -> dict[str, str | None]:
     """Each task's family as its registered spec names it (None: no family, or the task is
     gone)."""
@@ -147,8 +154,6 @@ def near_far(registry: Registry, summary: dict) -> dict:
     """:func:`add_near_far` with the families of every held-in task of the registry (those
     with a single-task expert, as an evaluation calls a task held-in) beside the run's own,
     so a run of held-out tasks alone still tells near from far."""
-    from recycle.evaluation import task_sets
-
     held_in = task_sets(registry)[0]
     families = task_families(registry, sorted(set(summary["held"]) | set(held_in)))
     return add_near_far(summary, families, {families[t] for t in held_in})
