@@ -1,8 +1,10 @@
 """COSMO over the quality benchmark's experts: the gate, its ablations, and far tasks.
 
 On the quality benchmark's registry (benchmarks/quality/run.sh), a COSMO composition over
-the eight held-in experts (seen side: the identified expert; unseen side: PHATGOOSE top-2
-mixed with the base model where routing does not help) has its gate trained by leaving
+the eight held-in experts (seen side: the identified expert; unseen side: ``--unseen``, by
+default Arrow over the members as ``recycle compose NAME --method cosmo`` builds it, or
+``method:phatgoose`` for PHATGOOSE top-2, each mixed with the base model where routing does
+not help) has its gate trained by leaving
 experts out (``train-cosmo-gate``: 4 folds, 100 validation examples per member task), then is
 evaluated on the benchmark's twelve tasks (n = 400, seed 0) and on two far tasks that no
 expert resembles (``us_timezone``, ``mfd_foundation``: n = 300). Every other method's results
@@ -45,7 +47,7 @@ def run_eval(registry, *, methods=(), compositions=(), tasks, n):
     return registry.run_results(outcome.run_id)
 
 
-def ablations(rows: list[dict], gate: dict) -> dict[str, dict[str, list[bool]]]:
+def ablations(rows: list[dict], gate: dict, side: str) -> dict[str, dict[str, list[bool]]]:
     """Per variant, per task, per-example correctness, recomputed from COSMO's stored pieces."""
     from recycle.methods.cosmo import combine, probs
 
@@ -60,8 +62,8 @@ def ablations(rows: list[dict], gate: dict) -> dict[str, dict[str, list[bool]]]:
             pu = q * pr + (1 - q) * pb
             variants = {
                 "seen side alone (identified expert)": ps,
-                "unseen side alone: PHATGOOSE": pr,
-                "unseen side alone: PHATGOOSE + base fallback": pu,
+                f"unseen side alone: {side}": pr,
+                f"unseen side alone: {side} + base fallback": pu,
                 "hard gate": combine(ps, pu, g, theta, temp, "none", "hard")[0],
                 "soft gate, no smoothing": combine(ps, pu, g, theta, temp, "none")[0],
                 "soft gate, constant smoothing (γ 0.5)": combine(ps, pu, g, theta, temp, "constant")[0],
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--n-far", type=int, default=300)
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--examples", type=int, default=100)
+    ap.add_argument("--unseen", default="method:arrow", choices=["method:arrow", "method:phatgoose"],
+                    help="COSMO's unseen side (default: the product's, Arrow over the members)")
     ap.add_argument("--out", default=str(RESULTS / "cosmo"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -113,7 +117,7 @@ def main() -> None:
         add_task(registry, catalogue_spec(t))
     experts = [e.name for e in registry.experts() if e.task in HELD_IN]
     with cluster.connect(None):
-        compose.create(registry, "cosmo", "cosmo", experts, {"unseen": "method:phatgoose"}, replace=True)  # as measured
+        compose.create(registry, "cosmo", "cosmo", experts, {"unseen": args.unseen}, replace=True)
         gate = train_gate(registry, "cosmo", GateTrainSettings(folds=args.folds, examples=args.examples),
                           report=report, cpus=2.0)
         base_rows = run_eval(registry, methods=BASELINES, tasks=HELD_IN + HELD_OUT, n=args.n)
@@ -124,7 +128,8 @@ def main() -> None:
     correct = {}
     for r in base_rows + cosmo_rows + far_rows + far_cosmo:
         correct.setdefault(r["label"], {})[r["task"]] = E.correct_of(r)
-    variants = ablations(cosmo_rows + far_cosmo, gate)
+    side = args.unseen.removeprefix("method:").replace("phatgoose", "PHATGOOSE").replace("arrow", "Arrow")
+    variants = ablations(cosmo_rows + far_cosmo, gate, side)
     table = {label: summary_of(per_task) for label, per_task in correct.items()}
     table.update({f"ablation: {k}": summary_of(v) for k, v in variants.items()})
     oracle_free = {k: v for k, v in table.items() if k in BASELINES and k not in ("oracle",) and v.get("H") is not None}
@@ -141,10 +146,10 @@ def main() -> None:
                 res[group] = paired_bootstrap(pairs)
         return res
 
-    tests = {"phatgoose": paired("cosmo", "phatgoose"), best_other: paired("cosmo", best_other)}
+    tests = {k: paired("cosmo", k) for k in dict.fromkeys(["phatgoose", "arrow", "multitask", best_other])}
     far_base_ci = {t: wilson(sum(correct["base"][t]), len(correct["base"][t])) for t in FAR}
     data = {"command": "python benchmarks/cosmo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "cpu": cpu_name(), "seconds": time.time() - t0, "n": args.n, "n_far": args.n_far,
+            "cpu": cpu_name(), "unseen": args.unseen, "seconds": time.time() - t0, "n": args.n, "n_far": args.n_far,
             "gate": {k: gate.get(k) for k in ("metrics", "theta", "temperature", "folds", "settings")},
             "test_gate": main_summary.get("gates", {}).get("cosmo"), "table": table, "paired": tests,
             "best_oracle_free": best_other, "far_base_ci": far_base_ci}
@@ -154,6 +159,7 @@ def main() -> None:
         return "" if x is None else f"{x:.3f}"
 
     lines = [f"Command: `{data['command'].strip()}` ({data['seconds']:.0f} s on {data['cpu']})", "",
+             f"COSMO's unseen side: {side} over the eight members (`--unseen {args.unseen}`).", "",
              "| method | held-in avg | held-out avg | S | U | H | far avg | " + " | ".join(FAR) + " |",
              "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(FAR)]
     order = [k for k in BASELINES if k in table] + ["cosmo"] + [k for k in table if k.startswith("ablation")]
