@@ -143,7 +143,12 @@ def main() -> None:
     from recycle.registry import Registry
     from recycle.stats import balanced_accuracy, mcnemar
 
-    registry = Registry(args.db, create=False)
+    from recycle.errors import RecycleError
+
+    try:
+        registry = Registry(args.db, create=False)
+    except RecycleError as e:
+        raise SystemExit(f"label_prior.py: {e}") from None
     run = args.run or max(r["id"] for r in registry.runs())
     rows = [r for r in registry.run_results(run) if r["held"] == "out" and r["label"] in METHODS]
     if not rows:
