@@ -42,15 +42,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from library_compare import held_out_kinds  # noqa: E402
 from moepp import RESULTS  # noqa: E402
 
+from recycle.methods.cosmo import probs as _probs  # noqa: E402  (COSMO's answer distribution from scores)
+
 METHODS = ["base", "arrow", "multitask", "phatgoose", "retrieval", "cosmo", "cosmo-arrow"]
 COSMO = "cosmo-arrow"
-
-
-def _probs(scores):
-    import torch
-
-    s = torch.tensor(scores, dtype=torch.float64)
-    return torch.softmax(s, -1)
 
 
 def batch_calibrate(p):
