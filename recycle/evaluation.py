@@ -673,8 +673,8 @@ def export(registry: Registry, run_id: int, target, *, about: dict | None = None
     summary = summarise(rows)
     from recycle.results import near_far, run_split
 
-    near_far(registry, summary)
-    balanced = near_far(registry, summarise(rows, "balanced"))
+    balanced = summarise(rows, "balanced")
+    near_far(registry, summary, balanced)  # one registry lookup for both metrics
     balanced.pop("gates", None)
     per_example = ("predictions", "routing", "scores", "labels")
     data = {

@@ -150,13 +150,17 @@ def add_near_far(summary: dict, families: dict[str, str | None], seen: set | Non
     return summary
 
 
-def near_far(registry: Registry, summary: dict) -> dict:
+def near_far(registry: Registry, summary: dict, *more: dict) -> dict:
     """:func:`add_near_far` with the families of every held-in task of the registry (those
     with a single-task expert, as an evaluation calls a task held-in) beside the run's own,
-    so a run of held-out tasks alone still tells near from far."""
+    so a run of held-out tasks alone still tells near from far. Summaries of the same run in
+    ``more`` (another metric) are split with the same lookup; returns ``summary``."""
     held_in = task_sets(registry)[0]
-    families = task_families(registry, sorted(set(summary["held"]) | set(held_in)))
-    return add_near_far(summary, families, {families[t] for t in held_in})
+    tasks = set(held_in).union(*(s["held"] for s in (summary, *more)))
+    families = task_families(registry, sorted(tasks))
+    for s in (summary, *more):
+        add_near_far(s, families, {families[t] for t in held_in})
+    return summary
 
 
 def _cell(v):
