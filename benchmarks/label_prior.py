@@ -133,6 +133,8 @@ def main() -> None:
                     help="also estimate the priors from content-free inputs (runs the model)")
     ap.add_argument("--out", default=str(RESULTS / "label-prior"))
     args = ap.parse_args()
+    if not Path(args.out).parent.is_dir():
+        ap.error(f"--out {args.out}: its folder does not exist")
 
     from recycle.files import write_json, write_text
     from recycle.registry import Registry
